@@ -1,0 +1,107 @@
+"""The per-file check that runs on executors: read the bytes once, hash, sniff, optionally decode.
+
+Returns a plain dict (one manifest row without label, split, duplicate and shard columns). Never
+raises for a bad file: every problem becomes a status code with a human-readable detail.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import fsspec
+import numpy as np
+
+from metadata.cv2_env import import_cv2
+from metadata.listing import Entry, rel_path
+from metadata.schema import image_id_for
+from metadata.sniff import parse_header
+
+
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """All bytes of ``uri`` (local fast path, fsspec otherwise). Raises OSError on failure."""
+    if uri.startswith("file://"):
+        with open(uri[len("file://"):], "rb") as fh:
+            return fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.cat_file(path)
+
+
+def content_hash(data: bytes) -> str:
+    """32 hex chars of sha256 over the bytes."""
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def check_entry(entry: Entry, validation: str, max_bytes: int, max_pixels: int, formats: tuple[str, ...]) -> dict[str, Any]:
+    """Check one listed file and return its row."""
+    row: dict[str, Any] = {
+        "image_id": image_id_for(entry.path),
+        "path": entry.path,
+        "rel_path": rel_path(entry.root, entry.path),
+        "size_bytes": entry.size,
+        "mtime": entry.mtime,
+        "format": None,
+        "width": None,
+        "height": None,
+        "channels": None,
+        "content_hash": None,
+        "status": "ok",
+        "status_detail": "",
+    }
+    if entry.error is not None:
+        return dict(row, status="unreadable", status_detail=entry.error)
+    if entry.size == 0:
+        return dict(row, status="zero_bytes", status_detail="file is empty")
+    if entry.size is not None and entry.size > max_bytes:
+        return dict(row, status="too_large", status_detail=f"{entry.size} bytes is over the byte cap {max_bytes}")
+    try:
+        data = read_bytes(entry.path, max_bytes)
+    except (OSError, ValueError) as exc:
+        return dict(row, status="unreadable", status_detail=f"read failed: {getattr(exc, 'strerror', None) or exc}")
+    if len(data) > max_bytes:
+        return dict(row, size_bytes=len(data), status="too_large", status_detail=f"grew past the byte cap {max_bytes} while reading")
+    row["size_bytes"] = len(data)
+    if not data:
+        return dict(row, status="zero_bytes", status_detail="file is empty")
+    row["content_hash"] = content_hash(data)
+    info = parse_header(data, formats)
+    row.update(format=info.format, width=info.width, height=info.height, channels=info.channels)
+    if info.status != "ok":
+        return dict(row, status=info.status, status_detail=info.detail)
+    if info.pixels > max_pixels:
+        return dict(row, status="too_large", status_detail=f"{info.width}x{info.height} is over the pixel cap {max_pixels}")
+    if validation == "full":
+        status, detail, channels = decode_check(data, max_pixels, info.format == "jpeg")
+        if channels is not None:
+            row["channels"] = channels
+        if status != "ok":
+            return dict(row, status=status, status_detail=detail)
+    return row
+
+
+def decode_check(data: bytes, max_pixels: int, is_jpeg: bool = False) -> tuple[str, str, int | None]:
+    """Decode with OpenCV: (status, detail, channels; None when the decode does not tell)."""
+    cv2 = _cv2(max_pixels)
+    # A JPEG decoded at 1/8 scale still entropy-decodes every scan (what finds corruption) at ~2x speed.
+    flag = cv2.IMREAD_REDUCED_GRAYSCALE_8 if is_jpeg else cv2.IMREAD_UNCHANGED
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    except cv2.error as exc:
+        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else "cv2.error"
+        if "limit" in msg.lower() or "pixels" in msg.lower():
+            return "too_large", f"OpenCV refused the size: {msg}", None
+        return "undecodable", f"OpenCV error: {msg}", None
+    if img is None or img.size == 0:
+        return "undecodable", "OpenCV could not decode the data", None
+    if is_jpeg:
+        return "ok", "", None
+    return "ok", "", 1 if img.ndim == 2 else int(img.shape[2])
+
+
+_CV2 = None
+
+
+def _cv2(max_pixels: int):
+    global _CV2
+    if _CV2 is None:
+        _CV2 = import_cv2(max_pixels)
+    return _CV2

@@ -1,0 +1,360 @@
+"""Typed configuration: one dataclass per stage, loaded from TOML, overridden by CLI flags.
+
+Pure Python (no Spark import): every stage and both engines read it. Mistakes raise
+``ValueError`` naming the offending key as ``section.key``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RESIZE_POLICIES = ("resize_shorter+center_crop", "resize", "letterbox")
+INTERPOLATIONS = ("nearest", "linear", "area", "cubic", "lanczos")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class SparkConfig:
+    """How to reach Spark; used by the manifest and pca stages."""
+
+    master: str = "local[*]"
+    app_name: str = "imgfeat"
+    driver_memory: str = "2g"
+    partitions: int = 0
+    """Tasks for per-file checks; 0 = 4 x default parallelism."""
+    conf: dict[str, str] = field(default_factory=dict)
+    """Extra ``spark.*`` settings passed to the session builder as they are."""
+
+    def validate(self) -> None:
+        if self.partitions < 0:
+            raise ValueError("spark.partitions must be >= 0")
+        for key in self.conf:
+            if not key.startswith("spark."):
+                raise ValueError(f"spark.conf.{key}: Spark settings start with 'spark.'")
+
+
+@dataclass
+class ManifestConfig:
+    """The manifest job: listing, labels, validation, duplicates, splits and shards."""
+
+    validation: str = "full"
+    """``header`` (magic bytes, dimensions, end marker) or ``full`` (decode with OpenCV)."""
+    label_from: str = "parent"
+    """``parent`` folder name, ``regex`` over the path relative to SRC, or ``csv``."""
+    label_regex: str = ""
+    """With label_from = "regex": a regex with a named group ``label``."""
+    labels_csv: str = ""
+    """With label_from = "csv": a CSV with columns ``path,label`` (path relative to SRC or a full URI)."""
+    split_from_folders: bool = True
+    """Keep folder splits (train/Training/val/test/...) when the path has one."""
+    split_ratios: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
+    split_seed: str = "imgfeat"
+    rows_per_shard: int = 1000
+    max_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 100_000_000
+    formats: list[str] = field(default_factory=lambda: ["jpeg", "png", "gif", "bmp", "webp", "tiff"])
+    """Formats accepted as images; other recognised formats are ``unsupported_format``."""
+
+    def validate(self) -> None:
+        if self.validation not in ("header", "full"):
+            raise ValueError(f"manifest.validation must be 'header' or 'full', got {self.validation!r}")
+        if self.label_from not in ("parent", "regex", "csv"):
+            raise ValueError(f"manifest.label_from must be parent, regex or csv, got {self.label_from!r}")
+        if self.label_from == "regex" and "(?P<label>" not in self.label_regex:
+            raise ValueError("manifest.label_regex needs a named group (?P<label>...)")
+        if self.label_from == "csv" and not self.labels_csv:
+            raise ValueError("manifest.labels_csv is required when manifest.label_from = 'csv'")
+        if not self.split_ratios or any(v < 0 for v in self.split_ratios.values()):
+            raise ValueError("manifest.split_ratios must map split names to non-negative ratios")
+        if abs(sum(self.split_ratios.values()) - 1.0) > 1e-6:
+            raise ValueError(f"manifest.split_ratios must sum to 1, got {sum(self.split_ratios.values())}")
+        if self.rows_per_shard < 1:
+            raise ValueError("manifest.rows_per_shard must be >= 1")
+        if self.max_bytes < 1 or self.max_pixels < 1:
+            raise ValueError("manifest.max_bytes and manifest.max_pixels must be >= 1")
+        from metadata.sniff import KNOWN_IMAGE_FORMATS
+
+        for fmt in self.formats:
+            if fmt not in KNOWN_IMAGE_FORMATS:
+                raise ValueError(f"manifest.formats: unknown format {fmt!r}; known: {', '.join(KNOWN_IMAGE_FORMATS)}")
+
+
+@dataclass
+class PreprocessConfig:
+    """Decoding and transforms shared by featurize and the DataLoader."""
+
+    size: int = 224
+    resize_policy: str = "resize_shorter+center_crop"
+    resize_shorter: int = 256
+    """Shorter side before the centre crop (policy resize_shorter+center_crop)."""
+    interpolation: str = "linear"
+    alpha: str = "composite"
+    """``composite`` on ``background`` or ``drop`` the alpha channel."""
+    background: list[int] = field(default_factory=lambda: [255, 255, 255])
+    exif_orientation: bool = True
+    reduced_decode: bool = True
+    """Use OpenCV's reduced-size JPEG decode when the target is at most half the source."""
+    max_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 100_000_000
+    formats: list[str] = field(default_factory=lambda: ["jpeg", "png", "gif", "bmp", "webp", "tiff"])
+    num_workers: int = -1
+    """DataLoader workers; -1 = one per available core."""
+    batch_size: int = 64
+    prefetch_factor: int = 4
+
+    def validate(self) -> None:
+        if self.size < 1:
+            raise ValueError("preprocess.size must be >= 1")
+        if self.resize_policy not in RESIZE_POLICIES:
+            raise ValueError(f"preprocess.resize_policy must be one of {RESIZE_POLICIES}, got {self.resize_policy!r}")
+        if self.resize_shorter < self.size and self.resize_policy == "resize_shorter+center_crop":
+            raise ValueError("preprocess.resize_shorter must be >= preprocess.size")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"preprocess.interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if self.alpha not in ("composite", "drop"):
+            raise ValueError(f"preprocess.alpha must be 'composite' or 'drop', got {self.alpha!r}")
+        if len(self.background) != 3 or any(not 0 <= c <= 255 for c in self.background):
+            raise ValueError("preprocess.background must be three integers in 0..255")
+        if self.batch_size < 1:
+            raise ValueError("preprocess.batch_size must be >= 1")
+        if self.num_workers < -1:
+            raise ValueError("preprocess.num_workers must be >= -1")
+        if self.prefetch_factor < 1:
+            raise ValueError("preprocess.prefetch_factor must be >= 1")
+
+
+@dataclass
+class PrepConfig:
+    """Offline export of resized uint8 arrays for training."""
+
+    size: int = 64
+    resize_policy: str = "resize_shorter+center_crop"
+    format: str = "hdf5"
+    split: str = ""
+    """Export only this split; empty = all splits."""
+    rows_per_shard: int = 2048
+    compression: str = "lzf"
+    """HDF5 compression: ``lzf``, ``gzip`` or ``none``."""
+
+    def validate(self) -> None:
+        if self.size < 1:
+            raise ValueError("prep.size must be >= 1")
+        if self.resize_policy not in RESIZE_POLICIES:
+            raise ValueError(f"prep.resize_policy must be one of {RESIZE_POLICIES}, got {self.resize_policy!r}")
+        if self.format not in ("hdf5", "npy"):
+            raise ValueError(f"prep.format must be 'hdf5' or 'npy', got {self.format!r}")
+        if self.rows_per_shard < 1:
+            raise ValueError("prep.rows_per_shard must be >= 1")
+        if self.compression not in ("lzf", "gzip", "none"):
+            raise ValueError(f"prep.compression must be lzf, gzip or none, got {self.compression!r}")
+
+
+@dataclass
+class FeaturizeConfig:
+    """The model and the feature shards."""
+
+    model: str = "resnet50"
+    weights: str = "DEFAULT"
+    """A torchvision weights enum name (``IMAGENET1K_V2``, ``DEFAULT``) or ``none``."""
+    weights_path: str = ""
+    """A local state_dict file; wins over ``weights``."""
+    model_path: str = ""
+    """A TorchScript or torch.export file; wins over ``model``."""
+    layer: str = ""
+    """A node name (torchvision feature_extraction); empty = pooled penultimate layer."""
+    pool: str = "avg"
+    """Global pooling of spatial maps from ``layer``: ``avg``, ``max`` or ``none``."""
+    precision: str = "fp32"
+    channels_last: bool = True
+    compile: bool = False
+    device: str = "auto"
+    format: str = "npy"
+    dtype: str = "float32"
+    """Stored feature dtype: float32 or float16."""
+    overwrite: bool = False
+    max_shard_attempts: int = 3
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"featurize.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.pool not in ("avg", "max", "none"):
+            raise ValueError(f"featurize.pool must be avg, max or none, got {self.pool!r}")
+        if self.format not in ("npy", "hdf5"):
+            raise ValueError(f"featurize.format must be 'npy' or 'hdf5', got {self.format!r}")
+        if self.dtype not in ("float32", "float16"):
+            raise ValueError(f"featurize.dtype must be float32 or float16, got {self.dtype!r}")
+        if self.max_shard_attempts < 1:
+            raise ValueError("featurize.max_shard_attempts must be >= 1")
+        if not self.device or not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ValueError(f"featurize.device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+
+@dataclass
+class PcaConfig:
+    """Join-back and PCA."""
+
+    k: int = 64
+    variance: float = 0.0
+    """If > 0: the smallest k whose cumulative explained variance reaches this fraction."""
+    standardize: bool = False
+    fit_split: str = "train"
+    """Split to fit on; empty = all rows."""
+    allow_extra: bool = False
+    """Accept feature rows with no manifest row (counted) instead of failing."""
+
+    def validate(self) -> None:
+        if self.k < 1:
+            raise ValueError("pca.k must be >= 1")
+        if not 0.0 <= self.variance <= 1.0:
+            raise ValueError("pca.variance must be in [0, 1]")
+
+
+@dataclass
+class RunConfig:
+    """The end-to-end ``imgfeat run``."""
+
+    sources: list[str] = field(default_factory=list)
+    out: str = ""
+    nproc: int = 1
+    stages: list[str] = field(default_factory=lambda: ["manifest", "featurize", "pca"])
+
+    def validate(self) -> None:
+        allowed = ("manifest", "prep", "featurize", "pca")
+        for stage in self.stages:
+            if stage not in allowed:
+                raise ValueError(f"run.stages: unknown stage {stage!r}; allowed: {', '.join(allowed)}")
+        if self.nproc < 1:
+            raise ValueError("run.nproc must be >= 1")
+
+
+@dataclass
+class Config:
+    """All sections; each stage reads its own and saves the whole resolved config."""
+
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    manifest: ManifestConfig = field(default_factory=ManifestConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    prep: PrepConfig = field(default_factory=PrepConfig)
+    featurize: FeaturizeConfig = field(default_factory=FeaturizeConfig)
+    pca: PcaConfig = field(default_factory=PcaConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, *sections: str) -> str:
+        """A short sha256 of the named sections (all when none are named)."""
+        data = self.to_dict()
+        chosen = {s: data[s] for s in (sections or data.keys())}
+        blob = json.dumps(chosen, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field annotation, converting only lossless cases (int -> float)."""
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a string, got {value!r}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key} must be a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if origin is dict:
+        _, val_type = typing.get_args(annotation)
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a table, got {value!r}")
+        return {str(k): _coerce(f"{key}.{k}", v, val_type) for k, v in value.items()}
+    if isinstance(annotation, types.UnionType):  # pragma: no cover - no such fields today
+        raise ValueError(f"{key}: union types are not supported")
+    raise ValueError(f"{key}: unsupported field type {annotation!r}")
+
+
+def _apply(section_obj: Any, section: str, values: dict[str, Any]) -> None:
+    hints = typing.get_type_hints(type(section_obj))
+    names = {f.name for f in dataclasses.fields(section_obj)}
+    for key, value in values.items():
+        if key not in names:
+            raise ValueError(f"unknown config key {section}.{key}; known keys: {', '.join(sorted(names))}")
+        setattr(section_obj, key, _coerce(f"{section}.{key}", value, hints[key]))
+
+
+def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
+    """Build a Config from nested ``{section: {key: value}}``, starting from ``base`` or defaults."""
+    cfg = base if base is not None else Config()
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    for section, values in data.items():
+        if section not in sections:
+            raise ValueError(f"unknown config section [{section}]; known sections: {', '.join(sorted(sections))}")
+        if not isinstance(values, dict):
+            raise ValueError(f"config section [{section}] must be a table")
+        _apply(getattr(cfg, section), section, values)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Load a TOML file (or defaults), apply ``overrides`` (from CLI flags), validate."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"--config: no such file {str(p)!r}")
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"--config {p}: not valid TOML: {exc}") from exc
+        cfg = config_from_dict(data, cfg)
+    if overrides:
+        cleaned = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in overrides.items()}
+        cfg = config_from_dict({s: kv for s, kv in cleaned.items() if kv}, cfg)
+    return cfg.validate()
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dump_toml(cfg: Config) -> str:
+    """The resolved config as TOML that ``load_config`` reads back to an equal Config."""
+    lines: list[str] = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(val)}" for key, val in values.items())
+        lines.append("")
+    return "\n".join(lines)

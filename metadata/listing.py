@@ -1,0 +1,169 @@
+"""Listing a source tree without shipping files anywhere: the driver plans folders, executors list them.
+
+The driver only walks the top levels to split the tree into listing units (folders), so its memory
+grows with the number of folders it plans, not with the number of files. Each executor task lists its
+units (locally with ``os.scandir``, remotely through fsspec) and yields one ``Entry`` per file, or per
+thing that could not be listed (broken links, symlink loops, unreadable folders), so nothing vanishes.
+"""
+from __future__ import annotations
+
+import os
+import stat as stat_mod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fsspec
+
+from metadata.schema import normalize_uri
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A folder to list: only its own files (``recursive=False``) or its whole subtree."""
+
+    root: str
+    """The SRC this folder belongs to (a normalized URI), for relative paths and labels."""
+    folder: str
+    recursive: bool
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A listed file. ``error`` is set when it could not be stat'ed (then size/mtime are None)."""
+
+    root: str
+    path: str
+    size: int | None
+    mtime: float | None
+    error: str | None = None
+
+
+def _local_path(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def check_source(src: str) -> str:
+    """Normalize SRC and fail fast, naming it, when it does not exist or is not a folder."""
+    uri = normalize_uri(src)
+    if uri.startswith("file://"):
+        path = _local_path(uri)
+        if not os.path.isdir(path):
+            raise ValueError(f"SRC {src!r}: no such folder" if not os.path.exists(path) else f"SRC {src!r}: not a folder")
+        return uri
+    fs, path = fsspec.core.url_to_fs(uri)
+    try:
+        ok = fs.isdir(path)
+    except Exception as exc:  # noqa: BLE001 - any backend error is reported with the SRC name
+        raise ValueError(f"SRC {src!r}: cannot be listed: {exc}") from exc
+    if not ok:
+        raise ValueError(f"SRC {src!r}: no such folder or prefix")
+    return uri
+
+
+def plan_units(root: str, max_depth: int = 2) -> list[Unit]:
+    """Split ``root`` into listing units, expanding folders down to ``max_depth`` levels."""
+    units: list[Unit] = []
+    frontier = [(root, 0)]
+    while frontier:
+        folder, depth = frontier.pop(0)
+        if depth >= max_depth:
+            units.append(Unit(root, folder, True))
+            continue
+        units.append(Unit(root, folder, False))
+        for sub in _subfolders(folder):
+            frontier.append((sub, depth + 1))
+    return units
+
+
+def _is_loop(child: str, folder: str) -> bool:
+    """True when the folder ``child`` resolves to ``folder`` itself or one of its ancestors."""
+    real_child, real_folder = os.path.realpath(child), os.path.realpath(folder)
+    return real_folder == real_child or real_folder.startswith(real_child.rstrip("/") + "/")
+
+
+def _subfolders(folder: str) -> list[str]:
+    if folder.startswith("file://"):
+        path = _local_path(folder)
+        out = []
+        try:
+            with os.scandir(path) as it:
+                for e in it:
+                    try:
+                        if e.is_dir(follow_symlinks=True) and not _is_loop(e.path, path):
+                            out.append("file://" + e.path)
+                    except OSError:
+                        pass
+        except OSError:
+            return []
+        return sorted(out)
+    fs, path = fsspec.core.url_to_fs(folder)
+    scheme = folder.split("://", 1)[0]
+    try:
+        entries = fs.ls(path, detail=True)
+    except OSError:
+        return []
+    return sorted(f"{scheme}://{e['name'].rstrip('/')}" for e in entries if e.get("type") == "directory")
+
+
+def list_unit(unit: Unit) -> Iterator[Entry]:
+    """Every file in a unit, with size and mtime; unlistable things become entries with ``error``."""
+    if unit.folder.startswith("file://"):
+        yield from _list_local(unit)
+    else:
+        yield from _list_remote(unit)
+
+
+def _list_local(unit: Unit) -> Iterator[Entry]:
+    stack = [_local_path(unit.folder)]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            yield Entry(unit.root, "file://" + folder, None, None, f"folder cannot be listed: {exc.strerror or exc}")
+            continue
+        for e in entries:
+            uri = "file://" + e.path
+            try:
+                st = os.stat(e.path)
+            except OSError as exc:
+                reason = "symlink loop" if exc.errno == 40 else ("broken symlink" if e.is_symlink() else (exc.strerror or str(exc)))
+                yield Entry(unit.root, uri, None, None, reason)
+                continue
+            if stat_mod.S_ISDIR(st.st_mode):
+                # A link back to this folder or above would recurse forever: record it, don't follow.
+                if _is_loop(e.path, folder):
+                    yield Entry(unit.root, uri, None, None, "symlink loop: links to a folder above it")
+                elif unit.recursive:
+                    stack.append(e.path)
+            elif stat_mod.S_ISREG(st.st_mode):
+                yield Entry(unit.root, uri, st.st_size, st.st_mtime)
+            else:
+                yield Entry(unit.root, uri, None, None, "not a regular file")
+
+
+def _list_remote(unit: Unit) -> Iterator[Entry]:
+    fs, path = fsspec.core.url_to_fs(unit.folder)
+    scheme = unit.folder.split("://", 1)[0]
+    try:
+        if unit.recursive:
+            found = fs.find(path, detail=True, withdirs=False)
+        else:
+            found = {e["name"]: e for e in fs.ls(path, detail=True) if e.get("type") != "directory"}
+    except OSError as exc:
+        yield Entry(unit.root, unit.folder, None, None, f"prefix cannot be listed: {exc}")
+        return
+    for name in sorted(found):
+        info = found[name]
+        mtime = info.get("LastModified") or info.get("mtime") or info.get("created")
+        if hasattr(mtime, "timestamp"):
+            mtime = mtime.timestamp()
+        uri = f"{scheme}://{name}"
+        yield Entry(unit.root, uri, int(info.get("size") or 0), float(mtime) if mtime is not None else None)
+
+
+def rel_path(root: str, path: str) -> str:
+    """``path`` relative to its SRC ``root`` (both normalized URIs)."""
+    prefix = root.rstrip("/") + "/"
+    return path[len(prefix):] if path.startswith(prefix) else path

@@ -1,0 +1,63 @@
+"""Building the SparkSession from ``[spark]`` config. The only module that starts Spark."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from metadata.config import SparkConfig
+
+log = logging.getLogger(__name__)
+
+_PACKAGES = ("metadata",)
+
+
+def get_spark(cfg: SparkConfig, master: str | None = None):
+    """Get or create a SparkSession for ``cfg`` (``master`` overrides ``cfg.master``).
+
+    Python workers use this interpreter, and on a non-local master our ``metadata`` package is
+    shipped to executors as a zip, so a cluster needs only the third-party dependencies installed.
+    """
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    from pyspark.sql import SparkSession
+
+    master = master or cfg.master
+    builder = (
+        SparkSession.builder.master(master)
+        .appName(cfg.app_name)
+        .config("spark.driver.memory", cfg.driver_memory)
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.sql.execution.arrow.maxRecordsPerBatch", "2048")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.python.worker.reuse", "true")
+        .config("spark.ui.enabled", "false")
+    )
+    for key, value in cfg.conf.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    if not master.startswith("local"):
+        spark.sparkContext.addPyFile(_package_zip())
+    log.info("Spark %s on %s (default parallelism %d)", spark.version, master, spark.sparkContext.defaultParallelism)
+    return spark
+
+
+def _package_zip() -> str:
+    root = Path(__file__).resolve().parent.parent
+    fd, path = tempfile.mkstemp(prefix="imgfeat-pkg-", suffix=".zip")
+    os.close(fd)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for pkg in _PACKAGES:
+            for file in (root / pkg).rglob("*.py"):
+                zf.write(file, file.relative_to(root).as_posix())
+    return path
+
+
+def num_tasks(spark, cfg: SparkConfig) -> int:
+    """How many tasks to split per-file work into."""
+    return cfg.partitions or max(2, 4 * spark.sparkContext.defaultParallelism)
