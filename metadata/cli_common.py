@@ -1,0 +1,27 @@
+"""What every command line shares: logging set up once, --config and verbosity flags, config building."""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from metadata.config import Config, load_config
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    """Configure the root logger once, for the process that runs a command."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("py4j", "botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (configs/*.toml); flags override it")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+
+
+def build_config(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> Config:
+    """Load ``--config`` and apply flag ``overrides`` (flags left at None are ignored)."""
+    return load_config(getattr(args, "config", None), overrides)

@@ -1,0 +1,141 @@
+"""Feature shards on disk: writing one shard (committed atomically) and reading it back.
+
+The layout, readable with numpy/h5py alone, for shard ``part-NNNNN`` in folder FEAT:
+
+* ``npy``: ``part-NNNNN.features.npy`` ([n, d] float32 or float16) and ``part-NNNNN.ids.npy``
+  ([n] ``<U32`` image ids, row i of features belongs to ids[i]);
+* ``hdf5``: ``part-NNNNN.h5`` with datasets ``features`` [n, d] and ``image_id`` [n] (``S32``),
+  and the run fingerprint in its attributes;
+* always ``part-NNNNN.rejects.json``: ``{"rejects": [{"image_id", "path", "reason", "detail"}]}``;
+* last, the marker ``part-NNNNN.done.json`` (see ``metadata.shards``) with ``kind = "features"``,
+  ``rows``, ``rejects``, ``dim``, ``dtype``, ``format``, ``fingerprint``, ``members`` and file checksums.
+
+Pure Python + numpy/h5py; used by featurize (writer), pca (reader on executors) and library users.
+"""
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import fsspec
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+
+from metadata import shards
+
+ID_DTYPE = "<U32"
+
+
+def data_files(stem: str, fmt: str) -> list[str]:
+    """The data file names of one feature shard in format ``fmt`` (marker excluded)."""
+    if fmt == "npy":
+        names = [shards.FEATURES_NPY.format(stem=stem), shards.IDS_NPY.format(stem=stem)]
+    elif fmt == "hdf5":
+        names = [shards.FEATURES_H5.format(stem=stem)]
+    else:
+        raise ValueError(f"featurize.format must be 'npy' or 'hdf5', got {fmt!r}")
+    return names + [stem + shards.REJECTS_SUFFIX]
+
+
+def write_feature_shard(
+    folder: str,
+    shard: int,
+    image_ids: Sequence[str],
+    features: np.ndarray,
+    rejects: Sequence[dict[str, Any]],
+    fmt: str,
+    fingerprint: str,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write and commit one shard: data files (atomic each), rejects, then the marker. Returns the marker."""
+    stem = shards.shard_stem(shard)
+    features = np.ascontiguousarray(features)
+    if features.ndim != 2 or features.shape[0] != len(image_ids):
+        raise ValueError(f"{stem}: features shape {features.shape} does not match {len(image_ids)} ids")
+    ids = np.asarray(list(image_ids), dtype=ID_DTYPE)
+    names = data_files(stem, fmt)
+    if fmt == "npy":
+        with shards.staged_file(shards.join(folder, names[0])) as tmp:
+            np.save(tmp, features)
+        with shards.staged_file(shards.join(folder, names[1])) as tmp:
+            np.save(tmp, ids)
+    else:
+        import h5py
+
+        with shards.staged_file(shards.join(folder, names[0])) as tmp:
+            with h5py.File(tmp, "w") as h5:
+                h5.create_dataset("features", data=features, chunks=(min(len(ids) or 1, 1024), features.shape[1] or 1))
+                h5.create_dataset("image_id", data=ids.astype("S32"))
+                h5.attrs["fingerprint"] = fingerprint
+                h5.attrs["shard"] = shard
+    shards.write_bytes_atomic(
+        shards.join(folder, names[-1]), (json.dumps({"rejects": list(rejects)}, indent=1) + "\n").encode()
+    )
+    payload = {
+        "kind": "features",
+        "shard": shard,
+        "rows": int(features.shape[0]),
+        "rejects": len(rejects),
+        "dim": int(features.shape[1]),
+        "dtype": str(features.dtype),
+        "format": fmt,
+        "fingerprint": fingerprint,
+        "members": shards.members_digest([*image_ids, *(r["image_id"] for r in rejects)]),
+    }
+    payload.update(extra or {})
+    return shards.write_marker(folder, stem, names, payload)
+
+
+def _load_npy(fs: fsspec.AbstractFileSystem, path: str) -> np.ndarray:
+    if isinstance(fs, LocalFileSystem):
+        return np.load(path, allow_pickle=False)
+    return np.load(io.BytesIO(fs.cat_file(path)), allow_pickle=False)
+
+
+def read_feature_shard(folder: str, stem: str, marker: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(image_ids [n] str, features [n, d]) of one committed shard, as its marker describes it."""
+    fs, _ = fsspec.core.url_to_fs(folder)
+    if marker["format"] == "npy":
+        feats = _load_npy(fs, fsspec.core.url_to_fs(shards.join(folder, shards.FEATURES_NPY.format(stem=stem)))[1])
+        ids = _load_npy(fs, fsspec.core.url_to_fs(shards.join(folder, shards.IDS_NPY.format(stem=stem)))[1])
+    else:
+        import h5py
+
+        with fs.open(fsspec.core.url_to_fs(shards.join(folder, shards.FEATURES_H5.format(stem=stem)))[1], "rb") as fh:
+            with h5py.File(fh, "r") as h5:
+                feats = h5["features"][...]
+                ids = h5["image_id"][...].astype(ID_DTYPE)
+    if feats.shape[0] != marker["rows"] or ids.shape[0] != marker["rows"]:
+        raise shards.ShardVerificationError(
+            f"{shards.join(folder, stem)}: {feats.shape[0]} rows on disk, marker says {marker['rows']}"
+        )
+    return ids, feats
+
+
+def read_rejects(folder: str, stem: str) -> list[dict[str, Any]]:
+    data = shards.read_json(shards.join(folder, stem + shards.REJECTS_SUFFIX))
+    return list(data.get("rejects", [])) if data else []
+
+
+def committed_shards(folder: str, verify: bool = True) -> dict[str, dict[str, Any]]:
+    """Markers of every committed feature shard in ``folder``; with ``verify``, check files against them."""
+    markers = {s: m for s, m in shards.list_markers(folder).items() if m.get("kind") == "features"}
+    if verify:
+        for stem, marker in markers.items():
+            shards.verify_shard(folder, stem, marker)
+    return markers
+
+
+def read_features(folder: str, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """All committed shards of ``folder`` as ``(image_ids, matrix)``, in shard order."""
+    markers = committed_shards(folder, verify=verify)
+    if not markers:
+        raise ValueError(f"{folder}: no committed feature shards (no part-*.done.json markers)")
+    ids, feats = [], []
+    for stem in sorted(markers):
+        i, f = read_feature_shard(folder, stem, markers[stem])
+        ids.append(i)
+        feats.append(f)
+    return np.concatenate(ids), np.concatenate(feats)
