@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from metadata.config import Config, load_config
@@ -25,3 +27,23 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> Config:
     """Load ``--config`` and apply flag ``overrides`` (flags left at None are ignored)."""
     return load_config(getattr(args, "config", None), overrides)
+
+
+def report_errors(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command; a ValueError (bad option, missing input) prints one clear line and exits 2."""
+    try:
+        return func(args)
+    except ValueError as exc:
+        logging.getLogger("imgfeat").debug("error", exc_info=True)
+        print(f"imgfeat: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_command(prog: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+                func: Callable[[argparse.Namespace], int], argv: list[str] | None = None) -> int:
+    """Entry point of a single-command module (``python -m <stage>``)."""
+    parser = argparse.ArgumentParser(prog=prog)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    return report_errors(func, args)

@@ -36,7 +36,11 @@ def get_spark(cfg: SparkConfig, master: str | None = None):
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.python.worker.reuse", "true")
         .config("spark.ui.enabled", "false")
+        .config("spark.sql.adaptive.enabled", "true")
     )
+    if "spark.sql.shuffle.partitions" not in cfg.conf:
+        # The manifest is small tabular data: Spark's default of 200 shuffle tasks costs seconds per stage.
+        builder = builder.config("spark.sql.shuffle.partitions", str(cfg.partitions or 8))
     for key, value in cfg.conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()

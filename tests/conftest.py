@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("IMGFEAT_SHARED", REPO.parent / "shared"))
 FRUITS = SHARED / "data" / "fruits360-100"

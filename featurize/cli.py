@@ -1,0 +1,38 @@
+"""The ``imgfeat`` command: one subcommand per stage.
+
+It lives in ``featurize`` because that package sits on top of the import graph
+(featurize -> preprocess -> metadata), so it may import every stage's command.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from metadata import manifest_cli
+from metadata.cli_common import report_errors, setup_logging
+from preprocess import cli as prep_cli
+from featurize import stage_cli as featurize_cli
+
+_STAGES = (manifest_cli, prep_cli, featurize_cli)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imgfeat",
+        description="Image collections to model features: manifest (Spark) -> prep/featurize (PyTorch) -> pca (Spark).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for stage in _STAGES:
+        stage.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, configure logging once, run the subcommand; config mistakes exit 2 with one line."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    return report_errors(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The ``manifest`` subcommand: build a manifest, or ``--show`` one as a table."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from metadata.cli_common import add_common_args, build_config
+from metadata.schema import STATUS_CODES, read_summary
+
+
+def add_manifest_arguments(parser: argparse.ArgumentParser) -> None:
+    """The manifest job's flags (shared by ``imgfeat manifest`` and ``python -m metadata``)."""
+    parser.add_argument("sources", nargs="*", metavar="SRC", help="folders or fsspec URLs (s3://bucket/prefix, file://...)")
+    parser.add_argument("--out", help="output folder or URL; the manifest goes to OUT/manifest/")
+    parser.add_argument("--master", help="Spark master URL (default: spark.master in the config, local[*])")
+    parser.add_argument("--validation", choices=["header", "full"], help="per-file check depth (default full)")
+    parser.add_argument("--rows-per-shard", type=int, help="ok rows per featurize shard")
+    parser.add_argument("--incremental", action="store_true", help="re-check only new or changed files of the manifest at OUT")
+    parser.add_argument("--show", metavar="OUT", help="print the summary of the manifest at OUT and exit")
+    parser.add_argument("--json", action="store_true", help="with --show: print the summary JSON as it is")
+    add_common_args(parser)
+
+
+def manifest_command(args: argparse.Namespace) -> int:
+    """Run the manifest job (or show a summary); returns the exit code."""
+    if args.show:
+        summary = read_summary(args.show)
+        print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+        return 0
+    if not args.out:
+        raise ValueError("--out is required (the folder the manifest is written to)")
+    if not args.sources:
+        raise ValueError("SRC: give at least one source folder or URL")
+    cfg = build_config(args, {"manifest": {"validation": args.validation, "rows_per_shard": args.rows_per_shard}})
+    from metadata.manifest_job import run_manifest
+
+    summary = run_manifest(cfg, args.sources, args.out, master=args.master, incremental=args.incremental)
+    print(format_summary(summary))
+    return 0
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The manifest summary as a plain-text table."""
+    lines = [f"manifest v{s.get('version')}  files {s['total']}  bytes {s.get('total_bytes', 0):,}  "
+             f"shards {s['num_shards']}  validation {s.get('validation')}  fingerprint {s['fingerprint']}"]
+    lines.append("")
+    lines.append(f"{'status':<20}{'files':>10}  example / meaning")
+    examples = s.get("example_by_status", {})
+    for status, n in sorted(s["by_status"].items(), key=lambda kv: (kv[0] != "ok", kv[0])):
+        lines.append(f"{status:<20}{n:>10}  {examples.get(status) or STATUS_CODES.get(status, '')}")
+    splits = sorted(s.get("by_split", {}))
+    if s.get("by_label_split"):
+        lines.append("")
+        lines.append(f"{'label (ok rows)':<24}" + "".join(f"{sp:>10}" for sp in splits) + f"{'total':>10}")
+        for label, per in s["by_label_split"].items():
+            lines.append(f"{label[:23]:<24}" + "".join(f"{per.get(sp, 0):>10}" for sp in splits)
+                         + f"{sum(per.values()):>10}")
+    if s.get("incremental"):
+        lines.append("")
+        lines.append("incremental: " + ", ".join(f"{k} {v}" for k, v in s["incremental"].items()))
+    t = s.get("timings", {})
+    if t:
+        lines.append("")
+        lines.append("timings: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in t.items()) +
+                     (f"  ({s['files_per_s']:.0f} files/s)" if s.get("files_per_s") else ""))
+    return "\n".join(lines)
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("manifest", help="build the manifest of image folders on Spark",
+                              description="Build the manifest: one row per file, checked on Spark executors.")
+    add_manifest_arguments(p)
+    p.set_defaults(func=manifest_command)

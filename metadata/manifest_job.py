@@ -1,0 +1,304 @@
+"""The manifest job on Spark: list, check on executors, label, find duplicates, split, shard, write.
+
+Image bytes are read only inside executor tasks (``mapInArrow``); the driver sees folder names, label
+names, and counts. Every file found becomes exactly one row.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+
+from metadata import labels as labels_mod
+from metadata.checks import check_entry
+from metadata.config import Config, dump_toml
+from metadata.listing import Entry, Unit, check_source, list_unit, plan_units
+from metadata.manifest_store import commit_manifest, load_previous
+from metadata.schema import CONFIG_FILE, MANIFEST_SCHEMA, SUMMARY_FILE
+from metadata.shards import write_bytes_atomic, write_json_atomic
+from metadata.spark_session import get_spark, num_tasks
+
+log = logging.getLogger(__name__)
+
+UNIT_SCHEMA = pa.schema([("root", pa.string()), ("folder", pa.string()), ("recursive", pa.bool_())])
+ENTRY_SCHEMA = pa.schema(
+    [("root", pa.string()), ("path", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()), ("error", pa.string())]
+)
+CHECKED_SCHEMA = pa.schema(
+    [f for f in MANIFEST_SCHEMA if f.name not in ("label_index", "split", "duplicate_of", "shard")]
+    + [pa.field("folder_split", pa.string())]
+)
+
+
+def spark_schema(schema: pa.Schema):
+    """The Spark StructType of an Arrow schema."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    return from_arrow_schema(schema)
+
+
+def _list_units(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    for batch in batches:
+        for unit in batch.to_pylist():
+            rows = [e.__dict__ for e in list_unit(Unit(unit["root"], unit["folder"], unit["recursive"]))]
+            for i in range(0, len(rows), 4096):
+                yield pa.RecordBatch.from_pylist(rows[i : i + 4096], schema=ENTRY_SCHEMA)
+
+
+def _make_checker(cfg: Config):
+    mc = cfg.manifest
+    validation, max_bytes, max_pixels, formats = mc.validation, mc.max_bytes, mc.max_pixels, tuple(mc.formats)
+    label_from, pattern = mc.label_from, (re.compile(mc.label_regex) if mc.label_from == "regex" else None)
+    split_from_folders = mc.split_from_folders
+    names = CHECKED_SCHEMA.names
+
+    def check(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            out: dict[str, list[Any]] = {n: [] for n in names}
+            for e in batch.to_pylist():
+                row = check_entry(Entry(e["root"], e["path"], e["size"], e["mtime"], e["error"]),
+                                  validation, max_bytes, max_pixels, formats)
+                rel = row["rel_path"]
+                if label_from == "parent":
+                    row["label"] = labels_mod.parent_label(rel)
+                elif label_from == "regex":
+                    row["label"] = labels_mod.regex_label(rel, pattern)
+                    if row["label"] is None and row["status"] == "ok":
+                        row["status"], row["status_detail"] = "bad_label", f"label_regex does not match {rel!r}"
+                else:
+                    row["label"] = None
+                problem = labels_mod.label_problem(row["label"])
+                if problem and row["status"] == "ok":
+                    row["status"], row["status_detail"] = "bad_label", problem
+                row["folder_split"] = labels_mod.folder_split(rel) if split_from_folders else None
+                for n in names:
+                    out[n].append(row.get(n))
+            yield pa.RecordBatch.from_pydict(out, schema=CHECKED_SCHEMA)
+
+    return check
+
+
+def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None = None,
+                 incremental: bool = False) -> dict[str, Any]:
+    """Build the manifest of ``sources`` under ``out``; return the summary (also written as JSON)."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    if not sources:
+        raise ValueError("SRC: give at least one source folder or URL")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    roots = [check_source(s) for s in sources]
+    spark = get_spark(cfg.spark, master)
+    timings["spark_start_s"] = time.perf_counter() - t0
+    tasks = num_tasks(spark, cfg.spark)
+    previous = load_previous(spark, out, cfg.fingerprint("manifest")) if incremental else None
+
+    units = [u for r in roots for u in plan_units(r)]
+    timings["plan_s"] = time.perf_counter() - t0 - timings["spark_start_s"]
+    units_df = spark.createDataFrame([(u.root, u.folder, u.recursive) for u in units], "root string, folder string, recursive boolean")
+    entries = units_df.repartition(min(len(units), tasks)).mapInArrow(_list_units, spark_schema(ENTRY_SCHEMA))
+    # Hash partitioning by path is deterministic, so task retries cannot lose or duplicate rows.
+    entries = entries.dropDuplicates(["path"]).repartition(tasks, "path")
+
+    t1 = time.perf_counter()
+    checker = _make_checker(cfg)
+    if previous is not None:
+        prev_key = previous.select("path", F.col("size_bytes").alias("_psize"), F.col("mtime").alias("_pmtime"))
+        joined = entries.join(prev_key, "path", "left")
+        same = F.coalesce((F.col("_psize") == F.col("size")) & (F.col("_pmtime") == F.col("mtime"))
+                          & F.col("error").isNull(), F.lit(False))
+        fresh = joined.where(~same).select(*ENTRY_SCHEMA.names).mapInArrow(checker, spark_schema(CHECKED_SCHEMA))
+        kept = _keep_previous(previous, joined.where(same).select("path"))
+        checked = fresh.withColumn("_kept", F.lit(False)).unionByName(kept.withColumn("_kept", F.lit(True)))
+    else:
+        checked = entries.mapInArrow(checker, spark_schema(CHECKED_SCHEMA)).withColumn("_kept", F.lit(False))
+    checked = checked.persist(StorageLevel.MEMORY_AND_DISK)
+    total = checked.count()
+    timings["check_s"] = time.perf_counter() - t1
+    changes: dict[str, int] = {}
+    if previous is not None:
+        prev_paths = previous.select("path")
+        unchanged = checked.where(F.col("_kept")).count()
+        new = checked.where(~F.col("_kept")).join(prev_paths, "path", "left_anti").count()
+        changes = {"unchanged": unchanged, "new": new, "changed": total - unchanged - new,
+                   "removed": prev_paths.join(checked.select("path"), "path", "left_anti").count()}
+    checked = checked.drop("_kept")
+    t2 = time.perf_counter()
+    organized = _assign_splits(_mark_duplicates(checked), cfg).persist(StorageLevel.MEMORY_AND_DISK)
+    counts = _summarize(organized.groupBy("status", "label", "split").agg(
+        F.count("*").alias("n"), F.sum("size_bytes").alias("b"), F.first("path").alias("example")).collect())
+    names = counts.pop("label_names")
+    index = spark.createDataFrame([(n, i) for i, n in enumerate(names)], "label string, label_index int")
+    labelled = organized.join(F.broadcast(index), "label", "left").withColumn(
+        "label_index", F.when(F.col("status") == "bad_label", F.lit(None).cast("int")).otherwise(F.col("label_index")))
+    manifest, num_shards = _assign_shards(labelled, cfg, previous, counts["by_status"].get("ok", 0))
+    manifest = manifest.select(*MANIFEST_SCHEMA.names).persist(StorageLevel.MEMORY_AND_DISK)
+    timings["organize_s"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    version = commit_manifest(manifest, out, keep_history=incremental, rows=total)
+    timings["write_s"] = time.perf_counter() - t3
+    counts.update(_shard_balance(manifest))
+    timings["total_s"] = time.perf_counter() - t0
+    for df in (checked, organized, manifest):
+        df.unpersist()
+
+    summary = {
+        "version": version,
+        "sources": roots,
+        "total": total,
+        **counts,
+        "num_shards": num_shards,
+        "validation": cfg.manifest.validation,
+        "fingerprint": cfg.fingerprint("manifest"),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "files_per_s": round(total / timings["total_s"], 1) if timings["total_s"] else None,
+        "incremental": changes or None,
+        "master": spark.sparkContext.master,
+    }
+    write_json_atomic(out.rstrip("/") + "/" + SUMMARY_FILE, summary)
+    write_bytes_atomic(out.rstrip("/") + "/" + CONFIG_FILE, dump_toml(cfg).encode())
+    log.info("manifest v%d: %d files, %d ok, %d shards in %.1fs -> %s", version, total,
+             counts["by_status"].get("ok", 0), num_shards, timings["total_s"], out)
+    return summary
+
+
+def _keep_previous(previous, kept_paths):
+    """Rows of the previous manifest whose file did not change, in the checked layout.
+
+    They keep their split (stable splits for unchanged files); duplicate rows go back to ``ok`` so
+    that duplicates are found again over the new set of files.
+    """
+    from pyspark.sql import functions as F
+
+    cols = [c for c in CHECKED_SCHEMA.names if c != "folder_split"]
+    prev = previous.join(kept_paths, "path").select(*cols, F.col("split").alias("folder_split"))
+    was_dup = F.col("status") == "duplicate"
+    return prev.withColumn("status_detail", F.when(was_dup, F.lit("")).otherwise(F.col("status_detail"))) \
+               .withColumn("status", F.when(was_dup, F.lit("ok")).otherwise(F.col("status")))
+
+
+def _mark_duplicates(checked):
+    """Among ok rows with the same bytes, the first by path is the original; the rest are duplicates."""
+    from pyspark.sql import functions as F
+
+    ok = F.col("status") == "ok"
+    firsts = checked.where(ok).groupBy("content_hash").agg(
+        F.min_by("image_id", "path").alias("_first"), F.min("path").alias("_first_path"))
+    df = checked.join(firsts, "content_hash", "left")
+    is_dup = ok & F.col("_first").isNotNull() & (F.col("_first") != F.col("image_id"))
+    return (df.withColumn("duplicate_of", F.when(is_dup, F.col("_first")))
+              .withColumn("status_detail", F.when(is_dup, F.concat(F.lit("same bytes as "), F.col("_first_path")))
+                          .otherwise(F.col("status_detail")))
+              .withColumn("status", F.when(is_dup, F.lit("duplicate")).otherwise(F.col("status")))
+              .drop("_first", "_first_path"))
+
+
+def _assign_splits(df, cfg: Config):
+    """Folder split when the path has one; else exact per-label ratios over a seeded hash order."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    ok = F.col("status") == "ok"
+    need = df.where(ok & F.col("folder_split").isNull()).select(
+        "image_id", F.coalesce(F.col("label"), F.lit("\x00")).alias("_grp"),
+        F.xxhash64(F.lit(cfg.manifest.split_seed), F.col("content_hash")).alias("_h"))
+    w = Window.partitionBy("_grp").orderBy("_h", "image_id")
+    ranked = need.withColumn("_pos", F.row_number().over(w) - 1).withColumn("_n", F.count(F.lit(1)).over(Window.partitionBy("_grp")))
+    frac = (F.col("_pos") + F.lit(0.5)) / F.col("_n")
+    expr = None
+    cum = 0.0
+    items = list(cfg.manifest.split_ratios.items())
+    for i, (name, ratio) in enumerate(items):
+        cum += ratio
+        cond = frac < F.lit(cum) if i < len(items) - 1 else F.lit(True)
+        expr = F.when(cond, F.lit(name)) if expr is None else expr.when(cond, F.lit(name))
+    hashed = ranked.select("image_id", expr.alias("_hsplit"))
+    df = df.join(hashed, "image_id", "left")
+    df = df.withColumn("split", F.when(ok, F.coalesce(F.col("folder_split"), F.col("_hsplit"))))
+    # Duplicates follow their original, so the same bytes never sit in two splits.
+    orig = df.select(F.col("image_id").alias("duplicate_of"), F.col("split").alias("_osplit"))
+    df = df.join(orig, "duplicate_of", "left")
+    df = df.withColumn("split", F.when(F.col("status") == "duplicate", F.col("_osplit")).otherwise(F.col("split")))
+    return df.drop("_hsplit", "_osplit", "folder_split")
+
+
+def _assign_shards(df, cfg: Config, previous, n_ok: int):
+    """Balanced, deterministic shards of ok rows: sorted by size, dealt out in a snake order.
+
+    Shard sizes differ by at most one row, and the snake order spreads large and small files evenly
+    over shards. With a previous manifest, unchanged ok rows keep their shard; the others fill new
+    shards numbered after the previous ones (so existing feature shards stay valid).
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    ok = df.where(F.col("status") == "ok").select("image_id", "path", "size_bytes")
+    base, keep, kept_shards = 0, None, 0
+    if previous is not None:
+        prev = previous.where(F.col("status") == "ok").select("path", "size_bytes", F.col("shard").alias("_pshard"))
+        keep = ok.join(prev, ["path", "size_bytes"]).select("image_id", F.col("_pshard").alias("_shard"))
+        stats = keep.agg(F.count("*"), F.countDistinct("_shard")).first()
+        n_ok, kept_shards = n_ok - stats[0], stats[1]
+        base = (previous.agg(F.max("shard")).first()[0] or -1) + 1
+        ok = ok.join(keep.select("image_id"), "image_id", "left_anti")
+    per = cfg.manifest.rows_per_shard
+    num_new = math.ceil(n_ok / per) if n_ok else 0
+    # One ordered pass over (id, size) only: the manifest's other columns never move to one task.
+    i = F.row_number().over(Window.orderBy(F.col("size_bytes").desc(), F.col("image_id"))) - 1
+    block, pos = F.floor(i / F.lit(max(num_new, 1))), i % F.lit(max(num_new, 1))
+    snake = F.when(block % 2 == 0, pos).otherwise(F.lit(num_new - 1) - pos) + F.lit(base)
+    assigned = ok.select("image_id", snake.cast("int").alias("_shard"))
+    if keep is not None:
+        assigned = assigned.unionByName(keep)
+    df = df.drop("shard").join(assigned, "image_id", "left").withColumnRenamed("_shard", "shard")
+    return df, num_new + kept_shards
+
+
+def _summarize(groups: list[Any]) -> dict[str, Any]:
+    """Counts per status, label and split from rows of (status, label, split, n, b, example)."""
+    by_status: dict[str, int] = {}
+    by_label: dict[str, int] = {}
+    by_split: dict[str, int] = {}
+    by_label_split: dict[str, dict[str, int]] = {}
+    examples: dict[str, str] = {}
+    names: set[str] = set()
+    total_bytes = 0
+    for r in groups:
+        by_status[r["status"]] = by_status.get(r["status"], 0) + r["n"]
+        total_bytes += r["b"] or 0
+        if r["label"] is not None and r["status"] != "bad_label":
+            names.add(r["label"])
+        if r["status"] != "ok":
+            examples.setdefault(r["status"], r["example"])
+            continue
+        label, split = str(r["label"]), str(r["split"])
+        by_label[label] = by_label.get(label, 0) + r["n"]
+        by_split[split] = by_split.get(split, 0) + r["n"]
+        by_label_split.setdefault(label, {})[split] = r["n"]
+    return {
+        "by_status": dict(sorted(by_status.items())),
+        "by_label": dict(sorted(by_label.items())),
+        "by_split": dict(sorted(by_split.items())),
+        "by_label_split": dict(sorted(by_label_split.items())),
+        "example_by_status": dict(sorted(examples.items())),
+        "total_bytes": int(total_bytes),
+        "labels": len(names),
+        "label_names": sorted(names),
+    }
+
+
+def _shard_balance(manifest) -> dict[str, Any]:
+    """Smallest and largest shard by rows and by bytes."""
+    from pyspark.sql import functions as F
+
+    bal = (manifest.where(F.col("status") == "ok").groupBy("shard")
+           .agg(F.count("*").alias("rows"), F.sum("size_bytes").alias("bytes"))
+           .agg(F.min("rows"), F.max("rows"), F.min("bytes"), F.max("bytes")).first())
+    return {"shard_rows": {"min": bal[0], "max": bal[1]}, "shard_bytes": {"min": bal[2], "max": bal[3]}}

@@ -1,0 +1,512 @@
+"""Join-back and PCA on Spark: feature shards + manifest -> ``RED/reduced/`` Parquet, model, summary, plots.
+
+How the work is split (nothing row-sized ever reaches the driver):
+
+1. *Ids pass*: a DataFrame of shard stems (one row per committed shard) is spread over tasks; each
+   task verifies its shard against its marker (sizes and sha256), reads only the ids and the
+   featurize rejects, and yields ``(image_id, shard, row)`` rows. A shard that fails verification
+   becomes an error row; the driver raises :class:`ShardVerificationError` naming the files.
+2. *Join*: Spark joins those ids with the manifest (read by tasks through fsspec) on ``image_id``
+   (full outer) and counts matched rows, manifest rows without features (by reason), feature rows
+   without a manifest row and ids present in several shards. Only small counts are collected.
+3. *Fit*: the matched rows of the fit split, range-partitioned by shard and sorted by row, go to
+   ``mapInArrow`` tasks that open their shards through fsspec, pick the rows, and fold them into
+   float64 moments; a ``treeReduce`` brings one d x d matrix to the driver for ``eigh``.
+4. *Transform and write*: the same tasks project every matched row with the broadcast model and the
+   output is written by the executors (``metadata.pca_io.write_parquet_dataset``).
+
+The features themselves never pass through the JVM: at 2048 floats a row, Arrow <-> JVM row
+conversion would cost more than the whole PCA (see FACTS: about 0.2 ms of CPU per row).
+``features_dataframe`` gives the features as a Spark DataFrame for those who want one (the Spark ML
+baseline of ``bench/bench_pca.py`` uses it).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+
+from metadata import shards
+from metadata.config import Config, dump_toml
+from metadata.feature_store import ID_DTYPE, committed_shards, read_feature_shard, read_rejects
+from metadata.pca_fit import CovProduct, Moments, PcaModel, fit_exact, fit_randomized, merge_moments, merge_products
+from metadata.pca_io import conform_batch, read_parquet_dataset, write_parquet_dataset
+from metadata.schema import CONFIG_FILE, manifest_path
+
+log = logging.getLogger(__name__)
+
+REDUCED_DIR = "reduced"
+MODEL_FILE = "pca_model.npz"
+PCA_SUMMARY = "pca_summary.json"
+APPLY_SUMMARY = "pca_apply_summary.json"
+VARIANCE_PLOT = "pca_explained_variance.png"
+SCATTER_PLOT = "pca_scatter.png"
+WIDE_DIM = 8192
+"""With ``method="auto"``, features wider than this use the randomized method."""
+SCATTER_POINTS = 20_000
+MANIFEST_KEEP = ["image_id", "path", "label", "label_index", "split", "status", "status_detail"]
+
+REDUCED_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("path", pa.string()),
+        pa.field("label", pa.string()),
+        pa.field("label_index", pa.int32()),
+        pa.field("split", pa.string()),
+        pa.field("features_pca", pa.list_(pa.float32())),
+    ]
+)
+_IDS_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()), ("shard", pa.string()), ("shard_idx", pa.int32()), ("row", pa.int32()),
+        ("kind", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
+    ]
+)
+_IDS_DDL = "image_id string, shard string, shard_idx int, row int, kind string, reason string, detail string"
+_REDUCED_DDL = "image_id string, path string, label string, label_index int, split string, features_pca array<float>"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading shards on executors
+
+
+def _read_shard_ids(folder: str, stem: str, marker: dict[str, Any]) -> np.ndarray:
+    """Only the ids of one shard (no feature matrix)."""
+    fs, _ = fsspec.core.url_to_fs(folder)
+    if marker["format"] == "npy":
+        path = fsspec.core.url_to_fs(shards.join(folder, shards.IDS_NPY.format(stem=stem)))[1]
+        with fs.open(path, "rb") as fh:
+            ids = np.load(fh, allow_pickle=False)
+    else:
+        import h5py
+
+        path = fsspec.core.url_to_fs(shards.join(folder, shards.FEATURES_H5.format(stem=stem)))[1]
+        with fs.open(path, "rb") as fh, h5py.File(fh, "r") as h5:
+            ids = h5["image_id"][...].astype(ID_DTYPE)
+    if ids.shape[0] != marker["rows"]:
+        raise shards.ShardVerificationError(f"{shards.join(folder, stem)}: {ids.shape[0]} ids on disk, marker says {marker['rows']}")
+    return ids
+
+
+def _stems_df(spark: Any, stems: list[str], num_partitions: int) -> Any:
+    rows = [(s, i) for i, s in enumerate(stems)]
+    n = max(1, min(len(rows), num_partitions))
+    return spark.sparkContext.parallelize(rows, n).toDF("shard string, shard_idx int")
+
+
+def _ids_task(folder: str, markers: dict[str, dict[str, Any]], checksums: bool) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            for stem, idx in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                marker = markers[stem]
+                try:
+                    shards.verify_shard(folder, stem, marker, checksums=checksums)
+                    ids = _read_shard_ids(folder, stem, marker)
+                    rejects = read_rejects(folder, stem)
+                except shards.ShardVerificationError as exc:
+                    yield pa.RecordBatch.from_pylist(
+                        [{"image_id": None, "shard": stem, "shard_idx": idx, "row": None, "kind": "error",
+                          "reason": "verification", "detail": str(exc)}], schema=_IDS_SCHEMA)
+                    continue
+                n = ids.shape[0]
+                yield pa.RecordBatch.from_arrays(
+                    [pa.array(ids.tolist(), pa.string()), pa.array([stem] * n, pa.string()),
+                     pa.array(np.full(n, idx, np.int32)), pa.array(np.arange(n, dtype=np.int32)),
+                     pa.array(["feature"] * n, pa.string()), pa.nulls(n, pa.string()), pa.nulls(n, pa.string())],
+                    schema=_IDS_SCHEMA)
+                if rejects:
+                    yield pa.RecordBatch.from_pylist(
+                        [{"image_id": r.get("image_id"), "shard": stem, "shard_idx": idx, "row": None, "kind": "reject",
+                          "reason": str(r.get("reason") or "unknown"), "detail": str(r.get("detail") or "")} for r in rejects],
+                        schema=_IDS_SCHEMA)
+
+    return run
+
+
+def features_dataframe(spark: Any, features: str, verify: bool = True, num_partitions: int | None = None) -> Any:
+    """All committed feature shards of ``features`` as a DataFrame ``(image_id, shard, row, features array<float>)``.
+
+    Each task verifies and reads its own shards through fsspec. Meant for interoperability (Spark ML);
+    the pca stage itself keeps features out of the JVM.
+    """
+    markers = _markers(features)
+    stems = sorted(markers)
+    folder = features
+    schema = pa.schema([("image_id", pa.string()), ("shard", pa.string()), ("row", pa.int32()),
+                        ("features", pa.list_(pa.float32()))])
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            for stem in batch.column(0).to_pylist():
+                marker = markers[stem]
+                if verify:
+                    shards.verify_shard(folder, stem, marker)
+                ids, feats = read_feature_shard(folder, stem, marker)
+                n, d = feats.shape
+                flat = pa.array(np.ascontiguousarray(feats, dtype=np.float32).reshape(-1))
+                lists = pa.ListArray.from_arrays(pa.array(np.arange(0, n * d + 1, d, dtype=np.int32)), flat)
+                for start in range(0, n, 1024):
+                    stop = min(n, start + 1024)
+                    yield pa.RecordBatch.from_arrays(
+                        [pa.array(ids[start:stop].tolist(), pa.string()), pa.array([stem] * (stop - start), pa.string()),
+                         pa.array(np.arange(start, stop, dtype=np.int32)), lists.slice(start, stop - start)], schema=schema)
+
+    n = num_partitions or spark.sparkContext.defaultParallelism
+    return _stems_df(spark, stems, n).mapInArrow(run, "image_id string, shard string, row int, features array<float>")
+
+
+def _markers(features: str) -> dict[str, dict[str, Any]]:
+    markers = committed_shards(features, verify=False)
+    if not markers:
+        raise ValueError(f"--features {features}: no committed feature shards (no part-*.done.json markers)")
+    dims = {int(m["dim"]) for m in markers.values()}
+    if len(dims) > 1:
+        raise ValueError(f"--features {features}: shards disagree on the feature dimension: {sorted(dims)}")
+    bad = [s for s, m in markers.items() if m.get("format") not in ("npy", "hdf5")]
+    if bad:
+        raise ValueError(f"--features {features}: shard(s) {', '.join(bad[:5])} have format "
+                         f"{markers[bad[0]].get('format')!r}; only npy and hdf5 are read")
+    return markers
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-shard row groups on executors
+
+
+def _shard_groups(
+    batches: Iterator[pa.RecordBatch], folder: str, markers: dict[str, dict[str, Any]]
+) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    """Group incoming rows (sorted by shard, row) by shard; yield (rows, their features [m, d])."""
+    pending: list[pa.RecordBatch] = []
+    current: str | None = None
+
+    def flush() -> tuple[pa.Table, np.ndarray]:
+        table = pa.Table.from_batches(pending)
+        marker = markers[current]
+        shards.verify_shard(folder, current, marker, checksums=False)
+        ids, feats = read_feature_shard(folder, current, marker)
+        rows = table.column("row").to_numpy()
+        expect = np.asarray(table.column("image_id").to_pylist(), dtype=ID_DTYPE)
+        if not np.array_equal(ids[rows], expect):
+            raise shards.ShardVerificationError(f"{shards.join(folder, current)}: ids changed since they were read")
+        return table, feats[rows]
+
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        stems = batch.column(batch.schema.get_field_index("shard")).to_pylist()
+        start = 0
+        for i in range(1, len(stems) + 1):
+            if i == len(stems) or stems[i] != stems[start]:
+                stem = stems[start]
+                if current is not None and stem != current:
+                    yield flush()
+                    pending = []
+                current = stem
+                pending.append(batch.slice(start, i - start))
+                start = i
+    if pending:
+        yield flush()
+
+
+def _reduce_rows(df: Any, folder: str, markers: dict[str, dict[str, Any]], make: Callable[[], Any],
+                 finish: Callable[[Any], Any], merge: Callable[[Any, Any], Any]) -> Any:
+    """Fold every row's features into one accumulator per task, then ``treeReduce`` them."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        acc = make()
+        for _, x in _shard_groups(batches, folder, markers):
+            acc.add(x)
+        yield pa.RecordBatch.from_pylist([{"payload": pickle.dumps(finish(acc), protocol=5)}],
+                                         schema=pa.schema([("payload", pa.binary())]))
+
+    payloads = df.mapInArrow(run, "payload binary").rdd.map(lambda r: pickle.loads(r[0]))
+    # treeAggregate, not treeReduce: a split with no rows may leave no partitions at all
+    return payloads.treeAggregate(finish(make()), merge, merge, depth=2)
+
+
+def _project_task(folder: str, markers: dict[str, dict[str, Any]], model: PcaModel) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    mean, scale, comps_t = model.mean, model.scale, np.ascontiguousarray(model.components.T)
+    k = comps_t.shape[1]
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for table, x in _shard_groups(batches, folder, markers):
+            z = (((np.asarray(x, dtype=np.float64) - mean) / scale) @ comps_t).astype(np.float32)
+            m = z.shape[0]
+            lists = pa.ListArray.from_arrays(pa.array(np.arange(0, m * k + 1, k, dtype=np.int32)), pa.array(z.reshape(-1)))
+            cols = [table.column(n).combine_chunks() for n in ("image_id", "path", "label", "label_index", "split")]
+            batch = pa.RecordBatch.from_arrays([*cols, lists], names=REDUCED_SCHEMA.names)
+            yield conform_batch(batch, REDUCED_SCHEMA)
+
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+def _read_manifest_df(spark: Any, manifest: str) -> Any:
+    from metadata.schema import read_summary
+
+    read_summary(manifest)  # a clear error when OUT holds no manifest
+    return read_parquet_dataset(spark, manifest_path(manifest), columns=MANIFEST_KEEP)
+
+
+def _ids_pass(spark: Any, features: str, markers: dict[str, dict[str, Any]], partitions: int) -> Any:
+    from pyspark import StorageLevel
+
+    stems = sorted(markers)
+    ids = _stems_df(spark, stems, partitions).mapInArrow(_ids_task(features, markers, True), _IDS_DDL)
+    ids = ids.persist(StorageLevel.MEMORY_AND_DISK)
+    errors = ids.filter("kind = 'error'").select("detail").collect()
+    if errors:
+        ids.unpersist()
+        msgs = sorted(r[0] for r in errors)
+        raise shards.ShardVerificationError(f"{len(msgs)} feature shard(s) refused: " + "; ".join(msgs))
+    return ids
+
+
+def _join(ids: Any, man: Any | None, allow_extra: bool) -> tuple[Any, dict[str, Any], Any]:
+    """Full outer join of feature ids with the manifest; the matched rows and the accounting."""
+    from pyspark import StorageLevel
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    feats = ids.filter("kind = 'feature'").select("image_id", "shard", "shard_idx", "row")
+    ranked = feats.withColumn("_copy", F.row_number().over(Window.partitionBy("image_id").orderBy("shard_idx", "row")))
+    dup = ranked.filter("_copy > 1").agg(F.count(F.lit(1)).alias("rows"), F.countDistinct("image_id").alias("ids"),
+                                         F.collect_set("shard").alias("shards")).collect()[0]
+    dup_rows, dup_ids = int(dup["rows"]), int(dup["ids"])
+    if dup_rows and not allow_extra:
+        raise ValueError(f"--features: {dup_ids} image id(s) appear in more than one feature row ({dup_rows} extra "
+                         f"row(s), shards {', '.join(sorted(dup['shards'])[:10])}); pass --allow-extra "
+                         "(pca.allow_extra) to keep the first copy and count the others")
+    feats1 = ranked.filter("_copy = 1").drop("_copy")
+    if man is None:
+        matched = feats1.select("image_id", "shard", "shard_idx", "row", F.lit(None).cast("string").alias("path"),
+                                F.lit(None).cast("string").alias("label"), F.lit(None).cast("int").alias("label_index"),
+                                F.lit(None).cast("string").alias("split"))
+        matched = matched.persist(StorageLevel.MEMORY_AND_DISK)
+        n = matched.count()
+        return matched, {"feature_rows": n + dup_rows, "with_features": n, "duplicate_feature_rows": dup_rows,
+                         "duplicate_ids": dup_ids, "by_split": {}}, matched
+    rej = (ids.filter("kind = 'reject' AND image_id IS NOT NULL")
+           .groupBy("image_id").agg(F.first("reason").alias("reject_reason")))
+    m = man.withColumn("_in_manifest", F.lit(True))
+    full = feats1.join(m, "image_id", "full_outer").join(rej, "image_id", "left_outer")
+    category = (F.when(F.col("_in_manifest").isNull(), F.lit("extra"))
+                .when(F.col("shard").isNull(), F.lit("missing")).otherwise(F.lit("matched")))
+    reason = (F.when(F.col("status") != "ok", F.concat(F.lit("manifest:"), F.col("status")))
+              .when(F.col("reject_reason").isNotNull(), F.concat(F.lit("featurize:"), F.col("reject_reason")))
+              .otherwise(F.lit("not_featurized")))
+    full = full.withColumn("_category", category).withColumn(
+        "_reason", F.when(F.col("_category") == "missing", reason)).persist(StorageLevel.MEMORY_AND_DISK)
+    counts = full.groupBy("_category", "_reason", "split").count().collect()
+    acc: dict[str, Any] = {"manifest_rows": 0, "with_features": 0, "without_features": 0, "without_features_by_reason": {},
+                           "extra_feature_rows": 0, "duplicate_feature_rows": dup_rows, "duplicate_ids": dup_ids,
+                           "by_split": {}}
+    for r in counts:
+        cat, n = r["_category"], int(r["count"])
+        if cat == "extra":
+            acc["extra_feature_rows"] += n
+            continue
+        acc["manifest_rows"] += n
+        if cat == "matched":
+            acc["with_features"] += n
+            split = r["split"] if r["split"] is not None else ""
+            acc["by_split"][split] = acc["by_split"].get(split, 0) + n
+        else:
+            acc["without_features"] += n
+            reasons = acc["without_features_by_reason"]
+            reasons[r["_reason"]] = reasons.get(r["_reason"], 0) + n
+    acc["feature_rows"] = acc["with_features"] + acc["extra_feature_rows"] + dup_rows
+    acc["matched_not_ok"] = full.filter("_category = 'matched' AND status != 'ok'").count()
+    if acc["extra_feature_rows"]:
+        examples = [r[0] for r in full.filter("_category = 'extra'").select("image_id").limit(5).collect()]
+        if not allow_extra:
+            full.unpersist()
+            raise ValueError(f"--features: {acc['extra_feature_rows']} feature row(s) have no manifest row "
+                             f"(e.g. {', '.join(examples)}); pass --allow-extra (pca.allow_extra) to count and drop them")
+        acc["extra_examples"] = examples
+        log.warning("%d feature rows have no manifest row; counted and dropped", acc["extra_feature_rows"])
+    matched = full.filter("_category = 'matched'").select("image_id", "shard", "shard_idx", "row", "path", "label",
+                                                          "label_index", "split")
+    return matched, acc, full
+
+
+def _fit(fit_rows: Any, folder: str, markers: dict[str, dict[str, Any]], cfg: Config, dim: int, method: str) -> PcaModel:
+    pc = cfg.pca
+    if method == "auto":
+        method = "randomized" if dim > WIDE_DIM else "exact"
+    if method == "exact":
+        mom = _reduce_rows(fit_rows, folder, markers, lambda: Moments(full=True), lambda a: a, merge_moments)
+        if mom.n == 0:
+            raise ValueError(f"pca.fit_split = {pc.fit_split!r}: no matched rows in that split")
+        return fit_exact(mom, pc.k, pc.variance, pc.standardize)
+    if method != "randomized":
+        raise ValueError(f"method must be auto, exact or randomized, got {method!r}")
+    diag = _reduce_rows(fit_rows, folder, markers, lambda: Moments(full=False), lambda a: a, merge_moments)
+    if diag.n == 0:
+        raise ValueError(f"pca.fit_split = {pc.fit_split!r}: no matched rows in that split")
+
+    def product(mean: np.ndarray, scale: np.ndarray, q: np.ndarray) -> CovProduct:
+        return _reduce_rows(fit_rows, folder, markers, lambda: CovProduct(mean, scale, q), lambda a: a.light(), merge_products)
+
+    return fit_randomized(diag, product, pc.k, pc.variance, pc.standardize)
+
+
+def _write_json(url: str, payload: dict[str, Any]) -> None:
+    shards.write_bytes_atomic(url, (json.dumps(payload, indent=1, sort_keys=True, default=_jsonable) + "\n").encode())
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serializable: {type(o)}")
+
+
+def _scatter_sample(spark: Any, reduced: str, rows: int) -> tuple[np.ndarray, list[str | None]]:
+    from pyspark.sql import functions as F
+
+    df = read_parquet_dataset(spark, reduced, columns=["label", "features_pca"])
+    df = df.select("label", F.element_at("features_pca", 1).alias("c1"),
+                   F.element_at("features_pca", 2).alias("c2"))
+    if rows > SCATTER_POINTS:
+        df = df.sample(fraction=min(1.0, 1.2 * SCATTER_POINTS / rows), seed=7).limit(SCATTER_POINTS)
+    got = df.collect()
+    pts = np.array([[r["c1"], r["c2"] if r["c2"] is not None else 0.0] for r in got], dtype=np.float64).reshape(-1, 2)
+    return pts, [r["label"] for r in got]
+
+
+def _partitions(spark: Any, cfg: Config, n_shards: int) -> int:
+    from metadata.spark_session import num_tasks
+
+    return max(1, min(n_shards, num_tasks(spark, cfg.spark)))
+
+
+def _project_and_write(matched: Any, folder: str, markers: dict[str, dict[str, Any]], model: PcaModel, url: str) -> dict[str, Any]:
+    df = matched.mapInArrow(_project_task(folder, markers, model), _REDUCED_DDL)
+    return write_parquet_dataset(df, url, REDUCED_SCHEMA)
+
+
+def run_pca(cfg: Config, manifest: str, features: str, out: str, master: str | None = None, *,
+            spark: Any = None, method: str = "auto", plots: bool = True) -> dict[str, Any]:
+    """The ``imgfeat pca`` stage; returns the summary written to ``OUT/pca_summary.json``.
+
+    ``method``: ``exact`` (d x d moments + eigh), ``randomized`` (subspace iteration, for wide data)
+    or ``auto`` (randomized above :data:`WIDE_DIM` columns).
+    """
+    from pyspark.sql import functions as F
+
+    cfg.validate()
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    if spark is None:
+        from metadata.spark_session import get_spark
+
+        spark = get_spark(cfg.spark, master)
+    markers = _markers(features)
+    dim = int(next(iter(markers.values()))["dim"])
+    parts = _partitions(spark, cfg, len(markers))
+    ids = _ids_pass(spark, features, markers, parts)
+    timings["read_verify_ids"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    man = _read_manifest_df(spark, manifest)
+    matched, acc, joined = _join(ids, man, cfg.pca.allow_extra)
+    if acc["with_features"] == 0:
+        raise ValueError(f"--manifest {manifest} and --features {features} share no image_id")
+    matched = matched.repartitionByRange(parts, "shard_idx").sortWithinPartitions("shard_idx", "row")
+    timings["join"] = time.perf_counter() - t
+    t = time.perf_counter()
+    fit_rows = matched.filter(F.col("split") == cfg.pca.fit_split) if cfg.pca.fit_split else matched
+    model = _fit(fit_rows, features, markers, cfg, dim, method)
+    timings["fit"] = time.perf_counter() - t
+    log.info("PCA %s: %d fit rows, d = %d, k = %d, explained variance %.4f (%.1f s)", model.method, model.n_fit, dim,
+             model.k, float(model.explained_variance_ratio.sum()), timings["fit"])
+    t = time.perf_counter()
+    reduced_url = shards.join(out, REDUCED_DIR)
+    written = _project_and_write(matched, features, markers, model, reduced_url)
+    timings["transform_write"] = time.perf_counter() - t
+    if written["rows"] != acc["with_features"]:
+        raise RuntimeError(f"{reduced_url}: wrote {written['rows']} rows but {acc['with_features']} were matched")
+    model.save(shards.join(out, MODEL_FILE))
+    shards.write_bytes_atomic(shards.join(out, CONFIG_FILE), dump_toml(cfg).encode())
+    plot_files: list[str] = []
+    if plots:
+        t = time.perf_counter()
+        plot_files = _plots(spark, model, reduced_url, out, written["rows"])
+        timings["plots"] = time.perf_counter() - t
+    joined.unpersist()
+    ids.unpersist()
+    timings["total"] = time.perf_counter() - t0
+    summary = {
+        "manifest": manifest, "features": features, "out": out, "reduced": reduced_url,
+        "shards": len(markers), "dim": dim, "method": model.method, "k": model.k,
+        "standardize": model.standardize, "fit_split": cfg.pca.fit_split, "fit_rows": model.n_fit,
+        "explained_variance_ratio": model.explained_variance_ratio.tolist(),
+        "explained_variance_ratio_total": float(model.explained_variance_ratio.sum()),
+        "explained_variance": model.explained_variance.tolist(), "total_variance": model.total_variance,
+        "rows": acc, "output_rows": written["rows"], "output_files": len(written["files"]),
+        "model": shards.join(out, MODEL_FILE), "plots": plot_files, "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "fingerprint": cfg.fingerprint("pca"), "config_fingerprint": cfg.fingerprint(), "partitions": parts,
+        "model_info": model.info,
+    }
+    _write_json(shards.join(out, PCA_SUMMARY), summary)
+    log.info("pca: %d rows -> %s (%d without features, %d extra) in %.1f s", written["rows"], reduced_url,
+             acc["without_features"] if "without_features" in acc else 0, acc.get("extra_feature_rows", 0), timings["total"])
+    return summary
+
+
+def _plots(spark: Any, model: PcaModel, reduced_url: str, out: str, rows: int) -> list[str]:
+    try:
+        from metadata.pca_plots import save_scatter, save_variance
+    except ImportError as exc:  # matplotlib is an optional extra
+        log.warning("plots skipped: %s", exc)
+        return []
+    files = [shards.join(out, VARIANCE_PLOT)]
+    save_variance(model.spectrum_ratio, model.k, files[0])
+    if model.k >= 1:
+        pts, labels = _scatter_sample(spark, reduced_url, rows)
+        files.append(shards.join(out, SCATTER_PLOT))
+        save_scatter(pts, labels, files[1], title=f"PCA ({len(labels)} of {rows} rows)")
+    return files
+
+
+def apply_pca(model_path: str, features: str, out: str, spark: Any, *, manifest: str | None = None,
+              allow_extra: bool = False, partitions: int | None = None) -> dict[str, Any]:
+    """Project committed feature shards with a saved ``pca_model.npz``; writes ``OUT/reduced/``.
+
+    Without ``manifest`` every feature row is projected (manifest columns left null); with it, rows
+    are joined back as in :func:`run_pca`.
+    """
+    t0 = time.perf_counter()
+    model = PcaModel.load(model_path)
+    markers = _markers(features)
+    dim = int(next(iter(markers.values()))["dim"])
+    if dim != model.dim:
+        raise ValueError(f"--apply {model_path}: the model expects {model.dim} features, the shards have {dim}")
+    parts = max(1, min(len(markers), partitions or 4 * spark.sparkContext.defaultParallelism))
+    ids = _ids_pass(spark, features, markers, parts)
+    man = _read_manifest_df(spark, manifest) if manifest else None
+    matched, acc, joined = _join(ids, man, allow_extra)
+    matched = matched.repartitionByRange(parts, "shard_idx").sortWithinPartitions("shard_idx", "row")
+    reduced_url = shards.join(out, REDUCED_DIR)
+    written = _project_and_write(matched, features, markers, model, reduced_url)
+    if written["rows"] != acc["with_features"]:
+        raise RuntimeError(f"{reduced_url}: wrote {written['rows']} rows but {acc['with_features']} were matched")
+    joined.unpersist()
+    ids.unpersist()
+    summary = {"model": model_path, "features": features, "manifest": manifest, "out": out, "reduced": reduced_url,
+               "k": model.k, "dim": dim, "shards": len(markers), "rows": acc, "output_rows": written["rows"],
+               "timings_s": {"total": round(time.perf_counter() - t0, 3)}}
+    _write_json(shards.join(out, APPLY_SUMMARY), summary)
+    return summary

@@ -1,0 +1,311 @@
+"""The PCA math, free of Spark: mergeable moments, the eigendecomposition, k selection, the model file.
+
+Exact method (d up to a few thousand): every task folds its rows into ``Moments`` (count, mean and
+the centered co-moment matrix sum (x - mean)(x - mean)^T, float64, merged with Chan's parallel
+formula, which avoids the cancellation of raw sum(x x^T) - n mean mean^T); the driver gets one d x d
+matrix, forms the covariance (ddof = 1, like Spark and scikit-learn), optionally standardizes it,
+and runs one symmetric eigendecomposition.
+
+Randomized method (very wide features): block subspace iteration on the covariance operator. Each
+pass is one distributed product C Q (d x l) computed as sum over rows of xs^T (xs Q); the driver
+only holds d x l blocks, never d x d.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MODEL_VERSION = 1
+CHUNK_ROWS = 4096
+
+
+@dataclass
+class Moments:
+    """Count, mean and centered co-moments of a set of rows (``full``: d x d, else the diagonal only)."""
+
+    n: int = 0
+    mean: np.ndarray | None = None
+    m2: np.ndarray | None = None
+    full: bool = True
+
+    def add(self, x: np.ndarray) -> "Moments":
+        """Fold rows ``x`` [m, d] into these moments (in place), chunk by chunk."""
+        for start in range(0, x.shape[0], CHUNK_ROWS):
+            self.merge(Moments.of(x[start : start + CHUNK_ROWS], self.full))
+        return self
+
+    @classmethod
+    def of(cls, x: np.ndarray, full: bool = True) -> "Moments":
+        x64 = np.asarray(x, dtype=np.float64)
+        if x64.shape[0] == 0:
+            return cls(full=full)
+        mean = x64.mean(axis=0)
+        xc = x64 - mean
+        m2 = xc.T @ xc if full else np.einsum("ij,ij->j", xc, xc)
+        return cls(int(x64.shape[0]), mean, m2, full)
+
+    def merge(self, other: "Moments") -> "Moments":
+        """Chan et al.'s pairwise update (in place); returns self."""
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            self.n, self.mean, self.m2 = other.n, other.mean.copy(), other.m2.copy()
+            return self
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        factor = self.n * other.n / n
+        self.m2 += other.m2
+        if self.full:
+            self.m2 += np.outer(delta, delta) * factor
+        else:
+            self.m2 += delta * delta * factor
+        self.mean += delta * (other.n / n)
+        self.n = n
+        return self
+
+    @property
+    def variance(self) -> np.ndarray:
+        """Per-column variance (ddof = 1)."""
+        diag = np.diag(self.m2) if self.full else self.m2
+        return diag / max(self.n - 1, 1)
+
+
+def merge_moments(a: Moments, b: Moments) -> Moments:
+    return a.merge(b)
+
+
+@dataclass
+class CovProduct:
+    """Sum over rows of xs^T (xs Q) with xs = (x - mean) / scale: the unnormalized C Q of one pass."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    q: np.ndarray
+    n: int = 0
+    z: np.ndarray | None = None
+
+    def add(self, x: np.ndarray) -> "CovProduct":
+        for start in range(0, x.shape[0], CHUNK_ROWS):
+            xs = (np.asarray(x[start : start + CHUNK_ROWS], dtype=np.float64) - self.mean) / self.scale
+            part = xs.T @ (xs @ self.q)
+            self.z = part if self.z is None else self.z + part
+            self.n += xs.shape[0]
+        return self
+
+    def merge(self, other: "CovProduct") -> "CovProduct":
+        if other.z is not None:
+            self.z = other.z.copy() if self.z is None else self.z + other.z
+        self.n += other.n
+        return self
+
+    def light(self) -> "CovProduct":
+        """A copy without the (broadcast) inputs, for shipping the result back."""
+        return CovProduct(np.empty(0), np.empty(0), np.empty((0, 0)), self.n, self.z)
+
+
+def merge_products(a: CovProduct, b: CovProduct) -> CovProduct:
+    return a.merge(b)
+
+
+@dataclass
+class PcaModel:
+    """A fitted PCA: ``transform(x) = ((x - mean) / scale) @ components.T``."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    components: np.ndarray
+    """[k, d], rows are unit principal axes, sign fixed so each row's largest-magnitude entry is positive."""
+    explained_variance: np.ndarray
+    """[k] eigenvalues of the (standardized) covariance, ddof = 1."""
+    explained_variance_ratio: np.ndarray
+    """[k] eigenvalue / total variance (what Spark ML calls explainedVariance)."""
+    spectrum_ratio: np.ndarray
+    """Ratios of every computed eigenvalue (all d for the exact method, l for the randomized one)."""
+    total_variance: float
+    n_fit: int
+    standardize: bool
+    method: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return int(self.components.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.components.shape[1])
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """Project rows [n, d] to [n, k] float32 (computed in float64)."""
+        xs = (np.asarray(x, dtype=np.float64) - self.mean) / self.scale
+        return (xs @ self.components.T).astype(np.float32)
+
+    def save(self, url: str) -> None:
+        """Write the model as ``.npz`` (numpy only needed to read it) to a local path or fsspec URL."""
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            version=np.int64(MODEL_VERSION),
+            mean=self.mean,
+            scale=self.scale,
+            components=self.components,
+            explained_variance=self.explained_variance,
+            explained_variance_ratio=self.explained_variance_ratio,
+            spectrum_ratio=self.spectrum_ratio,
+            total_variance=np.float64(self.total_variance),
+            n_fit=np.int64(self.n_fit),
+            standardize=np.bool_(self.standardize),
+            method=np.str_(self.method),
+        )
+        from metadata.shards import write_bytes_atomic
+
+        write_bytes_atomic(url, buf.getvalue())
+
+    @classmethod
+    def load(cls, url: str) -> "PcaModel":
+        try:
+            with fsspec.open(url, "rb") as fh:
+                data = np.load(io.BytesIO(fh.read()), allow_pickle=False)
+        except FileNotFoundError:
+            raise ValueError(f"--apply {url}: no such model file") from None
+        need = ("mean", "scale", "components", "explained_variance", "explained_variance_ratio")
+        missing = [k for k in need if k not in data.files]
+        if missing:
+            raise ValueError(f"--apply {url}: not a pca_model.npz (missing {', '.join(missing)})")
+        return cls(
+            mean=data["mean"],
+            scale=data["scale"],
+            components=data["components"],
+            explained_variance=data["explained_variance"],
+            explained_variance_ratio=data["explained_variance_ratio"],
+            spectrum_ratio=data["spectrum_ratio"] if "spectrum_ratio" in data.files else data["explained_variance_ratio"],
+            total_variance=float(data["total_variance"]) if "total_variance" in data.files else float("nan"),
+            n_fit=int(data["n_fit"]) if "n_fit" in data.files else 0,
+            standardize=bool(data["standardize"]) if "standardize" in data.files else False,
+            method=str(data["method"]) if "method" in data.files else "exact",
+        )
+
+
+def flip_signs(components: np.ndarray) -> np.ndarray:
+    """Make each row's largest-magnitude entry positive (scikit-learn's ``svd_flip`` on V)."""
+    idx = np.argmax(np.abs(components), axis=1)
+    signs = np.sign(components[np.arange(components.shape[0]), idx])
+    signs[signs == 0] = 1.0
+    return components * signs[:, None]
+
+
+def scale_from_variance(variance: np.ndarray, standardize: bool) -> np.ndarray:
+    """Per-column std (ddof = 1) when standardizing, else ones; zero-variance columns get 1 (they stay 0 after centering)."""
+    if not standardize:
+        return np.ones_like(variance)
+    std = np.sqrt(np.clip(variance, 0.0, None))
+    return np.where(std > 0, std, 1.0)
+
+
+def choose_k(ratio: np.ndarray, k: int, variance: float, rank: int) -> int:
+    """``k`` directly, or (variance > 0) the smallest k whose cumulative ratio reaches ``variance``."""
+    if variance > 0:
+        cum = np.cumsum(ratio)
+        reached = np.nonzero(cum >= variance - 1e-9)[0]
+        if reached.size == 0:
+            log.warning("cumulative explained variance %.6f of the %d computed components does not reach "
+                        "pca.variance = %s; keeping all %d", float(cum[-1]) if cum.size else 0.0, ratio.size, variance, ratio.size)
+            return int(min(ratio.size, rank))
+        return int(min(reached[0] + 1, rank))
+    if k > rank:
+        raise ValueError(f"pca.k = {k} exceeds the rank bound min(fit rows, dim) = {rank}")
+    return k
+
+
+def _check_fit_rows(n: int, d: int) -> None:
+    if n < 2:
+        raise ValueError(f"pca.fit_split: {n} fit row(s); PCA needs at least 2")
+
+
+def fit_exact(mom: Moments, k: int, variance: float, standardize: bool) -> PcaModel:
+    """PCA from merged full moments: covariance, optional standardization, one ``eigh``."""
+    import scipy.linalg
+
+    d = int(mom.mean.shape[0])
+    _check_fit_rows(mom.n, d)
+    cov = mom.m2 / (mom.n - 1)
+    scale = scale_from_variance(np.diag(cov).copy(), standardize)
+    if standardize:
+        cov = cov / np.outer(scale, scale)
+    cov = (cov + cov.T) * 0.5
+    evals, evecs = scipy.linalg.eigh(cov, overwrite_a=True, check_finite=False, driver="evr")
+    evals = np.clip(evals[::-1], 0.0, None)
+    evecs = evecs[:, ::-1]
+    total = float(np.sum(evals))
+    ratio = evals / total if total > 0 else np.zeros_like(evals)
+    k_eff = choose_k(ratio, k, variance, min(mom.n, d))
+    comps = flip_signs(np.ascontiguousarray(evecs[:, :k_eff].T))
+    return PcaModel(
+        mean=mom.mean.copy(), scale=scale, components=comps, explained_variance=evals[:k_eff].copy(),
+        explained_variance_ratio=ratio[:k_eff].copy(), spectrum_ratio=ratio, total_variance=total,
+        n_fit=mom.n, standardize=standardize, method="exact",
+    )
+
+
+def fit_randomized(
+    diag: Moments,
+    cov_product: Callable[[np.ndarray, np.ndarray, np.ndarray], CovProduct],
+    k: int,
+    variance: float,
+    standardize: bool,
+    max_components: int = 256,
+    oversample: int = 16,
+    power_iters: int = 4,
+    seed: int = 0,
+) -> PcaModel:
+    """Randomized PCA (block subspace iteration + Rayleigh-Ritz) for wide features.
+
+    ``diag`` holds count, mean and per-column co-moments (one cheap pass); ``cov_product(mean, scale, Q)``
+    returns the distributed sum of xs^T (xs Q). With ``variance`` > 0, k is chosen among the first
+    ``max(k, max_components)`` components, the most this method computes.
+    """
+    d = int(diag.mean.shape[0])
+    n = diag.n
+    _check_fit_rows(n, d)
+    col_var = diag.variance
+    scale = scale_from_variance(col_var.copy(), standardize)
+    total = float(np.sum(col_var / scale**2))
+    want = max(k, max_components) if variance > 0 else k
+    if variance <= 0 and k > min(n, d):
+        raise ValueError(f"pca.k = {k} exceeds the rank bound min(fit rows, dim) = {min(n, d)}")
+    l = int(min(d, n, want + oversample))
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((d, l)))
+    for _ in range(power_iters):
+        z = cov_product(diag.mean, scale, q).z / (n - 1)
+        q, _ = np.linalg.qr(z)
+    z = cov_product(diag.mean, scale, q).z / (n - 1)
+    b = q.T @ z
+    b = (b + b.T) * 0.5
+    evals, w = np.linalg.eigh(b)
+    evals = np.clip(evals[::-1], 0.0, None)
+    vecs = q @ w[:, ::-1]
+    ratio = evals / total if total > 0 else np.zeros_like(evals)
+    k_eff = choose_k(ratio, k, variance, min(n, d, l))
+    comps = flip_signs(np.ascontiguousarray(vecs[:, :k_eff].T))
+    return PcaModel(
+        mean=diag.mean.copy(), scale=scale, components=comps, explained_variance=evals[:k_eff].copy(),
+        explained_variance_ratio=ratio[:k_eff].copy(), spectrum_ratio=ratio, total_variance=total,
+        n_fit=n, standardize=standardize, method="randomized",
+        info={"block": l, "power_iters": power_iters, "seed": seed},
+    )
+
+
+def principal_angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Principal angles (radians) between the row spaces of ``a`` [k, d] and ``b`` [k, d]."""
+    import scipy.linalg
+
+    return scipy.linalg.subspace_angles(np.asarray(a, dtype=np.float64).T, np.asarray(b, dtype=np.float64).T)

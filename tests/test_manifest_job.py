@@ -1,0 +1,268 @@
+"""The manifest job on Spark: every status code, labels, duplicates, splits, shards, incremental."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from helpers import gradient_image, write_image
+from metadata.config import load_config
+from metadata.manifest_cli import format_summary
+from metadata.schema import MANIFEST_COLUMNS, image_id_for, read_manifest, read_summary
+
+pytestmark = pytest.mark.spark
+
+
+def _png_chunk(ctype: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + ctype + data + struct.pack(">I", zlib.crc32(ctype + data) & 0xFFFFFFFF)
+
+
+def png_with_bad_stream(w: int = 8, h: int = 8) -> bytes:
+    """A PNG whose chunks and CRCs are fine but whose IDAT is not a zlib stream: only a decode finds it."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"not zlib data at all") + _png_chunk(b"IEND", b"")
+
+
+def png_bomb_header(w: int = 50_000, h: int = 50_000) -> bytes:
+    """A small PNG whose header claims w x h pixels."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + _png_chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def messy_tree(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A labelled tree with one file per status code; returns (root, {relative path: expected status})."""
+    root = tmp_path_factory.mktemp("messy") / "src"
+    expect: dict[str, str] = {}
+    for label in ("cat", "dog"):
+        for i in range(12):
+            write_image(root / label / f"{i:02d}.jpg", gradient_image(40, 50, seed=i + (100 if label == "dog" else 0)))
+            expect[f"{label}/{i:02d}.jpg"] = "ok"
+    write_image(root / "cat" / "p.png", gradient_image(20, 30, seed=7), ".png")
+    expect["cat/p.png"] = "ok"
+    (root / "cat" / "copy of 00.jpg").write_bytes((root / "cat" / "00.jpg").read_bytes())
+    expect["cat/copy of 00.jpg"] = "duplicate"
+    (root / "dog" / "from cat.jpg").write_bytes((root / "cat" / "01.jpg").read_bytes())
+    expect["dog/from cat.jpg"] = "duplicate"
+    (root / "dog" / "empty.jpg").write_bytes(b"")
+    expect["dog/empty.jpg"] = "zero_bytes"
+    (root / "dog" / "notes.txt").write_text("hello, not an image\n")
+    expect["dog/notes.txt"] = "not_image"
+    (root / "dog" / "page.png").write_text("<!doctype html><html><body>404</body></html>")
+    expect["dog/page.png"] = "not_image"
+    (root / "dog" / "random.jpg").write_bytes(np.random.default_rng(1).bytes(3000))
+    expect["dog/random.jpg"] = "not_image"
+    (root / "dog" / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + b"\x00" * 64)
+    expect["dog/photo.heic"] = "unsupported_format"
+    full = (root / "cat" / "02.jpg").read_bytes()
+    (root / "cat" / "cut.jpg").write_bytes(full[: len(full) // 2])
+    expect["cat/cut.jpg"] = "truncated"
+    (root / "cat" / "stream.png").write_bytes(png_with_bad_stream())
+    expect["cat/stream.png"] = "undecodable"
+    (root / "cat" / "bomb.png").write_bytes(png_bomb_header())
+    expect["cat/bomb.png"] = "too_large"
+    write_image(root / "bad..label" / "x.jpg", gradient_image(seed=99))
+    expect["bad..label/x.jpg"] = "bad_label"
+    (root / "cat" / "dangling.jpg").symlink_to(root / "nowhere.jpg")
+    expect["cat/dangling.jpg"] = "unreadable"
+    (root / "dog" / "loop").symlink_to(root)
+    expect["dog/loop"] = "unreadable"
+    write_image(root / "dog" / "name with spaces ünï.jpg", gradient_image(seed=5))
+    expect["dog/name with spaces ünï.jpg"] = "ok"
+    return root, expect
+
+
+@pytest.fixture(scope="module")
+def messy_manifest(spark, messy_tree, tmp_path_factory):
+    from metadata.manifest_job import run_manifest
+
+    root, _ = messy_tree
+    out = tmp_path_factory.mktemp("messy_out")
+    cfg = load_config(None, {"manifest": {"rows_per_shard": 5}})
+    summary = run_manifest(cfg, [str(root)], str(out))
+    return out, summary, read_manifest(str(out)).to_pylist()
+
+
+def test_every_file_is_one_row_with_the_expected_status(messy_tree, messy_manifest):
+    root, expect = messy_tree
+    _, summary, rows = messy_manifest
+    got = {r["rel_path"]: r["status"] for r in rows}
+    assert len(rows) == len(got) == len(expect) == summary["total"]
+    assert got == expect
+    assert sum(summary["by_status"].values()) == summary["total"]
+    for r in rows:
+        assert r["status"] == "ok" or r["status_detail"], r
+    assert list(read_manifest(str(messy_manifest[0])).schema.names) == list(MANIFEST_COLUMNS)
+
+
+def test_ids_are_stable_hashes_of_the_uri(messy_manifest):
+    _, _, rows = messy_manifest
+    for r in rows:
+        assert r["image_id"] == image_id_for(r["path"])
+        assert r["path"].startswith("file://")
+    assert len({r["image_id"] for r in rows}) == len(rows)
+
+
+def test_metadata_columns(messy_manifest):
+    _, _, rows = messy_manifest
+    by = {r["rel_path"]: r for r in rows}
+    jpg = by["cat/00.jpg"]
+    assert (jpg["format"], jpg["width"], jpg["height"], jpg["channels"]) == ("jpeg", 50, 40, 3)
+    assert jpg["size_bytes"] == os.path.getsize(jpg["path"][len("file://"):])
+    assert by["cat/p.png"]["format"] == "png" and by["cat/p.png"]["channels"] == 3
+    assert by["dog/photo.heic"]["format"] == "heif"
+    assert by["cat/bomb.png"]["width"] == 50_000
+    assert by["cat/00.jpg"]["content_hash"] == by["cat/copy of 00.jpg"]["content_hash"]
+
+
+def test_duplicates_point_at_the_first_copy_and_share_its_split(messy_manifest):
+    _, _, rows = messy_manifest
+    by = {r["rel_path"]: r for r in rows}
+    dup, orig = by["cat/copy of 00.jpg"], by["cat/00.jpg"]
+    assert dup["duplicate_of"] == orig["image_id"] and orig["duplicate_of"] is None
+    assert dup["split"] == orig["split"] and dup["shard"] is None
+    cross = by["dog/from cat.jpg"]
+    assert cross["duplicate_of"] == by["cat/01.jpg"]["image_id"]
+    assert cross["split"] == by["cat/01.jpg"]["split"]
+
+
+def test_labels_and_index(messy_manifest):
+    _, summary, rows = messy_manifest
+    by = {r["rel_path"]: r for r in rows}
+    assert by["cat/00.jpg"]["label"] == "cat" and by["cat/00.jpg"]["label_index"] == 0
+    assert by["dog/00.jpg"]["label_index"] == 1
+    assert by["bad..label/x.jpg"]["label_index"] is None
+    assert summary["by_label"] == {"cat": 13, "dog": 13}
+
+
+def test_hash_splits_are_stratified(messy_manifest):
+    _, summary, rows = messy_manifest
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(r["split"] in ("train", "val", "test") for r in ok)
+    for label in ("cat", "dog"):
+        per = summary["by_label_split"][label]
+        assert per == {"train": 10, "val": 2, "test": 1} or per == {"train": 10, "val": 1, "test": 2}
+
+
+def test_shards_cover_ok_rows_balanced(messy_manifest):
+    _, summary, rows = messy_manifest
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(r["shard"] is not None for r in ok)
+    assert all(r["shard"] is None for r in rows if r["status"] != "ok")
+    sizes = np.bincount([r["shard"] for r in ok])
+    assert len(sizes) == summary["num_shards"] == 6  # 26 ok rows, 5 per shard
+    assert sizes.max() - sizes.min() <= 1
+
+
+def test_summary_file_and_show(messy_manifest):
+    out, summary, _ = messy_manifest
+    on_disk = read_summary(str(out))
+    assert on_disk["by_status"] == summary["by_status"]
+    assert on_disk["fingerprint"] and on_disk["timings"]["total_s"] > 0
+    text = format_summary(on_disk)
+    assert "truncated" in text and "cat" in text
+    assert (out / "config.resolved.toml").is_file()
+
+
+def test_rerun_gives_same_rows_and_incremental_rechecks_only_changes(spark, messy_tree, messy_manifest, tmp_path):
+    from metadata.manifest_job import run_manifest
+
+    root, _ = messy_tree
+    out, first, rows = messy_manifest
+    cfg = load_config(None, {"manifest": {"rows_per_shard": 5}})
+    write_image(root / "dog" / "new.jpg", gradient_image(seed=1234))
+    try:
+        summary = run_manifest(cfg, [str(root)], str(out), incremental=True)
+        # The dangling link and the loop have no size or mtime to compare, so they are checked again.
+        assert summary["incremental"] == {"unchanged": first["total"] - 2, "new": 1, "changed": 2, "removed": 0}
+        assert summary["version"] == first["version"] + 1
+        assert (out / "manifest_history" / f"v{first['version']:04d}").is_dir()
+        new_rows = {r["rel_path"]: r for r in read_manifest(str(out)).to_pylist()}
+        old = {r["rel_path"]: r for r in rows}
+        for rel, r in old.items():
+            assert new_rows[rel]["image_id"] == r["image_id"]
+            assert new_rows[rel]["status"] == r["status"]
+            assert new_rows[rel]["shard"] == r["shard"] and new_rows[rel]["split"] == r["split"]
+        assert new_rows["dog/new.jpg"]["status"] == "ok"
+        assert new_rows["dog/new.jpg"]["shard"] == first["num_shards"]
+    finally:
+        (root / "dog" / "new.jpg").unlink()
+
+
+def test_header_mode_skips_the_decode(spark, tmp_path):
+    from metadata.manifest_job import run_manifest
+
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    (src / "stream.png").write_bytes(png_with_bad_stream())
+    write_image(src / "fine.jpg", gradient_image())
+    cfg = load_config(None, {"manifest": {"validation": "header"}})
+    run_manifest(cfg, [str(tmp_path / "src")], str(tmp_path / "out"))
+    got = {r["rel_path"]: r["status"] for r in read_manifest(str(tmp_path / "out")).to_pylist()}
+    assert got == {"a/stream.png": "ok", "a/fine.jpg": "ok"}
+
+
+def test_caps_from_config(spark, tmp_path):
+    from metadata.manifest_job import run_manifest
+
+    src = tmp_path / "src" / "a"
+    write_image(src / "big.png", gradient_image(100, 100), ".png")
+    write_image(src / "small.png", gradient_image(10, 10), ".png")
+    cfg = load_config(None, {"manifest": {"max_pixels": 5000}})
+    run_manifest(cfg, [str(tmp_path / "src")], str(tmp_path / "out"))
+    got = {r["rel_path"]: (r["status"], r["status_detail"]) for r in read_manifest(str(tmp_path / "out")).to_pylist()}
+    assert got["a/small.png"][0] == "ok"
+    assert got["a/big.png"][0] == "too_large" and "pixel cap" in got["a/big.png"][1]
+
+
+def test_missing_source_fails_fast_naming_it(spark, tmp_path):
+    from metadata.manifest_job import run_manifest
+
+    with pytest.raises(ValueError, match="does-not-exist"):
+        run_manifest(load_config(), [str(tmp_path / "does-not-exist")], str(tmp_path / "out"))
+
+
+def test_real_photos_keep_folder_splits(spark, fruits_dir, tmp_path):
+    from metadata.manifest_job import run_manifest
+
+    summary = run_manifest(load_config(), [str(fruits_dir)], str(tmp_path / "out"))
+    table = read_manifest(str(tmp_path / "out"))
+    images = table.filter(pc.field("format") == "jpeg")
+    assert images.num_rows == 7424
+    counted = {s: n for s, n in summary["by_split"].items()}
+    train = sum(1 for _ in (fruits_dir / "Training").rglob("*.jpg"))
+    test = sum(1 for _ in (fruits_dir / "Test").rglob("*.jpg"))
+    dups = summary["by_status"].get("duplicate", 0)
+    assert counted["train"] + counted["test"] + dups == train + test
+    assert summary["labels"] == 10
+    assert summary["by_status"]["not_image"] == 1  # provenance.csv
+
+
+def test_pngsuite_corrupt_files_are_flagged(spark, pngsuite_dir, tmp_path):
+    from metadata.manifest_job import run_manifest
+
+    run_manifest(load_config(), [str(pngsuite_dir)], str(tmp_path / "out"))
+    rows = read_manifest(str(tmp_path / "out")).to_pylist()
+    assert len(rows) == len(list(pngsuite_dir.iterdir()))
+    for r in rows:
+        name = r["rel_path"]
+        if name.startswith("x"):
+            assert r["status"] in ("undecodable", "not_image", "truncated"), (name, r["status"])
+        else:
+            assert r["status"] in ("ok", "duplicate"), (name, r["status"], r["status_detail"])
+
+
+def test_cli_show(messy_manifest, capsys):
+    from featurize.cli import main
+
+    out, _, _ = messy_manifest
+    assert main(["manifest", "--show", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"] > 0
+    assert main(["manifest", "--out", str(out)]) == 2
+    assert "SRC" in capsys.readouterr().err
