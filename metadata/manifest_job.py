@@ -130,6 +130,8 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
                    "removed": prev_paths.join(checked.select("path"), "path", "left_anti").count()}
     checked = checked.drop("_kept")
     t2 = time.perf_counter()
+    if cfg.manifest.label_from == "csv":
+        checked = _apply_csv_labels(spark, checked, cfg.manifest.labels_csv)
     organized = _assign_splits(_mark_duplicates(checked), cfg).persist(StorageLevel.MEMORY_AND_DISK)
     counts = _summarize(organized.groupBy("status", "label", "split").agg(
         F.count("*").alias("n"), F.sum("size_bytes").alias("b"), F.first("path").alias("example")).collect())
@@ -182,6 +184,50 @@ def _keep_previous(previous, kept_paths):
     was_dup = F.col("status") == "duplicate"
     return prev.withColumn("status_detail", F.when(was_dup, F.lit("")).otherwise(F.col("status_detail"))) \
                .withColumn("status", F.when(was_dup, F.lit("ok")).otherwise(F.col("status")))
+
+
+def _read_labels_csv(url: str) -> Iterator[tuple[str, str]]:
+    import csv
+    import io
+
+    import fsspec
+
+    with fsspec.open(url, "rb") as fh:
+        reader = csv.DictReader(io.TextIOWrapper(fh, encoding="utf-8", newline=""))
+        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+            raise ValueError(f"manifest.labels_csv {url}: needs a header with columns path,label")
+        for row in reader:
+            yield row["path"], row["label"]
+
+
+def _apply_csv_labels(spark, checked, url: str):
+    """Labels from a ``path,label`` CSV (path relative to SRC or a full URI), read inside one task."""
+    from pyspark.sql import functions as F
+
+    from metadata.listing import _local_path
+    from metadata.schema import normalize_uri
+
+    if url.startswith("file://") or "://" not in url:
+        import os
+
+        if not os.path.isfile(_local_path(normalize_uri(url))):
+            raise ValueError(f"manifest.labels_csv: no such file {url!r}")
+    rows = spark.sparkContext.parallelize([url], 1).flatMap(_read_labels_csv)
+    csv_df = spark.createDataFrame(rows, "key string, _csv_label string").dropDuplicates(["key"])
+    by_rel = csv_df.withColumnRenamed("key", "rel_path").withColumnRenamed("_csv_label", "_l1")
+    by_uri = csv_df.withColumnRenamed("key", "path").withColumnRenamed("_csv_label", "_l2")
+    df = checked.join(F.broadcast(by_rel), "rel_path", "left").join(F.broadcast(by_uri), "path", "left")
+    label = F.coalesce("_l2", "_l1")
+    problem = (F.when(label.isNull(), F.lit("file is not listed in manifest.labels_csv"))
+               .when(F.trim(label) == "", F.lit("label is empty"))
+               .when(label.contains(".."), F.concat(F.lit("label contains '..': "), label))
+               .when(label.rlike(r"[/\\\\]"), F.concat(F.lit("label contains a path separator: "), label))
+               .when(label.rlike("[\\x00-\\x1f\\x7f]"), F.lit("label contains control characters")))
+    ok = F.col("status") == "ok"
+    return (df.withColumn("label", label)
+              .withColumn("status_detail", F.when(ok & problem.isNotNull(), problem).otherwise(F.col("status_detail")))
+              .withColumn("status", F.when(ok & problem.isNotNull(), F.lit("bad_label")).otherwise(F.col("status")))
+              .drop("_l1", "_l2"))
 
 
 def _mark_duplicates(checked):

@@ -266,3 +266,23 @@ def test_cli_show(messy_manifest, capsys):
     assert json.loads(capsys.readouterr().out)["total"] > 0
     assert main(["manifest", "--out", str(out)]) == 2
     assert "SRC" in capsys.readouterr().err
+
+
+def test_labels_from_csv_and_regex(spark, tmp_path):
+    from metadata.manifest_job import run_manifest
+
+    src = tmp_path / "src"
+    for name in ("a_1.jpg", "b_2.jpg", "c_3.jpg", "d_4.jpg"):
+        write_image(src / "flat" / name, gradient_image(seed=ord(name[0])))
+    csv = tmp_path / "labels.csv"
+    csv.write_text(f"path,label\nflat/a_1.jpg,apple\n{(src / 'flat' / 'b_2.jpg').as_uri()},banana\nflat/c_3.jpg,../up\n")
+    cfg = load_config(None, {"manifest": {"label_from": "csv", "labels_csv": str(csv)}})
+    run_manifest(cfg, [str(src)], str(tmp_path / "out"))
+    got = {r["rel_path"]: (r["label"], r["status"]) for r in read_manifest(str(tmp_path / "out")).to_pylist()}
+    assert got == {"flat/a_1.jpg": ("apple", "ok"), "flat/b_2.jpg": ("banana", "ok"),
+                   "flat/c_3.jpg": ("../up", "bad_label"), "flat/d_4.jpg": (None, "bad_label")}
+
+    cfg = load_config(None, {"manifest": {"label_from": "regex", "label_regex": r"/(?P<label>[a-c])_\d"}})
+    run_manifest(cfg, [str(src)], str(tmp_path / "out2"))
+    got = {r["rel_path"]: (r["label"], r["status"]) for r in read_manifest(str(tmp_path / "out2")).to_pylist()}
+    assert got["flat/a_1.jpg"] == ("a", "ok") and got["flat/d_4.jpg"] == (None, "bad_label")
