@@ -25,8 +25,11 @@ class SparkConfig:
     """How to reach Spark; used by the manifest and pca stages."""
 
     master: str = "local[*]"
+    """Spark master URL: local[*], spark://host:7077, yarn, ..."""
     app_name: str = "imgfeat"
+    """Spark application name."""
     driver_memory: str = "2g"
+    """spark.driver.memory (the driver holds counts and d x d matrices only)."""
     partitions: int = 0
     """Tasks for per-file checks; 0 = 4 x default parallelism."""
     conf: dict[str, str] = field(default_factory=dict)
@@ -55,10 +58,15 @@ class ManifestConfig:
     split_from_folders: bool = True
     """Keep folder splits (train/Training/val/test/...) when the path has one."""
     split_ratios: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
+    """Hash-based split ratios per label, used where the path names no split folder; must sum to 1."""
     split_seed: str = "imgfeat"
+    """Seed of the hash order for splits (change it to draw other splits)."""
     rows_per_shard: int = 1000
+    """Ok rows per featurize shard (shards differ by at most one row)."""
     max_bytes: int = 64 * 1024 * 1024
+    """Files larger than this are too_large (not read)."""
     max_pixels: int = 100_000_000
+    """Images whose header claims more pixels are too_large (decompression bombs)."""
     formats: list[str] = field(default_factory=lambda: ["jpeg", "png", "gif", "bmp", "webp", "tiff"])
     """Formats accepted as images; other recognised formats are ``unsupported_format``."""
 
@@ -91,23 +99,33 @@ class PreprocessConfig:
     """Decoding and transforms shared by featurize and the DataLoader."""
 
     size: int = 224
+    """Output side in pixels (square)."""
     resize_policy: str = "resize_shorter+center_crop"
+    """resize_shorter+center_crop, resize (aspect not kept) or letterbox (pad)."""
     resize_shorter: int = 256
     """Shorter side before the centre crop (policy resize_shorter+center_crop)."""
     interpolation: str = "linear"
+    """nearest, linear, area, cubic or lanczos (linear matches torchvision)."""
     alpha: str = "composite"
     """``composite`` on ``background`` or ``drop`` the alpha channel."""
     background: list[int] = field(default_factory=lambda: [255, 255, 255])
+    """RGB background for alpha compositing and letterbox padding."""
     exif_orientation: bool = True
+    """Apply the EXIF orientation tag."""
     reduced_decode: bool = True
     """Use OpenCV's reduced-size JPEG decode when the target is at most half the source."""
     max_bytes: int = 64 * 1024 * 1024
+    """Byte cap checked before decoding."""
     max_pixels: int = 100_000_000
+    """Pixel cap on the header dimensions, checked before decoding (also OpenCV's own limit)."""
     formats: list[str] = field(default_factory=lambda: ["jpeg", "png", "gif", "bmp", "webp", "tiff"])
+    """Magic-byte allowlist of formats the decoder accepts."""
     num_workers: int = -1
     """DataLoader workers; -1 = one per available core."""
     batch_size: int = 64
+    """Images per batch."""
     prefetch_factor: int = 4
+    """Batches each DataLoader worker keeps ready."""
 
     def validate(self) -> None:
         if self.size < 1:
@@ -135,11 +153,15 @@ class PrepConfig:
     """Offline export of resized uint8 arrays for training."""
 
     size: int = 64
+    """Side of the exported square images."""
     resize_policy: str = "resize_shorter+center_crop"
+    """How exported images are resized (see preprocess.resize_policy)."""
     format: str = "hdf5"
+    """hdf5 or npy shards."""
     split: str = ""
     """Export only this split; empty = all splits."""
     rows_per_shard: int = 2048
+    """Images per exported shard."""
     compression: str = "lzf"
     """HDF5 compression: ``lzf``, ``gzip`` or ``none``."""
 
@@ -161,6 +183,7 @@ class FeaturizeConfig:
     """The model and the feature shards."""
 
     model: str = "resnet50"
+    """torchvision classification model name."""
     weights: str = "DEFAULT"
     """A torchvision weights enum name (``IMAGENET1K_V2``, ``DEFAULT``) or ``none``."""
     weights_path: str = ""
@@ -172,14 +195,21 @@ class FeaturizeConfig:
     pool: str = "avg"
     """Global pooling of spatial maps from ``layer``: ``avg``, ``max`` or ``none``."""
     precision: str = "fp32"
+    """fp32, bf16 or fp16 (autocast)."""
     channels_last: bool = True
+    """Run the model in channels_last memory format."""
     compile: bool = False
+    """torch.compile the model."""
     device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N."""
     format: str = "npy"
+    """Feature shard format: npy or hdf5."""
     dtype: str = "float32"
     """Stored feature dtype: float32 or float16."""
     overwrite: bool = False
+    """Replace shards of a run with another fingerprint instead of refusing."""
     max_shard_attempts: int = 3
+    """Tries per shard before the run fails."""
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -201,9 +231,11 @@ class PcaConfig:
     """Join-back and PCA."""
 
     k: int = 64
+    """Number of components (unless variance is set)."""
     variance: float = 0.0
     """If > 0: the smallest k whose cumulative explained variance reaches this fraction."""
     standardize: bool = False
+    """Scale each feature to unit variance before PCA (like StandardScaler)."""
     fit_split: str = "train"
     """Split to fit on; empty = all rows."""
     allow_extra: bool = False
@@ -221,9 +253,13 @@ class RunConfig:
     """The end-to-end ``imgfeat run``."""
 
     sources: list[str] = field(default_factory=list)
+    """SRC folders or URLs for the manifest stage."""
     out: str = ""
+    """The run folder: manifest, features, pca and report go under it."""
     nproc: int = 1
+    """Featurize processes on this node (torchrun is started when > 1)."""
     stages: list[str] = field(default_factory=lambda: ["manifest", "featurize", "pca"])
+    """Stages to run, in order: manifest, prep, featurize, pca."""
 
     def validate(self) -> None:
         allowed = ("manifest", "prep", "featurize", "pca")

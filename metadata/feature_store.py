@@ -57,10 +57,10 @@ def write_feature_shard(
     ids = np.asarray(list(image_ids), dtype=ID_DTYPE)
     names = data_files(stem, fmt)
     if fmt == "npy":
-        with shards.staged_file(shards.join(folder, names[0])) as tmp:
-            np.save(tmp, features)
-        with shards.staged_file(shards.join(folder, names[1])) as tmp:
-            np.save(tmp, ids)
+        for name, array in ((names[0], features), (names[1], ids)):
+            # np.save on a path would append ".npy" to the temporary name; a file handle keeps it.
+            with shards.staged_file(shards.join(folder, name)) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, array)
     else:
         import h5py
 

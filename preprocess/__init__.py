@@ -1,0 +1,1 @@
+"""Preprocess stage: OpenCV decoding for PyTorch DataLoaders and the offline ``imgfeat prep`` export."""

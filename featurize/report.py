@@ -1,0 +1,248 @@
+"""The run report: ``RUN/report.json`` (machine-readable) and ``RUN/report.html`` (static, no server).
+
+Built from what the stages left in the run folder: ``run.json``, the manifest, featurize and pca
+summaries, the PCA plots, and thumbnails of flagged files (embedded, so the page is one file).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import platform
+import time
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+import numpy as np
+
+from metadata.config import Config
+from metadata.schema import STATUS_CODES, SUMMARY_FILE, read_manifest
+from metadata.shards import join, read_json, write_bytes_atomic, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+THUMBS = 24
+_PACKAGES = ("imgfeat", "torch", "torchvision", "pyspark", "opencv-python-headless", "numpy", "pyarrow", "h5py")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _read_bytes(url: str) -> bytes:
+    import fsspec
+
+    with fsspec.open(url, "rb") as fh:
+        return fh.read(8 << 20)
+
+
+def _png_b64(rgb: np.ndarray) -> str:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
+    return base64.b64encode(buf.tobytes()).decode() if ok else ""
+
+
+def thumbnail(url: str, side: int = 96) -> str:
+    """A base64 PNG of the file as far as it decodes, or a grey tile when nothing decodes."""
+    from metadata.cv2_env import import_cv2
+
+    cv2 = import_cv2()
+    img = None
+    try:
+        data = _read_bytes(url)
+        if data:
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_2 if len(data) > 1 << 20 else cv2.IMREAD_COLOR)
+    except Exception:  # noqa: BLE001 - a thumbnail of a broken file is best effort by design
+        img = None
+    if img is None:
+        tile = np.full((side, side, 3), 200, np.uint8)
+        cv2.line(tile, (0, 0), (side - 1, side - 1), (150, 150, 150), 2)
+        cv2.line(tile, (0, side - 1), (side - 1, 0), (150, 150, 150), 2)
+        return _png_b64(tile)
+    h, w = img.shape[:2]
+    scale = side / max(h, w)
+    img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    return _png_b64(img[..., ::-1])
+
+
+def _flagged(run: str, limit: int) -> list[dict[str, Any]]:
+    import pyarrow.compute as pc
+
+    try:
+        table = read_manifest(run, columns=["image_id", "path", "label", "status", "status_detail"],
+                              filters=pc.field("status") != "ok")
+    except ValueError:
+        return []
+    rows = sorted(table.to_pylist(), key=lambda r: (r["status"], r["path"]))
+    picked: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for r in rows:  # spread the thumbnails over the reasons
+        if seen.get(r["status"], 0) < max(2, limit // 6) and len(picked) < limit:
+            seen[r["status"]] = seen.get(r["status"], 0) + 1
+            picked.append(dict(r, thumb=thumbnail(r["path"])))
+    return picked
+
+
+def build_report(run: str, cfg: Config | None = None) -> dict[str, Any]:
+    """Collect everything the report shows into one JSON-able dict."""
+    state = read_json(join(run, "run.json")) or {}
+    manifest = read_json(join(run, SUMMARY_FILE))
+    feats = read_json(join(run, "features/featurize_summary.json"))
+    pca = read_json(join(run, "pca/pca_summary.json"))
+    stage_s = {k: v.get("seconds") for k, v in state.get("stages", {}).items()}
+    report: dict[str, Any] = {
+        "run": run,
+        "created_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "versions": versions(),
+        "stages": state.get("stages", {}),
+        "total_s": state.get("total_s"),
+        "bottleneck_stage": max(stage_s, key=lambda k: stage_s[k] or 0) if stage_s else None,
+        "fingerprints": {
+            "config": cfg.fingerprint() if cfg else None,
+            "manifest": manifest and manifest.get("fingerprint"),
+            "features": feats and feats.get("fingerprint"),
+            "pca": pca and pca.get("fingerprint"),
+        },
+        "manifest": manifest,
+        "featurize": feats,
+        "pca": pca,
+    }
+    if feats:
+        t = feats.get("this_run", {})
+        report["featurize_stages"] = t.get("stage_seconds", {})
+        report["featurize_bottleneck"] = t.get("slowest_stage")
+    report["accounting"] = _accounting(manifest, feats, pca)
+    return report
+
+
+def _accounting(manifest: dict | None, feats: dict | None, pca: dict | None) -> dict[str, Any]:
+    """Every manifest row ends as a feature row, a featurize reject or a manifest flag."""
+    if not manifest:
+        return {}
+    total = manifest["total"]
+    flagged = total - manifest["by_status"].get("ok", 0)
+    out: dict[str, Any] = {"manifest_rows": total, "flagged_in_manifest": flagged}
+    if feats:
+        out.update(feature_rows=feats.get("rows"), featurize_rejects=feats.get("rejects"))
+        out["reconciles"] = feats.get("rows", 0) + feats.get("rejects", 0) + flagged == total
+    if pca:
+        out["pca_output_rows"] = pca.get("output_rows")
+    return out
+
+
+def write_report(run: str, cfg: Config | None = None) -> dict[str, Any]:
+    """Write ``RUN/report.json`` and ``RUN/report.html``; return the report dict."""
+    report = build_report(run, cfg)
+    write_json_atomic(join(run, "report.json"), report)
+    flagged = _flagged(run, THUMBS)
+    plots = {}
+    for name in (report.get("pca") or {}).get("plots", []) or []:
+        url = name if "://" in name or name.startswith("/") else join(join(run, "pca"), name)
+        try:
+            plots[url.rsplit("/", 1)[-1]] = base64.b64encode(_read_bytes(url)).decode()
+        except OSError:
+            log.warning("report: plot %s is missing", url)
+    write_bytes_atomic(join(run, "report.html"), render_html(report, flagged, plots).encode())
+    log.info("report: %s", join(run, "report.html"))
+    return report
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
+h1{font-size:1.6rem}h2{font-size:1.2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2rem}
+table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ddd;padding:.25rem .6rem;text-align:left}
+td.n{text-align:right;font-variant-numeric:tabular-nums}.bar{background:#4a7bd0;height:.8rem;display:inline-block}
+.ok{color:#1a7f37}.bad{color:#b42318}.thumbs{display:flex;flex-wrap:wrap;gap:.8rem}
+.thumb{width:150px;font-size:.75rem;word-break:break-all}.thumb img{width:96px;height:96px;object-fit:contain;background:#eee}
+.plots img{max-width:48%;margin-right:1%}code{background:#f4f4f4;padding:0 .2rem}.muted{color:#666}
+"""
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td class='n'>{c:,}</td>" if isinstance(c, (int, float)) and not isinstance(c, bool)
+                         else f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def render_html(report: dict[str, Any], flagged: list[dict[str, Any]], plots: dict[str, str]) -> str:
+    """The static page: every figure is inline, nothing is fetched."""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>imgfeat run report</title><style>{_CSS}</style>"
+             "</head><body>", f"<h1>imgfeat run report</h1><p class='muted'>{_e(report['run'])} &middot; {_e(report['created_at'])}</p>"]
+    m, f, p = report.get("manifest"), report.get("featurize"), report.get("pca")
+    acc = report.get("accounting") or {}
+    if acc:
+        verdict = ("<span class='ok'>every input is accounted for</span>" if acc.get("reconciles")
+                   else "<span class='bad'>counts do not reconcile</span>" if "reconciles" in acc else "")
+        parts.append("<h2 id='story'>Summary</h2><p>"
+                     f"{acc['manifest_rows']:,} files found; {acc['manifest_rows'] - acc['flagged_in_manifest']:,} usable, "
+                     f"{acc['flagged_in_manifest']:,} flagged with a reason"
+                     + (f"; {acc.get('feature_rows', 0):,} feature rows, {acc.get('featurize_rejects', 0):,} rejected while decoding" if f else "")
+                     + (f"; PCA to {p['k']} dimensions kept {p['explained_variance_ratio_total']:.1%} of the variance" if p else "")
+                     + f". {verdict}</p>")
+    stages = report.get("stages") or {}
+    if stages:
+        rows = [[_e(k), round(v.get("seconds") or 0, 2), "skipped (up to date)" if v.get("skipped") else "ran"]
+                for k, v in stages.items()]
+        parts.append("<h2 id='time'>Time per stage</h2>" + _table(["stage", "seconds", ""], rows)
+                     + f"<p>Bottleneck stage: <b>{_e(report.get('bottleneck_stage'))}</b></p>")
+    if f:
+        t = f.get("this_run", {})
+        st = t.get("stage_seconds", {})
+        total = sum(st.values()) or 1.0
+        n_img = t.get("images") or 0
+        rows = [[_e(k), round(v, 2), round(n_img / v, 1) if v else "", f"<span class='bar' style='width:{int(200 * v / total)}px'></span>"]
+                for k, v in st.items()]
+        parts.append("<h2 id='featurize'>Featurize</h2>"
+                     f"<p>Model <code>{_e(f['model'].get('model'))}</code>, weights "
+                     f"<code>{_e(f['model'].get('weights', ''))}</code>, {f['dim']} dims, {_e(f['precision'])}, "
+                     f"{f['world_size']} process(es); this run {t.get('images', 0):,} images in {t.get('wall_s', 0)} s "
+                     f"({t.get('images_per_s') or 0} images/s). Slowest stage: <b>{_e(t.get('slowest_stage'))}</b>.</p>"
+                     + _table(["stage (summed over ranks)", "seconds", "images/s", ""], rows))
+        if f.get("reject_reasons"):
+            parts.append(_table(["featurize reject reason", "rows"], [[_e(k), v] for k, v in f["reject_reasons"].items()]))
+    if m:
+        rows = [[_e(s), n, _e(STATUS_CODES.get(s, ""))] for s, n in m["by_status"].items()]
+        parts.append(f"<h2 id='status'>Manifest: files per status</h2>" + _table(["status", "files", "meaning"], rows))
+        splits = sorted(m.get("by_split", {}))
+        top = max(m.get("by_label", {}).values() or [1])
+        rows = [[_e(label)] + [per.get(s, 0) for s in splits] + [sum(per.values()),
+                f"<span class='bar' style='width:{int(160 * sum(per.values()) / top)}px'></span>"]
+                for label, per in m.get("by_label_split", {}).items()]
+        parts.append("<h2 id='classes'>Per-class counts (usable files)</h2>" + _table(["label", *splits, "total", ""], rows))
+    if flagged:
+        tiles = "".join(f"<div class='thumb'><img alt='{_e(r['status'])}' src='data:image/png;base64,{r['thumb']}'>"
+                        f"<div><b>{_e(r['status'])}</b>: {_e(r['status_detail'])}</div><div class='muted'>{_e(r['path'])}</div></div>"
+                        for r in flagged)
+        parts.append(f"<h2 id='flagged'>Flagged files (sample)</h2><div class='thumbs'>{tiles}</div>")
+    if p:
+        imgs = "".join(f"<img alt='{_e(n)}' src='data:image/png;base64,{b}'>" for n, b in plots.items())
+        parts.append(f"<h2 id='pca'>PCA</h2><p>{p['dim']} &rarr; {p['k']} dimensions, fit on {p['fit_rows']:,} rows "
+                     f"(split {_e(p.get('fit_split') or 'all')}), {p['output_rows']:,} rows projected.</p><div class='plots'>{imgs}</div>")
+    fp = report.get("fingerprints", {})
+    parts.append("<h2 id='versions'>Fingerprints and versions</h2>"
+                 + _table(["what", "value"], [[_e(k), f"<code>{_e(v)}</code>"] for k, v in {**fp, **report['versions']}.items()]))
+    # Lets a headless browser test tell that the page ran and every embedded figure decoded.
+    parts.append("<script>const imgs=[...document.images];document.body.dataset.images=imgs.length;"
+                 "document.body.dataset.imagesOk=imgs.filter(i=>i.complete&&i.naturalWidth>0).length;"
+                 "document.body.dataset.ready='1'</script></body></html>")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(json.dumps(write_report(sys.argv[1]), indent=1, default=str)[:2000])

@@ -1,0 +1,56 @@
+"""The configuration reference, generated from the dataclasses in ``metadata/config.py``.
+
+Each field's help is the string literal written under it (read with ``ast``, so the docs live next
+to the code). ``python -m metadata.config_doc`` prints the Markdown; a test keeps README.md in sync.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+
+from metadata import config as config_mod
+
+START = "<!-- config-reference:start -->"
+END = "<!-- config-reference:end -->"
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: the docstring literal that follows it in the class body}."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _default(value: object) -> str:
+    return f"`{json.dumps(value)}`"
+
+
+def reference_markdown() -> str:
+    """One table per config section: key, type, default, meaning."""
+    root = config_mod.Config()
+    out = []
+    for section in dataclasses.fields(root):
+        obj = getattr(root, section.name)
+        cls = type(obj)
+        out.append(f"#### `[{section.name}]`: {(cls.__doc__ or '').strip()}")
+        out.append("")
+        out.append("| key | type | default | meaning |")
+        out.append("|---|---|---|---|")
+        docs = field_docs(cls)
+        hints = {f.name: f.type for f in dataclasses.fields(cls)}
+        for f in dataclasses.fields(cls):
+            typ = str(hints[f.name]).replace("|", "\\|")
+            out.append(f"| `{f.name}` | `{typ}` | {_default(getattr(obj, f.name))} | {docs.get(f.name, '').replace('|', '/')} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -1,0 +1,59 @@
+"""The ``prep`` subcommand: ``imgfeat prep --manifest OUT --out PREP ...`` and ``imgfeat prep --show PREP``."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from typing import Any
+
+from metadata.cli_common import add_common_args, build_config
+
+log = logging.getLogger(__name__)
+
+
+def add_prep_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``prep`` (shared by ``imgfeat prep`` and ``python -m preprocess``)."""
+    parser.add_argument("--manifest", metavar="OUT", help="the manifest output folder (local path or URL)")
+    parser.add_argument("--out", metavar="PREP", help="folder for the prep shards")
+    parser.add_argument("--size", type=int, default=None, help="output side in pixels (prep.size, default 64)")
+    parser.add_argument("--format", choices=("hdf5", "npy"), default=None, help="shard format (prep.format)")
+    parser.add_argument("--split", default=None, help="export only this split (prep.split; default all)")
+    parser.add_argument("--rows-per-shard", type=int, default=None, help="images per shard (prep.rows_per_shard)")
+    parser.add_argument("--workers", type=int, default=None, help="decode processes (preprocess.num_workers; -1 = cores)")
+    parser.add_argument("--overwrite", action="store_true", help="remove existing shards first")
+    parser.add_argument("--show", metavar="PREP", help="print counts of an existing prep folder instead")
+    parser.add_argument("--contact-sheet", metavar="FILE", help="with --show: write a PNG grid of samples per class")
+    add_common_args(parser)
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``prep`` subcommand to an ``add_subparsers()`` object."""
+    parser = subparsers.add_parser("prep", help="export resized uint8 training arrays (HDF5 or .npy shards)",
+                                   description=__doc__)
+    add_prep_args(parser)
+    parser.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run ``prep`` from parsed flags; returns the exit code. Config mistakes raise ValueError."""
+    from preprocess.export import run_prep
+    from preprocess.show import show_prep
+
+    if args.show:
+        print(show_prep(args.show, args.contact_sheet))
+        return 0
+    if args.contact_sheet:
+        raise ValueError("--contact-sheet goes with --show PREP")
+    if not args.manifest or not args.out:
+        raise ValueError("prep needs --manifest OUT and --out PREP (or --show PREP)")
+    overrides = {
+        "prep": {"size": args.size, "format": args.format, "split": args.split, "rows_per_shard": args.rows_per_shard},
+        "preprocess": {"num_workers": args.workers},
+    }
+    cfg = build_config(args, overrides)
+    summary = run_prep(cfg, args.manifest, args.out, overwrite=args.overwrite)
+    log.info("prep: %d written, %d rejected of %d selected in %d shards (%d skipped as complete)",
+             summary["written"], summary["rejected"], summary["selected"], summary["shards"], summary["shards_skipped"])
+    print(json.dumps({k: summary[k] for k in ("selected", "written", "rejected", "shards", "shards_written",
+                                              "shards_skipped", "images_per_s")}))
+    return 0

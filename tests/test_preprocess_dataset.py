@@ -1,0 +1,140 @@
+"""ManifestDataset, collate, the loader factory and crash containment."""
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import gradient_image, write_image, write_manifest
+from metadata.config import PreprocessConfig
+from metadata.schema import normalize_uri
+from preprocess import dataset as dataset_mod
+from preprocess.dataset import ManifestDataset, collate
+from preprocess.decode import decode_image
+from preprocess.loader import iter_batches_contained, make_loader, plan_batches, resolve_workers
+from preprocess.transforms import resize_image
+
+CFG = PreprocessConfig(size=32, resize_shorter=36, batch_size=4, num_workers=0, prefetch_factor=2)
+
+
+@pytest.fixture()
+def images(tmp_path):
+    paths = []
+    for i in range(10):
+        label = "cat" if i % 2 else "dog"
+        paths.append(write_image(tmp_path / "src" / label / f"{i}.png", gradient_image(40, 50, seed=i), ".png"))
+    return paths
+
+
+@pytest.fixture()
+def manifest(tmp_path, images):
+    files = [{"path": p, "label": p.parent.name, "split": "train" if i < 8 else "test"} for i, p in enumerate(images)]
+    files.append({"path": tmp_path / "src" / "broken.jpg", "status": "truncated"})
+    return write_manifest(tmp_path / "out", files, rows_per_shard=4)
+
+
+def rows_for(paths):
+    return [{"image_id": f"id{i}", "path": normalize_uri(str(p)), "label_index": i % 2} for i, p in enumerate(paths)]
+
+
+def test_items_and_values(images):
+    ds = ManifestDataset(rows_for(images), CFG)
+    image, index, ok, reason = ds[3]
+    assert ok and reason == "" and index == 3
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
+    expect = resize_image(decode_image(images[3].read_bytes(), CFG), 32, CFG.resize_policy, "linear", 36)
+    assert np.array_equal(image.permute(1, 2, 0).numpy(), expect)
+    assert ds.labels[:2] == [0, 1]
+
+
+def test_from_manifest_filters(manifest):
+    assert len(ManifestDataset.from_manifest(str(manifest), CFG)) == 10  # the truncated row is not ok
+    assert len(ManifestDataset.from_manifest(str(manifest), CFG, split="test")) == 2
+    assert len(ManifestDataset.from_manifest(str(manifest), CFG, labels=["cat"])) == 5
+    assert len(ManifestDataset.from_manifest(str(manifest), CFG, shards=[0])) == 4
+    ds = ManifestDataset.from_manifest(str(manifest), CFG, size=16)
+    assert ds[0][0].shape == (3, 16, 16)
+
+
+def test_vanished_and_changed_files_are_not_ok(images):
+    ds = ManifestDataset(rows_for(images), CFG)
+    os.remove(images[2])
+    images[5].write_text("this is not an image any more")
+    images[7].write_bytes(images[7].read_bytes()[:200])
+    results = {i: ds[i] for i in range(len(ds))}
+    assert results[2][2] is False and results[2][3].startswith("unreadable:")
+    assert results[5][2] is False and results[5][3].startswith("not_image:")
+    assert results[7][2] is False and results[7][3].startswith("truncated:")
+    assert torch.count_nonzero(results[2][0]) == 0 and results[2][0].shape == (3, 32, 32)
+    assert sum(r[2] for r in results.values()) == 7
+
+
+def test_collate_layout(images):
+    ds = ManifestDataset(rows_for(images), CFG)
+    batch, idx, ok, reasons = collate([ds[i] for i in range(3)])
+    assert batch.shape == (3, 3, 32, 32) and batch.dtype == torch.uint8
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch[1], ds[1][0])
+    assert idx.tolist() == [0, 1, 2] and idx.dtype == torch.int64
+    assert ok.dtype == torch.bool and ok.all() and reasons == ["", "", ""]
+
+
+def test_loader_with_workers_covers_everything(images):
+    os.remove(images[4])
+    ds = ManifestDataset(rows_for(images), CFG)
+    loader = make_loader(ds, CFG, num_workers=2)
+    assert loader.num_workers == 2 and loader.persistent_workers and loader.prefetch_factor == 2
+    seen, bad = [], []
+    for batch, idx, ok, reasons in loader:
+        assert batch.shape[1:] == (3, 32, 32)
+        seen += idx.tolist()
+        bad += [(i, r) for i, o, r in zip(idx.tolist(), ok.tolist(), reasons) if not o]
+    assert sorted(seen) == list(range(10))
+    assert [i for i, _ in bad] == [4] and bad[0][1].startswith("unreadable")
+
+
+def test_worker_defaults():
+    assert resolve_workers(PreprocessConfig(num_workers=-1)) == len(os.sched_getaffinity(0))
+    assert resolve_workers(PreprocessConfig(num_workers=3)) == 3
+    assert resolve_workers(PreprocessConfig(), 0) == 0
+    assert plan_batches(5, 2) == [[0, 1], [2, 3], [4]]
+    assert plan_batches([7, 9, 11], 2) == [[7, 9], [11]]
+
+
+def _crashing_decode(crash_on: bytes):
+    real = dataset_mod.decode_image
+
+    def decode(data, cfg, target=None):
+        if data == crash_on:
+            os.kill(os.getpid(), signal.SIGSEGV)  # what a native codec crash looks like
+        return real(data, cfg, target)
+
+    return decode
+
+
+@pytest.mark.slow
+def test_worker_crash_is_contained(images, monkeypatch):
+    bad = 6
+    monkeypatch.setattr(dataset_mod, "decode_image", _crashing_decode(images[bad].read_bytes()))
+    ds = ManifestDataset(rows_for(images), CFG)
+    seen, results = [], {}
+    for batch, idx, ok, reasons in iter_batches_contained(ds, CFG, batch_size=3, num_workers=2):
+        seen += idx.tolist()
+        for i, o, r in zip(idx.tolist(), ok.tolist(), reasons):
+            results[i] = (o, r)
+    assert seen == list(range(10))  # in order, each exactly once
+    assert results[bad][0] is False and "crashed" in results[bad][1] and "SIGSEGV" in results[bad][1]
+    assert results[bad][1].startswith("undecodable:")
+    assert all(results[i][0] for i in range(10) if i != bad)
+
+
+def test_contained_iteration_without_crash(images):
+    ds = ManifestDataset(rows_for(images), CFG)
+    got = [i for _, idx, _, _ in iter_batches_contained(ds, CFG, batch_size=4, num_workers=2, indices=[1, 3, 5, 7, 9])
+           for i in idx.tolist()]
+    assert got == [1, 3, 5, 7, 9]
+    got0 = [i for _, idx, _, _ in iter_batches_contained(ds, CFG, batch_size=4, num_workers=0) for i in idx.tolist()]
+    assert got0 == list(range(10))
