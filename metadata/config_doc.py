@@ -52,5 +52,21 @@ def reference_markdown() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def write_readme(path: str = "README.md") -> None:
+    """Replace the text between the reference markers in ``path``."""
+    from pathlib import Path
+
+    readme = Path(path)
+    text = readme.read_text(encoding="utf-8")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{reference_markdown()}{END}{tail}", encoding="utf-8")
+
+
 if __name__ == "__main__":
-    print(reference_markdown())
+    import sys
+
+    if "--write-readme" in sys.argv:
+        write_readme()
+    else:
+        print(reference_markdown())
