@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from featurize import run_cli
+from featurize import run_cli, verify
 from featurize import stage_cli as featurize_cli
 from metadata import manifest_cli, pca_cli
 from metadata.cli_common import report_errors, setup_logging
 from preprocess import cli as prep_cli
 
-_STAGES = (manifest_cli, prep_cli, featurize_cli, pca_cli, run_cli)
+_STAGES = (manifest_cli, prep_cli, featurize_cli, pca_cli, run_cli, verify)
 
 
 def build_parser() -> argparse.ArgumentParser:
