@@ -36,7 +36,8 @@ import pyarrow as pa
 from metadata import shards
 from metadata.config import Config, dump_toml
 from metadata.feature_store import ID_DTYPE, committed_shards, read_feature_shard, read_rejects
-from metadata.pca_fit import CovProduct, Moments, PcaModel, fit_exact, fit_randomized, merge_moments, merge_products
+from metadata.pca_fit import (CovProduct, Moments, PcaModel, fit_exact, fit_randomized, merge_moments, merge_products,
+                              settle_moments)
 from metadata.pca_io import conform_batch, read_parquet_dataset, write_parquet_dataset
 from metadata.schema import CONFIG_FILE, manifest_path
 
@@ -216,14 +217,29 @@ def _shard_groups(
         yield flush()
 
 
+def _task_threads() -> Any:
+    """Limit BLAS threads to the task's cores (Spark runs one task per core; more threads oversubscribe)."""
+    import contextlib
+
+    try:
+        from pyspark import TaskContext
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn/scipy stacks
+        return contextlib.nullcontext()
+    ctx = TaskContext.get()
+    cpus = ctx.cpus() if ctx is not None else 1
+    return threadpool_limits(limits=max(1, int(cpus)), user_api="blas")
+
+
 def _reduce_rows(df: Any, folder: str, markers: dict[str, dict[str, Any]], make: Callable[[], Any],
                  finish: Callable[[Any], Any], merge: Callable[[Any, Any], Any]) -> Any:
     """Fold every row's features into one accumulator per task, then ``treeReduce`` them."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         acc = make()
-        for _, x in _shard_groups(batches, folder, markers):
-            acc.add(x)
+        with _task_threads():
+            for _, x in _shard_groups(batches, folder, markers):
+                acc.add(x)
         yield pa.RecordBatch.from_pylist([{"payload": pickle.dumps(finish(acc), protocol=5)}],
                                          schema=pa.schema([("payload", pa.binary())]))
 
@@ -238,7 +254,8 @@ def _project_task(folder: str, markers: dict[str, dict[str, Any]], model: PcaMod
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for table, x in _shard_groups(batches, folder, markers):
-            z = (((np.asarray(x, dtype=np.float64) - mean) / scale) @ comps_t).astype(np.float32)
+            with _task_threads():
+                z = (((np.asarray(x, dtype=np.float64) - mean) / scale) @ comps_t).astype(np.float32)
             m = z.shape[0]
             lists = pa.ListArray.from_arrays(pa.array(np.arange(0, m * k + 1, k, dtype=np.int32)), pa.array(z.reshape(-1)))
             cols = [table.column(n).combine_chunks() for n in ("image_id", "path", "label", "label_index", "split")]
@@ -274,33 +291,29 @@ def _ids_pass(spark: Any, features: str, markers: dict[str, dict[str, Any]], par
 
 
 def _join(ids: Any, man: Any | None, allow_extra: bool) -> tuple[Any, dict[str, Any], Any]:
-    """Full outer join of feature ids with the manifest; the matched rows and the accounting."""
+    """Full outer join of feature ids with the manifest: (matched rows, accounting, the persisted join).
+
+    Ids present in several feature rows keep their first copy (lowest shard, row); the others are
+    counted, and refused unless ``allow_extra``. All counts come from one aggregation job.
+    """
     from pyspark import StorageLevel
-    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    feats = ids.filter("kind = 'feature'").select("image_id", "shard", "shard_idx", "row")
-    ranked = feats.withColumn("_copy", F.row_number().over(Window.partitionBy("image_id").orderBy("shard_idx", "row")))
-    dup = ranked.filter("_copy > 1").agg(F.count(F.lit(1)).alias("rows"), F.countDistinct("image_id").alias("ids"),
-                                         F.collect_set("shard").alias("shards")).collect()[0]
-    dup_rows, dup_ids = int(dup["rows"]), int(dup["ids"])
-    if dup_rows and not allow_extra:
-        raise ValueError(f"--features: {dup_ids} image id(s) appear in more than one feature row ({dup_rows} extra "
-                         f"row(s), shards {', '.join(sorted(dup['shards'])[:10])}); pass --allow-extra "
-                         "(pca.allow_extra) to keep the first copy and count the others")
-    feats1 = ranked.filter("_copy = 1").drop("_copy")
+    feats = (ids.filter("kind = 'feature'").groupBy("image_id")
+             .agg(F.count(F.lit(1)).alias("_copies"), F.min(F.struct("shard_idx", "row", "shard")).alias("_first"))
+             .select("image_id", "_copies", F.col("_first.shard").alias("shard"),
+                     F.col("_first.shard_idx").alias("shard_idx"), F.col("_first.row").alias("row")))
     if man is None:
-        matched = feats1.select("image_id", "shard", "shard_idx", "row", F.lit(None).cast("string").alias("path"),
-                                F.lit(None).cast("string").alias("label"), F.lit(None).cast("int").alias("label_index"),
-                                F.lit(None).cast("string").alias("split"))
-        matched = matched.persist(StorageLevel.MEMORY_AND_DISK)
-        n = matched.count()
-        return matched, {"feature_rows": n + dup_rows, "with_features": n, "duplicate_feature_rows": dup_rows,
-                         "duplicate_ids": dup_ids, "by_split": {}}, matched
-    rej = (ids.filter("kind = 'reject' AND image_id IS NOT NULL")
-           .groupBy("image_id").agg(F.first("reason").alias("reject_reason")))
-    m = man.withColumn("_in_manifest", F.lit(True))
-    full = feats1.join(m, "image_id", "full_outer").join(rej, "image_id", "left_outer")
+        m = None
+        full = feats.select("*", F.lit(True).alias("_in_manifest"), F.lit("ok").alias("status"),
+                            *(F.lit(None).cast(t).alias(c) for c, t in
+                              (("path", "string"), ("label", "string"), ("label_index", "int"), ("split", "string"),
+                               ("reject_reason", "string"))))
+    else:
+        rej = (ids.filter("kind = 'reject' AND image_id IS NOT NULL")
+               .groupBy("image_id").agg(F.min("reason").alias("reject_reason")))
+        m = man.select("image_id", "path", "label", "label_index", "split", "status", F.lit(True).alias("_in_manifest"))
+        full = feats.join(m, "image_id", "full_outer").join(rej, "image_id", "left_outer")
     category = (F.when(F.col("_in_manifest").isNull(), F.lit("extra"))
                 .when(F.col("shard").isNull(), F.lit("missing")).otherwise(F.lit("matched")))
     reason = (F.when(F.col("status") != "ok", F.concat(F.lit("manifest:"), F.col("status")))
@@ -308,12 +321,17 @@ def _join(ids: Any, man: Any | None, allow_extra: bool) -> tuple[Any, dict[str, 
               .otherwise(F.lit("not_featurized")))
     full = full.withColumn("_category", category).withColumn(
         "_reason", F.when(F.col("_category") == "missing", reason)).persist(StorageLevel.MEMORY_AND_DISK)
-    counts = full.groupBy("_category", "_reason", "split").count().collect()
+    counts = (full.groupBy("_category", "_reason", "split", (F.col("status") == "ok").alias("_ok"))
+              .agg(F.count(F.lit(1)).alias("n"), F.sum(F.coalesce(F.col("_copies"), F.lit(1)) - 1).alias("dups"),
+                   F.sum((F.col("_copies") > 1).cast("int")).alias("dup_ids"))
+              .collect())
     acc: dict[str, Any] = {"manifest_rows": 0, "with_features": 0, "without_features": 0, "without_features_by_reason": {},
-                           "extra_feature_rows": 0, "duplicate_feature_rows": dup_rows, "duplicate_ids": dup_ids,
+                           "extra_feature_rows": 0, "duplicate_feature_rows": 0, "duplicate_ids": 0, "matched_not_ok": 0,
                            "by_split": {}}
     for r in counts:
-        cat, n = r["_category"], int(r["count"])
+        cat, n = r["_category"], int(r["n"])
+        acc["duplicate_feature_rows"] += int(r["dups"] or 0)
+        acc["duplicate_ids"] += int(r["dup_ids"] or 0)
         if cat == "extra":
             acc["extra_feature_rows"] += n
             continue
@@ -322,20 +340,34 @@ def _join(ids: Any, man: Any | None, allow_extra: bool) -> tuple[Any, dict[str, 
             acc["with_features"] += n
             split = r["split"] if r["split"] is not None else ""
             acc["by_split"][split] = acc["by_split"].get(split, 0) + n
+            if r["_ok"] is False:
+                acc["matched_not_ok"] += n
         else:
             acc["without_features"] += n
             reasons = acc["without_features_by_reason"]
             reasons[r["_reason"]] = reasons.get(r["_reason"], 0) + n
-    acc["feature_rows"] = acc["with_features"] + acc["extra_feature_rows"] + dup_rows
-    acc["matched_not_ok"] = full.filter("_category = 'matched' AND status != 'ok'").count()
-    if acc["extra_feature_rows"]:
+    acc["feature_rows"] = acc["with_features"] + acc["extra_feature_rows"] + acc["duplicate_feature_rows"]
+    if man is None:
+        for key in ("manifest_rows", "without_features", "without_features_by_reason", "extra_feature_rows",
+                    "matched_not_ok", "by_split"):
+            acc.pop(key)
+    problems = []
+    if acc["duplicate_feature_rows"]:
+        shards_hit = sorted(r[0] for r in ids.filter("kind = 'feature'").groupBy("image_id", "shard").count()
+                            .join(full.filter("_copies > 1").select("image_id"), "image_id")
+                            .select("shard").distinct().limit(10).collect())
+        problems.append(f"{acc['duplicate_ids']} image id(s) appear in more than one feature row "
+                        f"({acc['duplicate_feature_rows']} extra row(s), shards {', '.join(shards_hit)})")
+    if acc.get("extra_feature_rows"):
         examples = [r[0] for r in full.filter("_category = 'extra'").select("image_id").limit(5).collect()]
+        acc["extra_examples"] = examples
+        problems.append(f"{acc['extra_feature_rows']} feature row(s) have no manifest row (e.g. {', '.join(examples)})")
+    if problems:
         if not allow_extra:
             full.unpersist()
-            raise ValueError(f"--features: {acc['extra_feature_rows']} feature row(s) have no manifest row "
-                             f"(e.g. {', '.join(examples)}); pass --allow-extra (pca.allow_extra) to count and drop them")
-        acc["extra_examples"] = examples
-        log.warning("%d feature rows have no manifest row; counted and dropped", acc["extra_feature_rows"])
+            raise ValueError("--features: " + "; ".join(problems) + "; pass --allow-extra (pca.allow_extra) to count "
+                             "them and keep only the first copy of each manifest row")
+        log.warning("%s; counted and dropped (allow_extra)", "; ".join(problems))
     matched = full.filter("_category = 'matched'").select("image_id", "shard", "shard_idx", "row", "path", "label",
                                                           "label_index", "split")
     return matched, acc, full
@@ -346,13 +378,18 @@ def _fit(fit_rows: Any, folder: str, markers: dict[str, dict[str, Any]], cfg: Co
     if method == "auto":
         method = "randomized" if dim > WIDE_DIM else "exact"
     if method == "exact":
-        mom = _reduce_rows(fit_rows, folder, markers, lambda: Moments(full=True), lambda a: a, merge_moments)
+        t = time.perf_counter()
+        mom = _reduce_rows(fit_rows, folder, markers, lambda: Moments(full=True), settle_moments, merge_moments)
         if mom.n == 0:
             raise ValueError(f"pca.fit_split = {pc.fit_split!r}: no matched rows in that split")
-        return fit_exact(mom, pc.k, pc.variance, pc.standardize)
+        t_moments = time.perf_counter() - t
+        t = time.perf_counter()
+        model = fit_exact(mom, pc.k, pc.variance, pc.standardize)
+        model.info.update(moments_s=round(t_moments, 3), eigh_s=round(time.perf_counter() - t, 3))
+        return model
     if method != "randomized":
         raise ValueError(f"method must be auto, exact or randomized, got {method!r}")
-    diag = _reduce_rows(fit_rows, folder, markers, lambda: Moments(full=False), lambda a: a, merge_moments)
+    diag = _reduce_rows(fit_rows, folder, markers, lambda: Moments(full=False), settle_moments, merge_moments)
     if diag.n == 0:
         raise ValueError(f"pca.fit_split = {pc.fit_split!r}: no matched rows in that split")
 
@@ -424,7 +461,7 @@ def run_pca(cfg: Config, manifest: str, features: str, out: str, master: str | N
     matched, acc, joined = _join(ids, man, cfg.pca.allow_extra)
     if acc["with_features"] == 0:
         raise ValueError(f"--manifest {manifest} and --features {features} share no image_id")
-    matched = matched.repartitionByRange(parts, "shard_idx").sortWithinPartitions("shard_idx", "row")
+    matched = matched.repartition(parts, "shard_idx").sortWithinPartitions("shard_idx", "row")
     timings["join"] = time.perf_counter() - t
     t = time.perf_counter()
     fit_rows = matched.filter(F.col("split") == cfg.pca.fit_split) if cfg.pca.fit_split else matched
@@ -498,7 +535,7 @@ def apply_pca(model_path: str, features: str, out: str, spark: Any, *, manifest:
     ids = _ids_pass(spark, features, markers, parts)
     man = _read_manifest_df(spark, manifest) if manifest else None
     matched, acc, joined = _join(ids, man, allow_extra)
-    matched = matched.repartitionByRange(parts, "shard_idx").sortWithinPartitions("shard_idx", "row")
+    matched = matched.repartition(parts, "shard_idx").sortWithinPartitions("shard_idx", "row")
     reduced_url = shards.join(out, REDUCED_DIR)
     written = _project_and_write(matched, features, markers, model, reduced_url)
     if written["rows"] != acc["with_features"]:

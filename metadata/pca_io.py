@@ -63,8 +63,10 @@ def dataset_files(url: str) -> list[str]:
         raise ValueError(f"{url}: no such Parquet dataset")
     if not fs.isdir(root):
         return [url]
-    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
-    return [shards.join(url, n) for n in names if n.endswith(PARQUET_SUFFIX) and not n.startswith(("_", "."))]
+    base = root.rstrip("/") + "/"
+    rels = sorted(p[len(base):] for p in fs.find(root) if p.startswith(base))
+    return [shards.join(url, r) for r in rels
+            if r.endswith(PARQUET_SUFFIX) and not any(part.startswith(("_", ".")) for part in r.split("/"))]
 
 
 def _prune(url: str, keep: set[str]) -> list[str]:

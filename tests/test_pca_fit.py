@@ -1,0 +1,107 @@
+"""PCA math without Spark: moments merging, exact fit vs scikit-learn, k selection, randomized vs exact, model file."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from metadata.pca_fit import (CovProduct, Moments, PcaModel, choose_k, fit_exact, fit_randomized, principal_angles)
+
+
+def low_rank(n: int, d: int, spectrum: list[float], seed: int = 0, noise: float = 0.05, offset: float = 3.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(rng.standard_normal((d, len(spectrum))))
+    z = rng.standard_normal((n, len(spectrum))) * np.asarray(spectrum)
+    x = z @ basis.T + noise * rng.standard_normal((n, d)) + offset + rng.standard_normal(d)
+    return x.astype(np.float32)
+
+
+def test_moments_merge_matches_direct() -> None:
+    x = low_rank(500, 12, [5, 3, 1]).astype(np.float64)
+    m = Moments()
+    for part in np.array_split(x, 7):
+        m.merge(Moments().add(part))
+    xc = x - x.mean(0)
+    assert m.n == 500
+    np.testing.assert_allclose(m.mean, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(m.m2, xc.T @ xc, rtol=1e-10, atol=1e-9)
+    diag = Moments(full=False)
+    for part in np.array_split(x, 3):
+        diag.merge(Moments(full=False).add(part))
+    np.testing.assert_allclose(diag.variance, x.var(0, ddof=1), rtol=1e-10)
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_exact_fit_matches_sklearn(standardize: bool) -> None:
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    x = low_rank(400, 20, [9, 6, 4, 2.5, 1.5], seed=1)
+    model = fit_exact(Moments().add(x), k=5, variance=0.0, standardize=standardize)
+    x64 = x.astype(np.float64)
+    ref_in = StandardScaler().fit_transform(x64) * np.sqrt(399 / 400) if standardize else x64
+    # StandardScaler divides by the ddof=0 std; rescale to ddof=1 like Spark's StandardScaler (same subspace anyway).
+    ref = PCA(n_components=5, svd_solver="full").fit(ref_in)
+    assert principal_angles(model.components, ref.components_).max() < 1e-6
+    np.testing.assert_allclose(np.abs(np.sum(model.components * ref.components_, axis=1)), 1.0, atol=1e-8)
+    np.testing.assert_allclose(model.explained_variance_ratio, ref.explained_variance_ratio_, rtol=1e-6)
+    if not standardize:
+        np.testing.assert_allclose(model.explained_variance, ref.explained_variance_, rtol=1e-6)
+        np.testing.assert_allclose(model.transform(x), ref.transform(x64), rtol=1e-4, atol=1e-4)
+
+
+def test_choose_k_by_variance() -> None:
+    ratio = np.array([0.5, 0.3, 0.1, 0.05, 0.05])
+    assert choose_k(ratio, 64, 0.8, 5) == 2
+    assert choose_k(ratio, 64, 0.80000000001, 5) == 2  # float noise does not add a component
+    assert choose_k(ratio, 64, 0.81, 5) == 3
+    assert choose_k(ratio, 64, 1.0, 5) == 5
+    assert choose_k(ratio, 3, 0.0, 5) == 3
+    with pytest.raises(ValueError, match="pca.k"):
+        choose_k(ratio, 6, 0.0, 5)
+
+
+def test_variance_selection_in_fit() -> None:
+    x = low_rank(300, 10, [10, 5, 1], seed=2, noise=0.01)
+    model = fit_exact(Moments().add(x), k=64, variance=0.95, standardize=False)
+    cum = np.cumsum(model.spectrum_ratio)
+    assert cum[model.k - 1] >= 0.95 and (model.k == 1 or cum[model.k - 2] < 0.95)
+    assert model.k == 2
+
+
+def test_randomized_matches_exact_on_wide_data() -> None:
+    x = low_rank(300, 600, [20, 15, 11, 8, 6, 4], seed=3, noise=0.05)
+    mom = Moments().add(x)
+    exact = fit_exact(mom, k=6, variance=0.0, standardize=True)
+    diag = Moments(full=False).add(x)
+
+    def product(mean, scale, q):
+        acc = CovProduct(mean, scale, q)
+        for part in np.array_split(x, 4):  # as tasks would
+            acc.merge(CovProduct(mean, scale, q).add(part).light())
+        return acc
+
+    rnd = fit_randomized(diag, product, k=6, variance=0.0, standardize=True)
+    assert rnd.method == "randomized"
+    assert principal_angles(rnd.components, exact.components).max() < 1e-3
+    np.testing.assert_allclose(rnd.explained_variance, exact.explained_variance, rtol=1e-6)
+    np.testing.assert_allclose(rnd.explained_variance_ratio, exact.explained_variance_ratio, rtol=1e-6)
+    np.testing.assert_allclose(np.abs(np.sum(rnd.components * exact.components, axis=1)), 1.0, atol=1e-6)
+
+
+def test_model_roundtrip(tmp_path) -> None:
+    x = low_rank(100, 8, [4, 2], seed=4)
+    model = fit_exact(Moments().add(x), k=3, variance=0.0, standardize=True)
+    path = str(tmp_path / "m.npz")
+    model.save(path)
+    back = PcaModel.load(path)
+    assert back.k == 3 and back.standardize and back.method == "exact" and back.n_fit == 100
+    np.testing.assert_array_equal(back.transform(x), model.transform(x))
+    raw = np.load(path)  # plain numpy can read it
+    assert raw["components"].shape == (3, 8)
+    with pytest.raises(ValueError, match="no such model"):
+        PcaModel.load(str(tmp_path / "absent.npz"))
+
+
+def test_too_few_rows() -> None:
+    with pytest.raises(ValueError, match="pca.fit_split"):
+        fit_exact(Moments().add(np.ones((1, 4), np.float32)), k=1, variance=0.0, standardize=False)
