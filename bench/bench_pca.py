@@ -124,7 +124,7 @@ def sparkml(spark, man: str, feat: str, out: str, k: int) -> dict:
     from pyspark.sql import functions as F
 
     from metadata.pca import REDUCED_SCHEMA, features_dataframe
-    from metadata.pca_io import read_parquet_dataset, write_parquet_dataset
+    from metadata.parquet_io import read_parquet_dataset, write_parquet_dataset
     from metadata.schema import manifest_path
 
     t0 = time.perf_counter()

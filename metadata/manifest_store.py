@@ -8,15 +8,11 @@ import uuid
 import fsspec
 
 from metadata.schema import HISTORY_DIR, MANIFEST_DIR, SUMMARY_FILE
-from metadata.shards import read_json
+from metadata.shards import move_folder, read_json
 
 log = logging.getLogger(__name__)
 
 ROWS_PER_FILE = 500_000
-
-
-def _spark_path(url: str) -> str:
-    return url if "://" in url else "file://" + fsspec.core.url_to_fs(url)[1]
 
 
 def current_version(out: str) -> int:
@@ -32,23 +28,29 @@ def commit_manifest(df, out: str, keep_history: bool, rows: int) -> int:
     moves to ``OUT/manifest_history/vN`` when ``keep_history`` (incremental runs), else is removed.
     A failed write leaves the previous manifest as it was.
     """
+    from metadata.parquet_io import write_parquet_dataset
+    from metadata.schema import MANIFEST_SCHEMA
+
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(root, exist_ok=True)
-    staging = f"{root}/.manifest-staging-{uuid.uuid4().hex[:8]}"
+    name = f".manifest-staging-{uuid.uuid4().hex[:8]}"
+    staging = f"{root}/{name}"
     files = max(1, math.ceil(rows / ROWS_PER_FILE))
-    (df.repartitionByRange(files, "path").sortWithinPartitions("path")
-       .write.mode("errorifexists").parquet(_spark_path(out.rstrip("/") + staging[len(root):])))
+    # Tasks write through fsspec (local or s3://) with a _SUCCESS file last: no Hadoop connector needed.
+    write_parquet_dataset(df.repartitionByRange(files, "path").sortWithinPartitions("path"),
+                          out.rstrip("/") + "/" + name, schema=MANIFEST_SCHEMA)
+    fs.invalidate_cache()  # the tasks wrote the files; this process's listing cache has not seen them
     version = current_version(out) + 1
     final = f"{root}/{MANIFEST_DIR}"
     if fs.exists(final):
         if keep_history:
             hist = f"{root}/{HISTORY_DIR}/v{version - 1:04d}"
             fs.makedirs(f"{root}/{HISTORY_DIR}", exist_ok=True)
-            fs.mv(final, hist, recursive=True)
+            move_folder(fs, final, hist)
             log.info("previous manifest kept at %s", hist)
         else:
             fs.rm(final, recursive=True)
-    fs.mv(staging, final, recursive=True)
+    move_folder(fs, staging, final)
     return version
 
 
@@ -61,4 +63,6 @@ def load_previous(spark, out: str, fingerprint: str):
         raise ValueError(
             f"--incremental: the [manifest] config changed since the manifest at {out} was built "
             f"(fingerprint {summary.get('fingerprint')} vs {fingerprint}); run without --incremental")
-    return spark.read.parquet(_spark_path(out.rstrip("/") + "/" + MANIFEST_DIR))
+    from metadata.parquet_io import read_parquet_dataset
+
+    return read_parquet_dataset(spark, out.rstrip("/") + "/" + MANIFEST_DIR)

@@ -13,7 +13,7 @@ How the work is split (nothing row-sized ever reaches the driver):
    ``mapInArrow`` tasks that open their shards through fsspec, pick the rows, and fold them into
    float64 moments; a ``treeReduce`` brings one d x d matrix to the driver for ``eigh``.
 4. *Transform and write*: the same tasks project every matched row with the broadcast model and the
-   output is written by the executors (``metadata.pca_io.write_parquet_dataset``).
+   output is written by the executors (``metadata.parquet_io.write_parquet_dataset``).
 
 The features themselves never pass through the JVM: at 2048 floats a row, Arrow <-> JVM row
 conversion would cost more than the whole PCA (see FACTS: about 0.2 ms of CPU per row).
@@ -38,7 +38,7 @@ from metadata.config import Config, dump_toml
 from metadata.feature_store import ID_DTYPE, committed_shards, read_feature_shard, read_rejects
 from metadata.pca_fit import (CovProduct, Moments, PcaModel, fit_exact, fit_randomized, merge_moments, merge_products,
                               settle_moments)
-from metadata.pca_io import conform_batch, read_parquet_dataset, write_parquet_dataset
+from metadata.parquet_io import conform_batch, read_parquet_dataset, write_parquet_dataset
 from metadata.schema import CONFIG_FILE, manifest_path
 
 log = logging.getLogger(__name__)

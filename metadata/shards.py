@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 MARKER_SUFFIX = ".done.json"
 REJECTS_SUFFIX = ".rejects.json"
@@ -202,3 +203,16 @@ def remove_shard(folder: str, stem: str) -> None:
         for entry in fs.ls(path, detail=False):
             if entry.rsplit("/", 1)[-1].startswith(stem + "."):
                 fs.rm(entry)
+
+
+def move_folder(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """Move folder ``src`` to ``dst`` on ``fs``: a rename locally, copy-then-delete per file on object stores."""
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(dst.rstrip("/")), exist_ok=True)
+        os.replace(src, dst)
+        return
+    files = fs.find(src)
+    for path in files:
+        fs.copy(path, dst.rstrip("/") + "/" + path[len(src.rstrip("/")) + 1:])
+    fs.rm(files)
+    fs.invalidate_cache()

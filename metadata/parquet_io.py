@@ -10,7 +10,7 @@ file). The driver collects the committed names (one per partition, from the succ
 only), removes whatever else is there (files of failed, retried or speculative attempts) and writes
 ``_SUCCESS`` last. Readers that only trust ``_SUCCESS`` datasets see all or nothing.
 
-Used by the pca stage; the manifest job may reuse it.
+Used by the manifest job and the pca stage.
 """
 from __future__ import annotations
 
