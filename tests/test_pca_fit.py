@@ -105,3 +105,12 @@ def test_model_roundtrip(tmp_path) -> None:
 def test_too_few_rows() -> None:
     with pytest.raises(ValueError, match="pca.fit_split"):
         fit_exact(Moments().add(np.ones((1, 4), np.float32)), k=1, variance=0.0, standardize=False)
+
+
+def test_wide_float32_products_match_float64() -> None:
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(3000, 8)) @ rng.normal(size=(8, 600)) + rng.normal(scale=0.3, size=(3000, 600)) + 5).astype(np.float32)
+    single = fit_exact(Moments().add(x), k=8, variance=0.0, standardize=False)
+    double = fit_exact(Moments().add(x.astype(np.float64)), k=8, variance=0.0, standardize=False)
+    assert principal_angles(single.components, double.components).max() < 1e-6
+    np.testing.assert_allclose(single.explained_variance, double.explained_variance, rtol=1e-7)
