@@ -65,6 +65,14 @@ def baseline(spark, src: Path, out: Path) -> float:
     return time.perf_counter() - t
 
 
+def cold_cache() -> str:
+    """Drop the page cache (root only) so every pipeline starts from the same cold disk; else warm all."""
+    import subprocess
+
+    proc = subprocess.run("sync && echo 3 > /proc/sys/vm/drop_caches", shell=True, capture_output=True)
+    return "cold (page cache dropped before each run)" if proc.returncode == 0 else "as found (could not drop the page cache)"
+
+
 def jvm_used_mb(spark) -> float:
     rt = spark.sparkContext._jvm.java.lang.Runtime.getRuntime()
     spark.sparkContext._jvm.java.lang.System.gc()
@@ -96,21 +104,24 @@ def main() -> None:
     baseline(spark, small, work / "warm_base")
 
     mem = []
+    cache = ""
     for label, src, n in (("x1", small, n_small), (f"x{args.copies}", big, n_big)):
         gc.collect()
         for mode in ("full", "header"):
             cfg_mode = load_config(None, {"spark": {"master": args.master}, "manifest": {"validation": mode}})
+            cache = cold_cache()
             summary = run_manifest(cfg_mode, [str(src)], str(work / f"out_{label}_{mode}"))
             assert summary["total"] == n, (summary["total"], n)
             rows.append((f"imgfeat manifest ({mode})", label, n, summary["timings"]["total_s"],
                          summary["timings"]["check_s"]))
         mem.append((label, n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, jvm_used_mb(spark)))
+        cache = cold_cache()
         secs = baseline(spark, src, work / f"base_{label}")
         rows.append(("baseline: binaryFile + PIL pandas UDF", label, n, secs, None))
 
     base = {r[1]: r[3] for r in rows if r[0].startswith("baseline")}
     lines = [
-        f"Machine: {os.cpu_count()} cores, Spark master {args.master}. Command: "
+        f"Machine: {os.cpu_count()} cores, Spark master {args.master}, files {cache}. Command: "
         f"`.venv/bin/python bench/bench_manifest.py --copies {args.copies} --master '{args.master}'`",
         "",
         "| pipeline | data | files | seconds (end to end) | files/s | vs baseline | check stage s |",

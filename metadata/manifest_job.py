@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from metadata import labels as labels_mod
-from metadata.checks import check_entry
+from metadata.checks import check_entry, prefetched
 from metadata.config import Config, dump_toml
 from metadata.listing import Entry, Unit, check_source, list_unit, plan_units
 from metadata.manifest_store import commit_manifest, load_previous
@@ -60,9 +60,9 @@ def _make_checker(cfg: Config):
     def check(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             out: dict[str, list[Any]] = {n: [] for n in names}
-            for e in batch.to_pylist():
-                row = check_entry(Entry(e["root"], e["path"], e["size"], e["mtime"], e["error"]),
-                                  validation, max_bytes, max_pixels, formats)
+            entries = (Entry(e["root"], e["path"], e["size"], e["mtime"], e["error"]) for e in batch.to_pylist())
+            for entry, data in prefetched(entries, max_bytes):
+                row = check_entry(entry, validation, max_bytes, max_pixels, formats, data)
                 rel = row["rel_path"]
                 if label_from == "parent":
                     row["label"] = labels_mod.parent_label(rel)
@@ -93,7 +93,11 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
         raise ValueError("SRC: give at least one source folder or URL")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    roots = [check_source(s) for s in sources]
+    roots = sorted({check_source(s) for s in sources})
+    for a in roots:
+        for b in roots:
+            if a != b and a.startswith(b.rstrip("/") + "/"):
+                raise ValueError(f"SRC {a!r} is inside SRC {b!r}: give each folder once")
     spark = get_spark(cfg.spark, master)
     timings["spark_start_s"] = time.perf_counter() - t0
     tasks = num_tasks(spark, cfg.spark)
@@ -103,8 +107,9 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
     timings["plan_s"] = time.perf_counter() - t0 - timings["spark_start_s"]
     units_df = spark.createDataFrame([(u.root, u.folder, u.recursive) for u in units], "root string, folder string, recursive boolean")
     entries = units_df.repartition(min(len(units), tasks)).mapInArrow(_list_units, spark_schema(ENTRY_SCHEMA))
-    # Hash partitioning by path is deterministic, so task retries cannot lose or duplicate rows.
-    entries = entries.dropDuplicates(["path"]).repartition(tasks, "path")
+    # Hash partitioning by path is deterministic, so task retries cannot lose or duplicate rows; an
+    # explicit partition count also keeps adaptive execution from merging the checks into one task.
+    entries = entries.repartition(tasks, "path")
 
     t1 = time.perf_counter()
     checker = _make_checker(cfg)
