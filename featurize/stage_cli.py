@@ -1,0 +1,134 @@
+"""The featurize command line, shared by ``imgfeat featurize`` and ``python -m featurize`` (torchrun).
+
+``register(subparsers)`` adds the subcommand to the ``imgfeat`` CLI; ``main(argv)`` is the standalone
+entry point. Both use ``add_featurize_args``, so the flags exist in one place.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from metadata.cli_common import add_common_args, build_config, setup_logging
+from metadata.config import Config
+
+log = logging.getLogger(__name__)
+
+HELP = "model features for every manifest row, as resumable shards (one process, or every rank under torchrun)"
+EPILOG = """\
+Several GPUs or nodes: torchrun --nproc-per-node=N -m featurize --manifest OUT --out FEAT
+(add --nnodes/--node-rank/--rdzv-endpoint for several nodes). Rerun the same command to resume.
+Weights are read from the torch cache ($TORCH_HOME/hub/checkpoints); nothing is downloaded here:
+seed the cache or pass --weights-path FILE.
+"""
+
+
+def add_featurize_args(parser: argparse.ArgumentParser) -> None:
+    """All featurize flags (and the common ones); flags left unset keep the config file's values."""
+    parser.add_argument("--manifest", required=True, metavar="OUT", help="the manifest folder (imgfeat manifest --out)")
+    parser.add_argument("--out", required=True, metavar="FEAT", help="feature folder (local path or s3://...)")
+    parser.add_argument("--split", default=None, help="featurize only this split (default: every row)")
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", help="torchvision model name (default resnet50)")
+    g.add_argument("--weights", help="torchvision weights enum name (IMAGENET1K_V2, DEFAULT) or none")
+    g.add_argument("--weights-path", metavar="FILE", help="a local state_dict file (wins over --weights)")
+    g.add_argument("--model-path", metavar="FILE", help="a TorchScript or torch.export model file (wins over --model)")
+    g.add_argument("--layer", help="graph node to take features from (default: pooled penultimate layer)")
+    g.add_argument("--pool", choices=("avg", "max", "none"), help="global pooling of spatial maps (default avg)")
+    g = parser.add_argument_group("speed")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (default fp32)")
+    g.add_argument("--batch-size", type=int, help="images per batch (preprocess.batch_size)")
+    g.add_argument("--num-workers", type=int, help="decode workers per rank (-1: this rank's share of the cores)")
+    g.add_argument("--size", type=int, help="model input size; the resize-before-crop side scales with it")
+    g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None,
+                   help="keep NCHW memory layout")
+    g = parser.add_argument_group("output")
+    g.add_argument("--format", choices=("npy", "hdf5"), help="shard format (default npy)")
+    g.add_argument("--dtype", choices=("float32", "float16"), help="stored feature dtype (default float32)")
+    g.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace shards of a run with another fingerprint instead of refusing")
+    add_common_args(parser)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """``--config`` plus the flags that were given."""
+    overrides: dict[str, dict[str, Any]] = {
+        "featurize": {
+            "model": args.model, "weights": args.weights, "weights_path": args.weights_path,
+            "model_path": args.model_path, "layer": args.layer, "pool": args.pool, "precision": args.precision,
+            "device": args.device, "compile": args.compile, "channels_last": args.channels_last,
+            "format": args.format, "dtype": args.dtype, "overwrite": args.overwrite,
+        },
+        "preprocess": {"batch_size": args.batch_size, "num_workers": args.num_workers},
+    }
+    cfg = build_config(args, overrides)
+    if args.size is not None:
+        if args.size < 1:
+            raise ValueError("--size (preprocess.size) must be >= 1")
+        pre = cfg.preprocess
+        # Keep the configured resize/crop ratio (256/224 by default), as ManifestDataset does.
+        pre.resize_shorter = max(args.size, round(args.size * pre.resize_shorter / pre.size))
+        pre.size = args.size
+        cfg.validate()
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the stage for parsed ``args``; 0 on success, 2 on a config or input mistake."""
+    from featurize.runner import run_featurize
+
+    try:
+        cfg = config_from_args(args)
+        run_featurize(cfg, args.manifest, args.out, split=args.split)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    except Exception as exc:
+        from featurize.weights import WeightsUnavailableError
+
+        if isinstance(exc, WeightsUnavailableError):
+            log.error("%s", exc)
+            return 2
+        raise
+    return 0
+
+
+def _run_with_logging(args: argparse.Namespace) -> int:
+    setup_logging(args.verbose, args.quiet)
+    rank = os.environ.get("RANK")
+    if rank not in (None, "0"):  # other ranks: warnings and errors only, tagged with the rank
+        logging.getLogger().setLevel(logging.WARNING if not args.verbose else logging.INFO)
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s",
+                                                   "%H:%M:%S"))
+    return run(args)
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``featurize`` to the ``imgfeat`` CLI (``func(args) -> int`` set as default)."""
+    parser = subparsers.add_parser("featurize", help=HELP, description=HELP, epilog=EPILOG,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_featurize_args(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m featurize", description=HELP, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_featurize_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m featurize`` (what torchrun starts on every rank)."""
+    args = build_parser().parse_args(argv)
+    return _run_with_logging(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

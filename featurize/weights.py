@@ -1,0 +1,110 @@
+"""Resolve model weights: a torchvision enum name (read from the torch hub cache), a local file, or none.
+
+The weights hash that goes into the run fingerprint is the sha256 of the file the weights were read
+from (the cached checkpoint, the ``weights_path`` file or the TorchScript/exported model file).
+No machine of this project can download weights at run time: a failed download raises
+``WeightsUnavailableError`` saying how to provide them (``--weights-path`` or a seeded cache).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+NO_WEIGHTS = ("", "none", "None", "NONE", "random")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights are neither in the torch cache nor downloadable."""
+
+
+@dataclass
+class ResolvedWeights:
+    """Where a model's parameters come from."""
+
+    source: str
+    """``torchvision``, ``file`` or ``none``."""
+    name: str
+    """The enum name (``IMAGENET1K_V1``), the file path, or ``none``."""
+    sha256: str
+    """sha256 of the weights file; empty for random initialisation."""
+    state_dict: dict[str, Any] | None
+    enum: Any = None
+    """The torchvision ``WeightsEnum`` member, when weights came from torchvision."""
+
+
+def file_sha256(path: str) -> str:
+    """sha256 hex digest of a local file (or an fsspec URL)."""
+    import fsspec
+
+    h = hashlib.sha256()
+    with fsspec.open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_enum(model: str, name: str) -> Any:
+    """The torchvision weights enum member ``name`` (``DEFAULT`` allowed) of ``model``."""
+    from torchvision.models import get_model_weights
+
+    try:
+        enum_cls = get_model_weights(model)
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"featurize.model: {model!r} has no torchvision weights ({exc})") from None
+    members = list(enum_cls.__members__)
+    if name not in members:
+        raise ValueError(f"featurize.weights: {model} has no weights {name!r}; known: {', '.join(members)}, none")
+    return enum_cls[name]
+
+
+def cached_checkpoint(enum: Any) -> str:
+    """The path where torchvision keeps (or would keep) the checkpoint of ``enum`` in the torch hub cache."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(enum.url))
+
+
+def _read_state_dict(path: str) -> dict[str, Any]:
+    import fsspec
+
+    with fsspec.open(path, "rb") as fh:
+        obj = torch.load(fh, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"featurize.weights_path: {path} does not hold a state_dict (got {type(obj).__name__})")
+    # Checkpoints saved from DataParallel / DDP prefix every key with ``module.``.
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def resolve_weights(model: str, weights: str, weights_path: str = "") -> ResolvedWeights:
+    """Find and load the weights for torchvision ``model``; ``weights_path`` wins over ``weights``."""
+    if weights_path:
+        import fsspec
+
+        fs, p = fsspec.core.url_to_fs(weights_path)
+        if not fs.exists(p):
+            raise ValueError(f"featurize.weights_path: no such file {weights_path!r}")
+        return ResolvedWeights("file", weights_path, file_sha256(weights_path), _read_state_dict(weights_path))
+    if weights in NO_WEIGHTS:
+        return ResolvedWeights("none", "none", "", None)
+    enum = weights_enum(model, weights)
+    target = cached_checkpoint(enum)
+    try:
+        state = enum.get_state_dict(progress=False, check_hash=True)
+    except Exception as exc:  # URLError, HTTPError, OSError, hash mismatch...
+        raise WeightsUnavailableError(
+            f"could not load {model} weights {enum} (file {os.path.basename(enum.url)}): {type(exc).__name__}: {exc}. "
+            f"This machine cannot download them. Either pass --weights-path FILE (a local state_dict), "
+            f"or seed the torch cache: copy {os.path.basename(enum.url)} to {target} "
+            f"(set $TORCH_HOME to choose the cache; it is $TORCH_HOME/hub/checkpoints/)."
+        ) from exc
+    digest = file_sha256(target) if os.path.exists(target) else ""
+    return ResolvedWeights("torchvision", enum.name, digest, state, enum)
