@@ -39,11 +39,12 @@ def test_fingerprint_refusal_names_keys(tmp_path) -> None:
 
 
 def test_missing_weights_say_what_to_do(tmp_path, monkeypatch) -> None:
+    # resnet18's file ships in no installed package, so nothing can seed the empty cache.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))
     with pytest.raises(WeightsUnavailableError) as err:
-        resolve_weights("mobilenet_v2", "IMAGENET1K_V1")
+        resolve_weights("resnet18", "IMAGENET1K_V1")
     text = str(err.value)
-    assert "--weights-path" in text and "hub/checkpoints" in text and "mobilenet_v2-b0353104.pth" in text
+    assert "--weights-path" in text and "hub/checkpoints" in text and "resnet18-f37072fd.pth" in text
 
 
 def test_weights_config_mistakes() -> None:
