@@ -10,6 +10,9 @@
 * Seed baseline: ``spark.read.format("binaryFile")`` + a pandas UDF that decodes with PIL, applies
   torchvision's transforms and runs the plain model rebuilt from a ``sc.broadcast`` state dict (fp32, NCHW),
   on the same images and weights; ratio of images/s and per-image cosine against our features.
+* Decode-worker policy (``--compare-workers``, first model only): end-to-end under the automatic plan
+  (``featurize.runner.loader_workers``; ``preprocess.num_workers = -1``) against explicit worker counts
+  (0 = decode in the main process), passes interleaved with the main measurement.
 
 Needs ../shared (fruit photos, MobileNetV2 weights, seeded into a temporary TORCH_HOME). resnet50 has no
 weights here: it runs with random weights (``--weights none``), which costs the same compute.
@@ -111,7 +114,8 @@ def end_to_end(cfg: Any, manifest: Path, tmp: Path, tag: str) -> dict[str, Any]:
     t = summary["this_run"]
     rank = t["per_rank"][0]
     return {"images": t["images"], "loop_s": t["loop_s"], "setup_s": rank["setup_s"], "ips": t["images"] / t["loop_s"],
-            "stages": t["stage_seconds"], "slowest": t["slowest_stage"], "gpu_util": gpu.mean, "out": out}
+            "stages": t["stage_seconds"], "slowest": t["slowest_stage"], "gpu_util": gpu.mean, "out": out,
+            "workers": rank.get("workers")}
 
 
 def model_only(cfg: Any, n_images: int) -> dict[str, Any]:
@@ -230,6 +234,8 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--repeats", type=int, default=2, help="best of N for each measurement")
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--compare-workers", default="2,1,0",
+                    help="explicit worker counts to compare with the automatic plan on the first model ('' = none)")
     ap.add_argument("--results", default=str(REPO / "bench" / "RESULTS-featurize.md"))
     args = ap.parse_args()
     if args.quick:
@@ -249,13 +255,25 @@ def main() -> int:
     load_before = os.getloadavg()
     rows, notes = [], []
     e2e_out = {}
-    for model in args.models.split(","):
+    compare = [int(w) for w in args.compare_workers.split(",") if w.strip()] if args.num_workers is None else []
+    policy_rows: list[tuple[str, dict[str, Any]]] = []
+    for m, model in enumerate(args.models.split(",")):
         cfg = config(model, args)
         e2es, mos = [], []
+        alt: dict[int, list[dict[str, Any]]] = {w: [] for w in (compare if m == 0 else [])}
         for i in range(args.repeats):  # alternate, so drifting load on a shared machine hits both alike
             e2es.append(end_to_end(cfg, manifest, tmp, f"{model}-{i}"))
             mos.append(model_only(cfg, args.images))
+            for w in alt:
+                wcfg = config(model, args)
+                wcfg.preprocess.num_workers = w
+                alt[w].append(end_to_end(wcfg, manifest, tmp, f"{model}-w{w}-{i}"))
         e2e, mo = max(e2es, key=lambda r: r["ips"]), max(mos, key=lambda r: r["ips"])
+        if alt:
+            policy_rows.append((f"auto (num_workers = -1): {e2e['workers']} worker(s)", e2e))
+            policy_rows += [(f"{w} worker(s)" if w else "0: decode in the main process (no crash "
+                             "containment)", max(alt[w], key=lambda r: r["ips"])) for w in alt]
+            policy_rows = [(name, dict(r, eff=r["ips"] / mo["ips"], model=model)) for name, r in policy_rows]
         e2e_out[model] = e2e["out"]
         rows.append((model, e2e, mo))
         print(f"{model}: end-to-end {e2e['ips']:.1f} img/s, model-only {mo['ips']:.1f} img/s, "
@@ -292,6 +310,12 @@ def main() -> int:
         if args.device.startswith("cuda"):
             line += f" {e2e['gpu_util'] or 0:.0f} / {mo['gpu_util'] or 0:.0f} |"
         lines.append(line)
+    if policy_rows:
+        lines += ["", f"Decode workers on this device ({policy_rows[0][1]['model']}, same model-only figure, best of "
+                  f"{args.repeats}):", "", "| decode workers | end-to-end img/s | efficiency | forward s | transfer s |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {name} | {r['ips']:.1f} | {r['eff']:.3f} | {r['stages']['forward']:.2f} | "
+                  f"{r['stages']['transfer']:.2f} |" for name, r in policy_rows]
     if base is not None:
         ours = next(r[1]["ips"] for r in rows if r[0] == "mobilenet_v2")
         lines += [

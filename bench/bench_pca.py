@@ -294,8 +294,8 @@ def report(args: argparse.Namespace, r: dict[str, dict], argv: list[str]) -> Non
                      f"transform+write {s['transform_write_s']:.1f}")
     lines += ["", f"Load average (1 min) at start / end: {r['load'][0]:.1f} / {r['load'][1]:.1f} "
               "(other jobs shared this 2-core machine when it is high: then the absolute seconds are inflated).", ""]
-    lines += ["", "Driver memory: ours collects no rows to the driver (shard names, per-partition d x d moments and "
-              "counts only). Peak RSS of the driver's Python process after the 1x run: "
+    lines += ["", "Driver memory: ours collects no rows to the driver (shard names, counts, and the per-task d x d "
+              "moments, read and merged one file at a time). Peak RSS of the driver's Python process after the 1x run: "
               f"{o['driver_py_peak_mb']:.0f} MB" + (f", after the {args.scale}x run: {r['ours_x']['driver_py_peak_mb']:.0f} MB"
                                                     if "ours_x" in r else "")
               + f"; the driver JVM (which in local mode also runs the executors) peaked at {o['jvm_peak_mb']:.0f} MB "

@@ -18,7 +18,7 @@ from metadata.config import Config
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "featurize-1"
+CODE_VERSION = "featurize-2"
 """Bump when a code change alters the features written for the same inputs."""
 
 _RUNTIME_PREPROCESS_KEYS = ("num_workers", "batch_size", "prefetch_factor")

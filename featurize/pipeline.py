@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -76,7 +77,7 @@ def run_pipeline(cfg: Config, out: str | None = None, sources: list[str] | None 
             run_prep(cfg, paths["manifest"], paths["prep"])
             record(stage, _digest(cfg.fingerprint("prep", "preprocess")), time.perf_counter() - t, False)
         elif stage == "featurize":
-            _featurize(cfg, paths, run_dir)
+            _featurize(cfg, paths)
             record(stage, _digest(cfg.fingerprint("featurize", "preprocess")), time.perf_counter() - t, False)
         elif stage == "pca":
             feat = read_json(join(paths["features"], "featurize_summary.json")) or {}
@@ -98,17 +99,21 @@ def run_pipeline(cfg: Config, out: str | None = None, sources: list[str] | None 
     return write_report(run_dir, cfg)
 
 
-def _featurize(cfg: Config, paths: dict[str, str], run_dir: str) -> None:
+def _featurize(cfg: Config, paths: dict[str, str]) -> None:
     """In this process for one rank; through torchrun (standalone, this node) for several."""
     if cfg.run.nproc <= 1:
         from featurize.runner import run_featurize
 
         run_featurize(cfg, paths["manifest"], paths["features"])
         return
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.run.nproc}",
-           "-m", "featurize", "--manifest", paths["manifest"], "--out", paths["features"],
-           "--config", join(run_dir, "config.resolved.toml")]
-    log.info("featurize: %s", " ".join(cmd))
-    proc = subprocess.run(cmd, env=dict(os.environ, IMGFEAT_NO_PROGRESS=os.environ.get("IMGFEAT_NO_PROGRESS", "")))
+    # --config takes a local file; the run folder's copy may be on an object store.
+    with tempfile.TemporaryDirectory(prefix="imgfeat-run-") as tmp:
+        conf = os.path.join(tmp, "config.resolved.toml")
+        with open(conf, "w", encoding="utf-8") as fh:
+            fh.write(dump_toml(cfg))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.run.nproc}",
+               "-m", "featurize", "--manifest", paths["manifest"], "--out", paths["features"], "--config", conf]
+        log.info("featurize: %s", " ".join(cmd))
+        proc = subprocess.run(cmd, env=dict(os.environ, IMGFEAT_NO_PROGRESS=os.environ.get("IMGFEAT_NO_PROGRESS", "")))
     if proc.returncode != 0:
         raise RuntimeError(f"featurize under torchrun failed with exit code {proc.returncode}; rerun to resume")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ import torch
 from featurize import assign as assign_mod
 from featurize import fingerprint as fp_mod
 from featurize.distributed import DistContext, init_distributed, set_threads, shutdown
+from featurize.faults import Faults as _Faults  # the IMGFEAT_FAULT test hook
 from featurize.model import autocast, build_model, resolve_device
 from metadata import feature_store, shards
 from metadata.config import Config, dump_toml
@@ -39,9 +39,6 @@ from metadata.schema import CONFIG_FILE
 log = logging.getLogger(__name__)
 
 STAGES = ("read_decode", "transfer", "forward", "write")
-FAULT_ENV = "IMGFEAT_FAULT"
-"""Test hook: ``kill_before_marker:N`` or ``kill_after_batches:N``, with options ``,rank=R`` (only that rank),
-``,signal=TERM`` (default KILL), ``,once=FILE`` (fire only while FILE does not exist; it is created on firing)."""
 
 
 @dataclass
@@ -62,51 +59,8 @@ class RankStats:
     """The shard loop: loaders, decode waits, transfers, forwards and writes of every shard."""
     threads: int = 1
     device: str = "cpu"
-
-
-class _Faults:
-    """Deliberate crashes for the kill-and-rerun tests (inactive unless IMGFEAT_FAULT is set)."""
-
-    def __init__(self, rank: int) -> None:
-        spec = os.environ.get(FAULT_ENV, "")
-        self.kind, self.n, self.sig = "", 0, signal.SIGKILL
-        if not spec:
-            return
-        parts = spec.split(",")
-        kind, _, n = parts[0].partition(":")
-        opts = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
-        if "rank" in opts and int(opts["rank"]) != rank:
-            return
-        self.once = opts.get("once", "")  # a file: fire only if it does not exist yet (survives restarts)
-        if self.once and os.path.exists(self.once):
-            return
-        self.kind, self.n = kind, int(n or 1)
-        self.sig = signal.SIGTERM if opts.get("signal", "KILL").upper() == "TERM" else signal.SIGKILL
-        self.count = 0
-        if self.kind == "kill_before_marker":
-            original = shards.write_marker
-
-            def write_marker(*args: Any, **kwargs: Any) -> Any:
-                self.count += 1
-                if self.count >= self.n:
-                    self._die("before writing a marker")
-                return original(*args, **kwargs)
-
-            shards.write_marker = write_marker  # type: ignore[assignment]
-
-    def batch_done(self) -> None:
-        if self.kind == "kill_after_batches":
-            self.count += 1
-            if self.count >= self.n:
-                self._die(f"after {self.count} batches")
-
-    def _die(self, when: str) -> None:
-        log.warning("%s: fault injection, %s %s", FAULT_ENV, self.sig.name, when)
-        if self.once:
-            open(self.once, "w").close()
-        logging.shutdown()
-        os.kill(os.getpid(), self.sig)
-        time.sleep(60)
+    workers: int = 0
+    """Decode workers (``loader_workers``)."""
 
 
 def _split_reason(reason: str) -> tuple[str, str]:
@@ -114,19 +68,30 @@ def _split_reason(reason: str) -> tuple[str, str]:
     return code or "undecodable", detail
 
 
-def _batches(dataset: Any, cfg: Config, num_workers: int) -> Iterator[Any]:
-    from preprocess.loader import iter_batches_contained
-
-    return iter_batches_contained(dataset, cfg.preprocess, batch_size=cfg.preprocess.batch_size, num_workers=num_workers)
+CORES_PER_CPU_WORKER = 4
 
 
-def loader_workers(cfg: Config, ctx: DistContext) -> int:
-    """DataLoader workers per rank: ``preprocess.num_workers``, or (-1) this rank's share of the cores."""
+def loader_workers(cfg: Config, ctx: DistContext, device: torch.device) -> int:
+    """DataLoader workers of one rank: ``preprocess.num_workers`` >= 0 as given; -1 (auto) by device:
+
+    - CUDA: one per core of this rank's share; the GPU computes, the CPU only decodes.
+    - CPU: the model's intra-op threads already use every core of the rank, and decoding costs a few
+      percent of a CPU forward. Each worker that wakes up preempts one of those threads, and one
+      preempted thread stalls the whole operator. So one worker per ``CORES_PER_CPU_WORKER`` cores, at
+      least one (which keeps decoder crashes contained; 0 would decode in the main process, uncontained).
+    """
     from featurize.distributed import available_cores
 
     if cfg.preprocess.num_workers >= 0:
         return cfg.preprocess.num_workers
-    return max(1, available_cores() // max(1, ctx.local_world_size))
+    share = max(1, available_cores() // max(1, ctx.local_world_size))
+    return share if device.type == "cuda" else max(1, share // CORES_PER_CPU_WORKER)
+
+
+def _batches(dataset: Any, cfg: Config, num_workers: int) -> Iterator[Any]:
+    from preprocess.loader import iter_batches_contained
+
+    return iter_batches_contained(dataset, cfg.preprocess, batch_size=cfg.preprocess.batch_size, num_workers=num_workers)
 
 
 class _Prefetcher:
@@ -466,8 +431,9 @@ def run_featurize(cfg: Config, manifest: str, out: str, split: str | None = None
 
             progress = tqdm(total=sum(len(work[s]) for s in mine), unit="img", desc=f"featurize rank 0/{ctx.world_size}",
                             disable=not log.isEnabledFor(logging.INFO))
-        computer = ShardComputer(cfg, model, device, out, digest, stats, loader_workers(cfg, ctx), _Faults(ctx.rank),
-                                 progress)
+        stats.workers = loader_workers(cfg, ctx, device)
+        log.info("rank %d: %d decode workers", ctx.rank, stats.workers)
+        computer = ShardComputer(cfg, model, device, out, digest, stats, stats.workers, _Faults(ctx.rank), progress)
         my_work = [work[s] for s in mine]
         if my_work:
             computer.start(my_work)  # the first batches decode while the model warms up

@@ -40,7 +40,8 @@ def add_featurize_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("speed")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (default fp32)")
     g.add_argument("--batch-size", type=int, help="images per batch (preprocess.batch_size)")
-    g.add_argument("--num-workers", type=int, help="decode workers per rank (-1: this rank's share of the cores)")
+    g.add_argument("--num-workers", type=int, help="decode workers per rank (-1: auto, one per core of the rank's share "
+                   "with CUDA, one per 4 cores on CPU)")
     g.add_argument("--size", type=int, help="model input size; the resize-before-crop side scales with it")
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")

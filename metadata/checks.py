@@ -6,6 +6,7 @@ raises for a bad file: every problem becomes a status code with a human-readable
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -15,16 +16,36 @@ import numpy as np
 from metadata.cv2_env import import_cv2
 from metadata.listing import Entry, rel_path
 from metadata.schema import image_id_for
-from metadata.sniff import parse_header
+from metadata.sniff import DEFAULT_MAX_JPEG_SCANS, parse_header
 
 
 def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
     """All bytes of ``uri`` (local fast path, fsspec otherwise). Raises OSError on failure."""
     if uri.startswith("file://"):
-        with open(uri[len("file://"):], "rb") as fh:
-            return fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+        return _read_local(uri[len("file://"):], max_bytes)
     fs, path = fsspec.core.url_to_fs(uri)
     return fs.cat_file(path)
+
+
+def _read_local(path: str, max_bytes: int | None) -> bytes:
+    # Sized by fstat: read(max_bytes + 1) would allocate the whole cap (64 MB) for every small file.
+    # At most max_bytes + 1 bytes are returned, so callers still see a file over the cap.
+    limit = None if max_bytes is None else max_bytes + 1
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        want = os.fstat(fd).st_size + 1
+        parts: list[bytes] = []
+        total = 0
+        while limit is None or total < limit:
+            chunk = os.read(fd, want if limit is None else min(want, limit - total))
+            if not chunk:
+                break
+            parts.append(chunk)
+            total += len(chunk)
+            want = 1 << 20
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 def content_hash(data: bytes) -> str:
@@ -47,31 +68,62 @@ def read_or_error(entry: Entry, max_bytes: int) -> bytes | Exception | None:
         return exc
 
 
-def prefetched(entries: Iterable[Entry], max_bytes: int, threads: int = 4, window: int = 32) -> Iterator[tuple[Entry, bytes | Exception | None]]:
-    """Yield (entry, bytes or error) in order, reading up to ``window`` files ahead on ``threads`` threads.
+def advise_read(path: str) -> None:
+    """Ask the kernel to start reading a local file into the page cache; returns without waiting."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # the read itself reports the error
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
-    Reads wait on storage: a file not in the page cache cost ~120 us here and an object-store GET
-    tens of milliseconds, so overlapping them keeps the checking thread busy (measured on 59k cold
-    files in Spark: 12-15 s with threads vs 18-25 s reading in line). The window bounds memory.
+
+def prefetched(entries: Iterable[Entry], max_bytes: int, threads: int = 4, window: int = 32,
+               local_window: int = 1024, local_bytes: int = 64 << 20) -> Iterator[tuple[Entry, bytes | Exception | None]]:
+    """Yield (entry, bytes or error) in order, with the reads of the entries ahead already started.
+
+    Reads wait on storage: a local file not in the page cache cost ~120 us here, an object-store GET
+    tens of milliseconds. Local files are announced up to ``local_window`` files (``local_bytes``)
+    ahead with ``posix_fadvise(WILLNEED)``: the kernel queues all those reads at once and the in-order
+    read then finds the bytes in the page cache (59k cold files: 1.0-1.7 s against 4.5-6.7 s with 8
+    reading threads, which keep only 8 reads in flight). Other files are read on ``threads`` threads,
+    at most ``window`` ahead, which bounds the memory they hold.
     """
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
+    advise = hasattr(os, "posix_fadvise")
     with ThreadPoolExecutor(threads) as pool:
-        pending: deque = deque()
+        pending: deque = deque()  # (entry, future or None, bytes announced)
+        in_flight = announced = 0
         for entry in entries:
-            pending.append((entry, pool.submit(read_or_error, entry, max_bytes)))
-            if len(pending) >= window:
-                e, fut = pending.popleft()
-                yield e, fut.result()
+            if not needs_bytes(entry, max_bytes):
+                pending.append((entry, None, 0))
+            elif advise and entry.path.startswith("file://"):
+                advise_read(entry.path[len("file://"):])
+                pending.append((entry, None, entry.size or 0))
+                announced += entry.size or 0
+            else:
+                pending.append((entry, pool.submit(read_or_error, entry, max_bytes), 0))
+                in_flight += 1
+            while pending and (len(pending) >= local_window or announced >= local_bytes or in_flight >= window):
+                e, fut, size = pending.popleft()
+                announced -= size
+                in_flight -= fut is not None
+                yield e, (read_or_error(e, max_bytes) if fut is None else fut.result())
         while pending:
-            e, fut = pending.popleft()
-            yield e, fut.result()
+            e, fut, _ = pending.popleft()
+            yield e, (read_or_error(e, max_bytes) if fut is None else fut.result())
 
 
 def check_entry(entry: Entry, validation: str, max_bytes: int, max_pixels: int, formats: tuple[str, ...],
-                data: bytes | Exception | None = None) -> dict[str, Any]:
-    """Check one listed file and return its row (``data``: its bytes or read error, if already read)."""
+                data: bytes | Exception | None = None, max_scans: int = DEFAULT_MAX_JPEG_SCANS) -> dict[str, Any]:
+    """Check one listed file and return its row (``data``: its bytes or read error, if already read;
+    ``max_scans``: JPEGs with more scans are ``too_large``, 0 = no limit)."""
     row: dict[str, Any] = {
         "image_id": image_id_for(entry.path),
         "path": entry.path,
@@ -103,7 +155,7 @@ def check_entry(entry: Entry, validation: str, max_bytes: int, max_pixels: int, 
     if not data:
         return dict(row, status="zero_bytes", status_detail="file is empty")
     row["content_hash"] = content_hash(data)
-    info = parse_header(data, formats)
+    info = parse_header(data, formats, max_scans)
     row.update(format=info.format, width=info.width, height=info.height, channels=info.channels)
     if info.status != "ok":
         return dict(row, status=info.status, status_detail=info.detail)

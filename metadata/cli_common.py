@@ -30,12 +30,16 @@ def build_config(args: argparse.Namespace, overrides: dict[str, dict[str, Any]])
 
 
 def report_errors(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a command; a ValueError (bad option, missing input) prints one clear line and exits 2."""
+    """Run a command; a bad option or a missing/forbidden path prints one clear line and exits 2.
+
+    The traceback is logged at debug level (``-vv``) for bug reports.
+    """
     try:
         return func(args)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError) as exc:
         logging.getLogger("imgfeat").debug("error", exc_info=True)
-        print(f"imgfeat: error: {exc}", file=sys.stderr)
+        kind = "" if isinstance(exc, ValueError) else f"{type(exc).__name__}: "
+        print(f"imgfeat: error: {kind}{exc}", file=sys.stderr)
         return 2
 
 

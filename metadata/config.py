@@ -67,6 +67,8 @@ class ManifestConfig:
     """Files larger than this are too_large (not read)."""
     max_pixels: int = 100_000_000
     """Images whose header claims more pixels are too_large (decompression bombs)."""
+    max_jpeg_scans: int = 100
+    """JPEGs with more scans are too_large (progressive-JPEG CPU bombs); 0 = no limit."""
     formats: list[str] = field(default_factory=lambda: ["jpeg", "png", "gif", "bmp", "webp", "tiff"])
     """Formats accepted as images; other recognised formats are ``unsupported_format``."""
 
@@ -87,6 +89,8 @@ class ManifestConfig:
             raise ValueError("manifest.rows_per_shard must be >= 1")
         if self.max_bytes < 1 or self.max_pixels < 1:
             raise ValueError("manifest.max_bytes and manifest.max_pixels must be >= 1")
+        if self.max_jpeg_scans < 0:
+            raise ValueError(f"manifest.max_jpeg_scans must be >= 0 (0 = no limit), got {self.max_jpeg_scans}")
         from metadata.sniff import KNOWN_IMAGE_FORMATS
 
         for fmt in self.formats:
@@ -118,10 +122,13 @@ class PreprocessConfig:
     """Byte cap checked before decoding."""
     max_pixels: int = 100_000_000
     """Pixel cap on the header dimensions, checked before decoding (also OpenCV's own limit)."""
+    max_jpeg_scans: int = 100
+    """JPEGs with more scans are refused before decoding (a per-image CPU bound); 0 = no limit."""
     formats: list[str] = field(default_factory=lambda: ["jpeg", "png", "gif", "bmp", "webp", "tiff"])
     """Magic-byte allowlist of formats the decoder accepts."""
     num_workers: int = -1
-    """DataLoader workers; -1 = one per available core."""
+    """DataLoader workers; -1 = auto: one per available core, except featurize on a CPU device: one per 4 cores,
+    at least one (the model's threads use every core)."""
     batch_size: int = 64
     """Images per batch."""
     prefetch_factor: int = 4
@@ -146,6 +153,8 @@ class PreprocessConfig:
             raise ValueError("preprocess.num_workers must be >= -1")
         if self.prefetch_factor < 1:
             raise ValueError("preprocess.prefetch_factor must be >= 1")
+        if self.max_jpeg_scans < 0:
+            raise ValueError(f"preprocess.max_jpeg_scans must be >= 0 (0 = no limit), got {self.max_jpeg_scans}")
 
 
 @dataclass

@@ -51,6 +51,7 @@ def write_feature_shard(
 ) -> dict[str, Any]:
     """Write and commit one shard: data files (atomic each), rejects, then the marker. Returns the marker."""
     stem = shards.shard_stem(shard)
+    shards.fault_point("shard_start", shards.join(folder, stem))
     features = np.ascontiguousarray(features)
     if features.ndim != 2 or features.shape[0] != len(image_ids):
         raise ValueError(f"{stem}: features shape {features.shape} does not match {len(image_ids)} ids")

@@ -6,7 +6,6 @@ names, and counts. Every file found becomes exactly one row.
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 from collections.abc import Iterator
@@ -53,6 +52,7 @@ def _list_units(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
 def _make_checker(cfg: Config):
     mc = cfg.manifest
     validation, max_bytes, max_pixels, formats = mc.validation, mc.max_bytes, mc.max_pixels, tuple(mc.formats)
+    max_scans = mc.max_jpeg_scans
     label_from, pattern = mc.label_from, (re.compile(mc.label_regex) if mc.label_from == "regex" else None)
     split_from_folders = mc.split_from_folders
     names = CHECKED_SCHEMA.names
@@ -62,7 +62,7 @@ def _make_checker(cfg: Config):
             out: dict[str, list[Any]] = {n: [] for n in names}
             entries = (Entry(e["root"], e["path"], e["size"], e["mtime"], e["error"]) for e in batch.to_pylist())
             for entry, data in prefetched(entries, max_bytes):
-                row = check_entry(entry, validation, max_bytes, max_pixels, formats, data)
+                row = check_entry(entry, validation, max_bytes, max_pixels, formats, data, max_scans)
                 rel = row["rel_path"]
                 if label_from == "parent":
                     row["label"] = labels_mod.parent_label(rel)
@@ -123,37 +123,40 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
         checked = fresh.withColumn("_kept", F.lit(False)).unionByName(kept.withColumn("_kept", F.lit(True)))
     else:
         checked = entries.mapInArrow(checker, spark_schema(CHECKED_SCHEMA)).withColumn("_kept", F.lit(False))
+    if cfg.manifest.label_from == "csv":
+        checked = _apply_csv_labels(spark, checked, cfg.manifest.labels_csv)
     checked = checked.persist(StorageLevel.MEMORY_AND_DISK)
-    total = checked.count()
+    # One small aggregate instead of count(): totals, label names, examples, the unchanged count.
+    groups = checked.groupBy("_kept", "status", "label").agg(
+        F.count("*").alias("n"), F.sum("size_bytes").alias("b"), F.min("path").alias("example")).collect()
+    total = sum(r["n"] for r in groups)
+    names = sorted({r["label"] for r in groups if r["label"] is not None and r["status"] != "bad_label"})
     timings["check_s"] = time.perf_counter() - t1
     changes: dict[str, int] = {}
     if previous is not None:
         prev_paths = previous.select("path")
-        unchanged = checked.where(F.col("_kept")).count()
+        unchanged = sum(r["n"] for r in groups if r["_kept"])
         new = checked.where(~F.col("_kept")).join(prev_paths, "path", "left_anti").count()
         changes = {"unchanged": unchanged, "new": new, "changed": total - unchanged - new,
                    "removed": prev_paths.join(checked.select("path"), "path", "left_anti").count()}
-    checked = checked.drop("_kept")
     t2 = time.perf_counter()
-    if cfg.manifest.label_from == "csv":
-        checked = _apply_csv_labels(spark, checked, cfg.manifest.labels_csv)
-    organized = _assign_splits(_mark_duplicates(checked), cfg).persist(StorageLevel.MEMORY_AND_DISK)
-    counts = _summarize(organized.groupBy("status", "label", "split").agg(
-        F.count("*").alias("n"), F.sum("size_bytes").alias("b"), F.first("path").alias("example")).collect())
-    names = counts.pop("label_names")
-    index = spark.createDataFrame([(n, i) for i, n in enumerate(names)], "label string, label_index int")
-    labelled = organized.join(F.broadcast(index), "label", "left").withColumn(
-        "label_index", F.when(F.col("status") == "bad_label", F.lit(None).cast("int")).otherwise(F.col("label_index")))
-    manifest, num_shards = _assign_shards(labelled, cfg, previous, counts["by_status"].get("ok", 0))
-    manifest = manifest.select(*MANIFEST_SCHEMA.names).persist(StorageLevel.MEMORY_AND_DISK)
+    rows, base = _with_previous_shards(checked.drop("_kept"), previous)
+    originals = _organize(rows, cfg, base).persist(StorageLevel.MEMORY_AND_DISK)
+    # The summary needs only the check's counts and the originals: no pass over the finished manifest.
+    counts = _summarize(groups, originals.groupBy("label", "_split").agg(
+        F.count("*").alias("n"), F.sum("size_bytes").alias("b"), F.min("_dup_example").alias("dup_example"),
+        F.min("_shard_rows").alias("rows_min"), F.max("_shard_rows").alias("rows_max"),
+        F.min("_shard_bytes").alias("bytes_min"), F.max("_shard_bytes").alias("bytes_max"),
+        F.max("_shard_rank").alias("shards")).collect())
+    num_shards = counts.pop("num_shards")
+    manifest = _join_back(spark, rows, originals, names)
     timings["organize_s"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
     version = commit_manifest(manifest, out, keep_history=incremental, rows=total)
     timings["write_s"] = time.perf_counter() - t3
-    counts.update(_shard_balance(manifest))
     timings["total_s"] = time.perf_counter() - t0
-    for df in (checked, organized, manifest):
+    for df in (checked, originals):
         df.unpersist()
 
     summary = {
@@ -235,34 +238,78 @@ def _apply_csv_labels(spark, checked, url: str):
               .drop("_l1", "_l2"))
 
 
-def _mark_duplicates(checked):
-    """Among ok rows with the same bytes, the first by path is the original; the rest are duplicates."""
+def _with_previous_shards(checked, previous):
+    """``checked`` with ``_pshard``: the previous shard of unchanged ok files (same path and size), and
+    the first shard number free for new shards (new shards come after the old, so feature shards stay valid)."""
     from pyspark.sql import functions as F
 
-    ok = F.col("status") == "ok"
-    firsts = checked.where(ok).groupBy("content_hash").agg(
-        F.min_by("image_id", "path").alias("_first"), F.min("path").alias("_first_path"))
-    df = checked.join(firsts, "content_hash", "left")
-    is_dup = ok & F.col("_first").isNotNull() & (F.col("_first") != F.col("image_id"))
-    return (df.withColumn("duplicate_of", F.when(is_dup, F.col("_first")))
-              .withColumn("status_detail", F.when(is_dup, F.concat(F.lit("same bytes as "), F.col("_first_path")))
-                          .otherwise(F.col("status_detail")))
-              .withColumn("status", F.when(is_dup, F.lit("duplicate")).otherwise(F.col("status")))
-              .drop("_first", "_first_path"))
+    if previous is None:
+        return checked.withColumn("_pshard", F.lit(None).cast("int")), 0
+    prev_ok = previous.where(F.col("status") == "ok").select("path", "size_bytes", F.col("shard").alias("_pshard"))
+    base = (previous.agg(F.max("shard")).first()[0] or -1) + 1
+    return checked.join(prev_ok, ["path", "size_bytes"], "left"), base
 
 
-def _assign_splits(df, cfg: Config):
-    """Folder split when the path has one; else exact per-label ratios over a seeded hash order."""
+def _organize(checked, cfg: Config, base: int):
+    """One row per distinct content among ok rows (its original), with ``_split``, ``_shard`` and shard stats.
+
+    Grouping by content hash once finds the originals (the first path of a group); splits and shards
+    are drawn on them, and one join (``_join_back``) takes them to every row, so duplicates follow
+    their original's split with no second lookup.
+    """
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
+    # Shards first: their window runs in one task, which then also serves the later windows unshuffled.
+    groups = _assign_splits(_assign_shards(_originals(checked), cfg, base), cfg)
+    per_shard = Window.partitionBy("_shard")
+    return (groups.withColumn("_shard_rows", F.count(F.lit(1)).over(per_shard))
+                  .withColumn("_shard_bytes", F.sum("size_bytes").over(per_shard))
+                  .withColumn("_shard_rank", F.dense_rank().over(Window.orderBy("_shard"))))
+
+
+def _join_back(spark, checked, originals, label_names: list[str]):
+    """The manifest: every checked row with its duplicate mark, split, shard and label index."""
+    from pyspark.sql import functions as F
+
     ok = F.col("status") == "ok"
-    need = df.where(ok & F.col("folder_split").isNull()).select(
-        "image_id", F.coalesce(F.col("label"), F.lit("\x00")).alias("_grp"),
-        F.xxhash64(F.lit(cfg.manifest.split_seed), F.col("content_hash")).alias("_h"))
-    w = Window.partitionBy("_grp").orderBy("_h", "image_id")
-    ranked = need.withColumn("_pos", F.row_number().over(w) - 1).withColumn("_n", F.count(F.lit(1)).over(Window.partitionBy("_grp")))
-    frac = (F.col("_pos") + F.lit(0.5)) / F.col("_n")
+    index = spark.createDataFrame([(n, i) for i, n in enumerate(label_names)], "label string, _label_index int")
+    df = (checked.withColumn("_ck", F.when(ok, F.col("content_hash")))
+          .join(originals.select("_ck", "_first", "_first_path", "_split", "_shard"), "_ck", "left")
+          .join(F.broadcast(index), "label", "left"))
+    is_dup = ok & (F.col("_first") != F.col("image_id"))
+    cols = {
+        "label_index": F.when(F.col("status") != "bad_label", F.col("_label_index")),
+        "split": F.when(ok, F.col("_split")),
+        "duplicate_of": F.when(is_dup, F.col("_first")),
+        "status": F.when(is_dup, F.lit("duplicate")).otherwise(F.col("status")),
+        "status_detail": F.when(is_dup, F.concat(F.lit("same bytes as "), F.col("_first_path")))
+                          .otherwise(F.col("status_detail")),
+        "shard": F.when(ok & ~is_dup, F.col("_shard")).cast("int"),
+    }
+    return df.select(*[cols[n].alias(n) if n in cols else F.col(n) for n in MANIFEST_SCHEMA.names])
+
+
+def _originals(checked):
+    """One row per distinct content among ok rows: the first copy by path (``_first``) and its columns."""
+    from pyspark.sql import functions as F
+
+    first = F.min(F.struct("path", "image_id", "label", "folder_split", "size_bytes", "_pshard")).alias("o")
+    # The last path of a group with copies is a duplicate: the summary's example of one.
+    dup = F.when(F.count(F.lit(1)) > 1, F.max("path")).alias("_dup_example")
+    return checked.where(F.col("status") == "ok").groupBy("content_hash").agg(first, dup).select(
+        F.col("content_hash").alias("_ck"), F.col("o.path").alias("_first_path"), F.col("o.image_id").alias("_first"),
+        "o.label", "o.folder_split", "o.size_bytes", "o._pshard", "_dup_example")
+
+
+def _assign_splits(groups, cfg: Config):
+    """``_split``: the folder split when the path has one; else exact per-label ratios over a seeded hash order."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    key = [F.col("folder_split").isNull(), F.coalesce(F.col("label"), F.lit("\x00"))]
+    order = Window.partitionBy(*key).orderBy(F.xxhash64(F.lit(cfg.manifest.split_seed), F.col("_ck")), F.col("_first"))
+    frac = (F.row_number().over(order) - F.lit(0.5)) / F.count(F.lit(1)).over(Window.partitionBy(*key))
     expr = None
     cum = 0.0
     items = list(cfg.manifest.split_ratios.items())
@@ -270,69 +317,68 @@ def _assign_splits(df, cfg: Config):
         cum += ratio
         cond = frac < F.lit(cum) if i < len(items) - 1 else F.lit(True)
         expr = F.when(cond, F.lit(name)) if expr is None else expr.when(cond, F.lit(name))
-    hashed = ranked.select("image_id", expr.alias("_hsplit"))
-    df = df.join(hashed, "image_id", "left")
-    df = df.withColumn("split", F.when(ok, F.coalesce(F.col("folder_split"), F.col("_hsplit"))))
-    # Duplicates follow their original, so the same bytes never sit in two splits.
-    orig = df.select(F.col("image_id").alias("duplicate_of"), F.col("split").alias("_osplit"))
-    df = df.join(orig, "duplicate_of", "left")
-    df = df.withColumn("split", F.when(F.col("status") == "duplicate", F.col("_osplit")).otherwise(F.col("split")))
-    return df.drop("_hsplit", "_osplit", "folder_split")
+    return groups.withColumn("_split", F.coalesce(F.col("folder_split"), expr))
 
 
-def _assign_shards(df, cfg: Config, previous, n_ok: int):
-    """Balanced, deterministic shards of ok rows: sorted by size, dealt out in a snake order.
+def _assign_shards(groups, cfg: Config, base: int):
+    """``_shard``: balanced, deterministic shards of the originals, sorted by size and dealt out in a snake order.
 
     Shard sizes differ by at most one row, and the snake order spreads large and small files evenly
-    over shards. With a previous manifest, unchanged ok rows keep their shard; the others fill new
-    shards numbered after the previous ones (so existing feature shards stay valid).
+    over shards. Rows with a previous shard (``_pshard``, incremental runs) keep it; the others fill
+    new shards numbered from ``base`` (so existing feature shards stay valid).
     """
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    ok = df.where(F.col("status") == "ok").select("image_id", "path", "size_bytes")
-    base, keep, kept_shards = 0, None, 0
-    if previous is not None:
-        prev = previous.where(F.col("status") == "ok").select("path", "size_bytes", F.col("shard").alias("_pshard"))
-        keep = ok.join(prev, ["path", "size_bytes"]).select("image_id", F.col("_pshard").alias("_shard"))
-        stats = keep.agg(F.count("*"), F.countDistinct("_shard")).first()
-        n_ok, kept_shards = n_ok - stats[0], stats[1]
-        base = (previous.agg(F.max("shard")).first()[0] or -1) + 1
-        ok = ok.join(keep.select("image_id"), "image_id", "left_anti")
-    per = cfg.manifest.rows_per_shard
-    num_new = math.ceil(n_ok / per) if n_ok else 0
-    # One ordered pass over (id, size) only: the manifest's other columns never move to one task.
-    i = F.row_number().over(Window.orderBy(F.col("size_bytes").desc(), F.col("image_id"))) - 1
-    block, pos = F.floor(i / F.lit(max(num_new, 1))), i % F.lit(max(num_new, 1))
-    snake = F.when(block % 2 == 0, pos).otherwise(F.lit(num_new - 1) - pos) + F.lit(base)
-    assigned = ok.select("image_id", snake.cast("int").alias("_shard"))
-    if keep is not None:
-        assigned = assigned.unionByName(keep)
-    df = df.drop("shard").join(assigned, "image_id", "left").withColumnRenamed("_shard", "shard")
-    return df, num_new + kept_shards
+    fresh = F.col("_pshard").isNull()
+    # One ordered pass over the originals only (fresh ones first): the other columns never move to one task.
+    i = F.row_number().over(Window.orderBy(~fresh, F.col("size_bytes").desc(), F.col("_first"))) - 1
+    num = F.greatest(F.ceil(F.sum(fresh.cast("long")).over(Window.partitionBy()) / F.lit(cfg.manifest.rows_per_shard)),
+                     F.lit(1))
+    block, pos = F.floor(i / num), i % num
+    snake = F.when(block % 2 == 0, pos).otherwise(num - 1 - pos) + F.lit(base)
+    return groups.withColumn("_shard", F.when(fresh, snake).otherwise(F.col("_pshard")))
 
 
-def _summarize(groups: list[Any]) -> dict[str, Any]:
-    """Counts per status, label and split from rows of (status, label, split, n, b, example)."""
+def _summarize(checked: list[Any], originals: list[Any]) -> dict[str, Any]:
+    """The summary counts from the check's groups and the originals' groups.
+
+    ``checked``: rows of (status, label, n, b, example) before duplicates are marked; ``originals``:
+    rows of (label, _split, n, b, dup_example, shard stats) over the ok rows that are not duplicates.
+    Every ok row that is not an original is a duplicate.
+    """
     by_status: dict[str, int] = {}
-    by_label: dict[str, int] = {}
-    by_split: dict[str, int] = {}
-    by_label_split: dict[str, dict[str, int]] = {}
     examples: dict[str, str] = {}
     names: set[str] = set()
     total_bytes = 0
-    for r in groups:
+    for r in checked:
         by_status[r["status"]] = by_status.get(r["status"], 0) + r["n"]
         total_bytes += r["b"] or 0
         if r["label"] is not None and r["status"] != "bad_label":
             names.add(r["label"])
-        if r["status"] != "ok":
-            examples.setdefault(r["status"], r["example"])
-            continue
-        label, split = str(r["label"]), str(r["split"])
+        if r["status"] != "ok" and (r["status"] not in examples or r["example"] < examples[r["status"]]):
+            examples[r["status"]] = r["example"]
+    by_label: dict[str, int] = {}
+    by_split: dict[str, int] = {}
+    by_label_split: dict[str, dict[str, int]] = {}
+    n_ok = 0
+    for r in originals:
+        label, split = str(r["label"]), str(r["_split"])
+        n_ok += r["n"]
         by_label[label] = by_label.get(label, 0) + r["n"]
         by_split[split] = by_split.get(split, 0) + r["n"]
         by_label_split.setdefault(label, {})[split] = r["n"]
+    dups = by_status.pop("ok", 0) - n_ok
+    if n_ok:
+        by_status["ok"] = n_ok
+    if dups:
+        by_status["duplicate"] = dups
+        examples["duplicate"] = min(r["dup_example"] for r in originals if r["dup_example"] is not None)
+
+    def pick(key: str, fn):
+        values = [r[key] for r in originals if r[key] is not None]
+        return fn(values) if values else None
+
     return {
         "by_status": dict(sorted(by_status.items())),
         "by_label": dict(sorted(by_label.items())),
@@ -341,15 +387,7 @@ def _summarize(groups: list[Any]) -> dict[str, Any]:
         "example_by_status": dict(sorted(examples.items())),
         "total_bytes": int(total_bytes),
         "labels": len(names),
-        "label_names": sorted(names),
+        "shard_rows": {"min": pick("rows_min", min), "max": pick("rows_max", max)},
+        "shard_bytes": {"min": pick("bytes_min", min), "max": pick("bytes_max", max)},
+        "num_shards": pick("shards", max) or 0,
     }
-
-
-def _shard_balance(manifest) -> dict[str, Any]:
-    """Smallest and largest shard by rows and by bytes."""
-    from pyspark.sql import functions as F
-
-    bal = (manifest.where(F.col("status") == "ok").groupBy("shard")
-           .agg(F.count("*").alias("rows"), F.sum("size_bytes").alias("bytes"))
-           .agg(F.min("rows"), F.max("rows"), F.min("bytes"), F.max("bytes")).first())
-    return {"shard_rows": {"min": bal[0], "max": bal[1]}, "shard_bytes": {"min": bal[2], "max": bal[3]}}

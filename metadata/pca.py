@@ -9,11 +9,15 @@ How the work is split (nothing row-sized ever reaches the driver):
 2. *Join*: Spark joins those ids with the manifest (read by tasks through fsspec) on ``image_id``
    (full outer) and counts matched rows, manifest rows without features (by reason), feature rows
    without a manifest row and ids present in several shards. Only small counts are collected.
-3. *Fit*: the matched rows of the fit split, range-partitioned by shard and sorted by row, go to
-   ``mapInArrow`` tasks that open their shards through fsspec, pick the rows, and fold them into
-   float64 moments; a ``treeReduce`` brings one d x d matrix to the driver for ``eigh``.
-4. *Transform and write*: the same tasks project every matched row with the broadcast model and the
-   output is written by the executors (``metadata.parquet_io.write_parquet_dataset``).
+3. *Fit*: the matched rows, hash-partitioned by shard, sorted by row and cached (the projection
+   reads them too), go for the fit split to ``mapInArrow`` tasks that open their shards through
+   fsspec, pick the rows and fold them into float64 moments. Each task writes its moments (the upper
+   triangle of a d x d matrix) to its own file in a scratch folder under OUT and returns the name;
+   the driver reads and merges them one at a time (two d x d matrices in memory, whatever the number
+   of tasks) and runs one ``eigh``.
+4. *Transform and write*: tasks project every matched row with the model and write Parquet
+   (``metadata.parquet_io.write_parquet_dataset``) into a scratch folder; only the complete dataset
+   replaces ``RED/reduced/``, so a failed run leaves the previous output as it was.
 
 The features themselves never pass through the JVM: at 2048 floats a row, Arrow <-> JVM row
 conversion would cost more than the whole PCA (see FACTS: about 0.2 ms of CPU per row).
@@ -24,8 +28,8 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -36,8 +40,8 @@ import pyarrow as pa
 from metadata import shards
 from metadata.config import Config, dump_toml
 from metadata.feature_store import ID_DTYPE, committed_shards, read_feature_shard, read_rejects
-from metadata.pca_fit import (CovProduct, Moments, PcaModel, fit_exact, fit_randomized, merge_moments, merge_products,
-                              settle_moments)
+from metadata.pca_fit import (CovProduct, Moments, PcaModel, dump_accumulator, fit_exact, fit_randomized, load_accumulator,
+                              merge_moments, merge_products, settle_moments)
 from metadata.parquet_io import conform_batch, read_parquet_dataset, write_parquet_dataset
 from metadata.schema import CONFIG_FILE, manifest_path
 
@@ -52,6 +56,7 @@ SCATTER_PLOT = "pca_scatter.png"
 WIDE_DIM = 8192
 """With ``method="auto"``, features wider than this use the randomized method."""
 SCATTER_POINTS = 20_000
+SCRATCH_PREFIX = "_pca_scratch-"
 MANIFEST_KEEP = ["image_id", "path", "label", "label_index", "split", "status", "status_detail"]
 
 REDUCED_SCHEMA = pa.schema(
@@ -219,43 +224,73 @@ def _shard_groups(
 
 def _task_threads() -> Any:
     """Limit BLAS threads to the task's cores (Spark runs one task per core; more threads oversubscribe)."""
-    import contextlib
+    from pyspark import TaskContext
+    from threadpoolctl import threadpool_limits
 
-    try:
-        from pyspark import TaskContext
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn/scipy stacks
-        return contextlib.nullcontext()
     ctx = TaskContext.get()
     cpus = ctx.cpus() if ctx is not None else 1
     return threadpool_limits(limits=max(1, int(cpus)), user_api="blas")
 
 
 def _reduce_rows(df: Any, folder: str, markers: dict[str, dict[str, Any]], make: Callable[[], Any],
-                 finish: Callable[[Any], Any], merge: Callable[[Any, Any], Any]) -> Any:
-    """Fold every row's features into one accumulator per task, then ``treeReduce`` them."""
+                 finish: Callable[[Any], Any], merge: Callable[[Any, Any], Any], scratch: str) -> Any:
+    """Fold every row's features into one accumulator per task; merge them one by one on the driver.
+
+    Each task writes its settled accumulator (a d x d float64 triangle for the exact method) to a
+    file of its own under ``scratch`` (any fsspec URL the driver can read) and returns only the
+    name: sending 17 MB blobs through Spark's rows costs several CPU seconds of Arrow and pickle
+    copies per task, a file costs one write and one read. Only files named by successful task
+    attempts are read; the driver holds one accumulator and one file at a time.
+    """
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
         acc = make()
         with _task_threads():
             for _, x in _shard_groups(batches, folder, markers):
                 acc.add(x)
-        yield pa.RecordBatch.from_pylist([{"payload": pickle.dumps(finish(acc), protocol=5)}],
-                                         schema=pa.schema([("payload", pa.binary())]))
+        ctx = TaskContext.get()
+        name = f"part-{ctx.partitionId() if ctx else 0:05d}-{ctx.attemptNumber() if ctx else 0}-{uuid.uuid4().hex[:8]}.npz"
+        with fsspec.open(shards.join(scratch, name), "wb") as fh:
+            fh.write(dump_accumulator(finish(acc)))
+        yield pa.RecordBatch.from_arrays([pa.array([name], pa.string())], names=["file"])
 
-    payloads = df.mapInArrow(run, "payload binary").rdd.map(lambda r: pickle.loads(r[0]))
-    # treeAggregate, not treeReduce: a split with no rows may leave no partitions at all
-    return payloads.treeAggregate(finish(make()), merge, merge, depth=2)
+    names = [r[0] for r in df.mapInArrow(run, "file string").collect()]
+    total = finish(make())
+    fs = fsspec.core.url_to_fs(scratch)[0]
+    for name in names:
+        path = fsspec.core.url_to_fs(shards.join(scratch, name))[1]
+        with fs.open(path, "rb") as fh:
+            total = merge(total, load_accumulator(fh.read()))
+        fs.rm(path)
+    return total
+
+
+def _scratch(out: str) -> str:
+    """A fresh folder for the fit's per-task accumulators (removed by :func:`_drop_scratch`)."""
+    return shards.join(out, f"{SCRATCH_PREFIX}{uuid.uuid4().hex[:12]}")
+
+
+def _drop_scratch(out: str) -> None:
+    """Remove every scratch folder under ``out`` (this run's and those of killed runs)."""
+    fs, root = fsspec.core.url_to_fs(out)
+    if not fs.exists(root):
+        return
+    for entry in fs.ls(root, detail=False):
+        if entry.rstrip("/").rsplit("/", 1)[-1].startswith(SCRATCH_PREFIX):
+            fs.rm(entry, recursive=True)
 
 
 def _project_task(folder: str, markers: dict[str, dict[str, Any]], model: PcaModel) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    mean, scale, comps_t = model.mean, model.scale, np.ascontiguousarray(model.components.T)
-    k = comps_t.shape[1]
+    # ((x - mean) / scale) @ C.T as (x - mean) @ (C.T / scale[:, None]): one pass less over each shard
+    mean, proj = model.mean, np.ascontiguousarray(model.components.T / model.scale[:, None])
+    k = proj.shape[1]
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for table, x in _shard_groups(batches, folder, markers):
             with _task_threads():
-                z = (((np.asarray(x, dtype=np.float64) - mean) / scale) @ comps_t).astype(np.float32)
+                z = ((np.asarray(x, dtype=np.float64) - mean) @ proj).astype(np.float32)
             m = z.shape[0]
             lists = pa.ListArray.from_arrays(pa.array(np.arange(0, m * k + 1, k, dtype=np.int32)), pa.array(z.reshape(-1)))
             cols = [table.column(n).combine_chunks() for n in ("image_id", "path", "label", "label_index", "split")]
@@ -276,21 +311,26 @@ def _read_manifest_df(spark: Any, manifest: str) -> Any:
     return read_parquet_dataset(spark, manifest_path(manifest), columns=MANIFEST_KEEP)
 
 
-def _ids_pass(spark: Any, features: str, markers: dict[str, dict[str, Any]], partitions: int) -> Any:
+def _ids_pass(spark: Any, features: str, markers: dict[str, dict[str, Any]], partitions: int) -> tuple[Any, int]:
+    """The persisted ids DataFrame and its number of reject rows; raises naming every refused shard."""
     from pyspark import StorageLevel
+    from pyspark.sql import functions as F
 
     stems = sorted(markers)
     ids = _stems_df(spark, stems, partitions).mapInArrow(_ids_task(features, markers, True), _IDS_DDL)
     ids = ids.persist(StorageLevel.MEMORY_AND_DISK)
-    errors = ids.filter("kind = 'error'").select("detail").collect()
-    if errors:
+    # One job: the error messages (one per refused shard at most) and the reject count.
+    row = ids.filter("kind <> 'feature'").agg(
+        F.collect_list(F.when(F.col("kind") == "error", F.col("detail"))).alias("errors"),
+        F.sum((F.col("kind") == "reject").cast("long")).alias("rejects")).collect()[0]
+    if row["errors"]:
         ids.unpersist()
-        msgs = sorted(r[0] for r in errors)
+        msgs = sorted(row["errors"])
         raise shards.ShardVerificationError(f"{len(msgs)} feature shard(s) refused: " + "; ".join(msgs))
-    return ids
+    return ids, int(row["rejects"] or 0)
 
 
-def _join(ids: Any, man: Any | None, allow_extra: bool) -> tuple[Any, dict[str, Any], Any]:
+def _join(ids: Any, man: Any | None, allow_extra: bool, rejects: int = 1) -> tuple[Any, dict[str, Any], Any]:
     """Full outer join of feature ids with the manifest: (matched rows, accounting, the persisted join).
 
     Ids present in several feature rows keep their first copy (lowest shard, row); the others are
@@ -310,10 +350,14 @@ def _join(ids: Any, man: Any | None, allow_extra: bool) -> tuple[Any, dict[str, 
                               (("path", "string"), ("label", "string"), ("label_index", "int"), ("split", "string"),
                                ("reject_reason", "string"))))
     else:
-        rej = (ids.filter("kind = 'reject' AND image_id IS NOT NULL")
-               .groupBy("image_id").agg(F.min("reason").alias("reject_reason")))
         m = man.select("image_id", "path", "label", "label_index", "split", "status", F.lit(True).alias("_in_manifest"))
-        full = feats.join(m, "image_id", "full_outer").join(rej, "image_id", "left_outer")
+        full = feats.join(m, "image_id", "full_outer")
+        if rejects:  # the featurize reasons of manifest rows without features (a shuffle saved when there are none)
+            rej = (ids.filter("kind = 'reject' AND image_id IS NOT NULL")
+                   .groupBy("image_id").agg(F.min("reason").alias("reject_reason")))
+            full = full.join(rej, "image_id", "left_outer")
+        else:
+            full = full.withColumn("reject_reason", F.lit(None).cast("string"))
     category = (F.when(F.col("_in_manifest").isNull(), F.lit("extra"))
                 .when(F.col("shard").isNull(), F.lit("missing")).otherwise(F.lit("matched")))
     reason = (F.when(F.col("status") != "ok", F.concat(F.lit("manifest:"), F.col("status")))
@@ -373,13 +417,14 @@ def _join(ids: Any, man: Any | None, allow_extra: bool) -> tuple[Any, dict[str, 
     return matched, acc, full
 
 
-def _fit(fit_rows: Any, folder: str, markers: dict[str, dict[str, Any]], cfg: Config, dim: int, method: str) -> PcaModel:
+def _fit(fit_rows: Any, folder: str, markers: dict[str, dict[str, Any]], cfg: Config, dim: int, method: str,
+         scratch: str) -> PcaModel:
     pc = cfg.pca
     if method == "auto":
         method = "randomized" if dim > WIDE_DIM else "exact"
     if method == "exact":
         t = time.perf_counter()
-        mom = _reduce_rows(fit_rows, folder, markers, lambda: Moments(full=True), settle_moments, merge_moments)
+        mom = _reduce_rows(fit_rows, folder, markers, lambda: Moments(full=True), settle_moments, merge_moments, scratch)
         if mom.n == 0:
             raise ValueError(f"pca.fit_split = {pc.fit_split!r}: no matched rows in that split")
         t_moments = time.perf_counter() - t
@@ -389,12 +434,13 @@ def _fit(fit_rows: Any, folder: str, markers: dict[str, dict[str, Any]], cfg: Co
         return model
     if method != "randomized":
         raise ValueError(f"method must be auto, exact or randomized, got {method!r}")
-    diag = _reduce_rows(fit_rows, folder, markers, lambda: Moments(full=False), settle_moments, merge_moments)
+    diag = _reduce_rows(fit_rows, folder, markers, lambda: Moments(full=False), settle_moments, merge_moments, scratch)
     if diag.n == 0:
         raise ValueError(f"pca.fit_split = {pc.fit_split!r}: no matched rows in that split")
 
     def product(mean: np.ndarray, scale: np.ndarray, q: np.ndarray) -> CovProduct:
-        return _reduce_rows(fit_rows, folder, markers, lambda: CovProduct(mean, scale, q), lambda a: a.light(), merge_products)
+        return _reduce_rows(fit_rows, folder, markers, lambda: CovProduct(mean, scale, q), lambda a: a.light(), merge_products,
+                            scratch)
 
     return fit_randomized(diag, product, pc.k, pc.variance, pc.standardize)
 
@@ -430,9 +476,52 @@ def _partitions(spark: Any, cfg: Config, n_shards: int) -> int:
     return max(1, min(n_shards, num_tasks(spark, cfg.spark)))
 
 
-def _project_and_write(matched: Any, folder: str, markers: dict[str, dict[str, Any]], model: PcaModel, url: str) -> dict[str, Any]:
+def _project_and_write(matched: Any, folder: str, markers: dict[str, dict[str, Any]], model: PcaModel, out: str,
+                       expect_rows: int) -> dict[str, Any]:
+    """Project and write ``OUT/reduced/``: into a scratch folder first, moved into place only when complete,
+    so a failed run leaves the previous output as it was."""
+    url = shards.join(out, REDUCED_DIR)
+    staging = _scratch(out)
     df = matched.mapInArrow(_project_task(folder, markers, model), _REDUCED_DDL)
-    return write_parquet_dataset(df, url, REDUCED_SCHEMA)
+    written = write_parquet_dataset(df, staging, REDUCED_SCHEMA)
+    if written["rows"] != expect_rows:
+        raise RuntimeError(f"{url}: wrote {written['rows']} rows but {expect_rows} were matched")
+    _publish(staging, url)
+    return {**written, "url": url}
+
+
+def _publish(staging: str, url: str) -> None:
+    """Replace the dataset at ``url`` with the complete one at ``staging``.
+
+    Locally two renames (the old copy is removed after). On object stores the old ``_SUCCESS`` goes
+    first and the new one is copied last, so readers that trust ``_SUCCESS`` never see a mix.
+    """
+    from metadata.parquet_io import SUCCESS_FILE
+
+    fs, src = fsspec.core.url_to_fs(staging)
+    dst = fsspec.core.url_to_fs(url)[1]
+    if shards.is_local(url):
+        import os
+        import shutil
+
+        old = None
+        if os.path.exists(dst):
+            old = fsspec.core.url_to_fs(_scratch(url.rstrip("/").rsplit("/", 1)[0]))[1]
+            os.replace(dst, old)
+        os.replace(src, dst)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+        return
+    if fs.exists(dst):
+        success = dst.rstrip("/") + "/" + SUCCESS_FILE
+        if fs.exists(success):
+            fs.rm(success)
+        fs.rm(dst, recursive=True)
+    files = sorted(fs.find(src), key=lambda p: p.endswith("/" + SUCCESS_FILE))
+    for path in files:
+        fs.copy(path, dst.rstrip("/") + "/" + path[len(src.rstrip("/")) + 1:])
+    fs.rm(src, recursive=True)
+    fs.invalidate_cache()
 
 
 def run_pca(cfg: Config, manifest: str, features: str, out: str, master: str | None = None, *,
@@ -442,6 +531,7 @@ def run_pca(cfg: Config, manifest: str, features: str, out: str, master: str | N
     ``method``: ``exact`` (d x d moments + eigh), ``randomized`` (subspace iteration, for wide data)
     or ``auto`` (randomized above :data:`WIDE_DIM` columns).
     """
+    from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
     cfg.validate()
@@ -454,27 +544,37 @@ def run_pca(cfg: Config, manifest: str, features: str, out: str, master: str | N
     markers = _markers(features)
     dim = int(next(iter(markers.values()))["dim"])
     parts = _partitions(spark, cfg, len(markers))
-    ids = _ids_pass(spark, features, markers, parts)
-    timings["read_verify_ids"] = time.perf_counter() - t0
-    t = time.perf_counter()
-    man = _read_manifest_df(spark, manifest)
-    matched, acc, joined = _join(ids, man, cfg.pca.allow_extra)
-    if acc["with_features"] == 0:
-        raise ValueError(f"--manifest {manifest} and --features {features} share no image_id")
-    matched = matched.repartition(parts, "shard_idx").sortWithinPartitions("shard_idx", "row")
-    timings["join"] = time.perf_counter() - t
-    t = time.perf_counter()
-    fit_rows = matched.filter(F.col("split") == cfg.pca.fit_split) if cfg.pca.fit_split else matched
-    model = _fit(fit_rows, features, markers, cfg, dim, method)
-    timings["fit"] = time.perf_counter() - t
-    log.info("PCA %s: %d fit rows, d = %d, k = %d, explained variance %.4f (%.1f s)", model.method, model.n_fit, dim,
-             model.k, float(model.explained_variance_ratio.sum()), timings["fit"])
-    t = time.perf_counter()
-    reduced_url = shards.join(out, REDUCED_DIR)
-    written = _project_and_write(matched, features, markers, model, reduced_url)
-    timings["transform_write"] = time.perf_counter() - t
-    if written["rows"] != acc["with_features"]:
-        raise RuntimeError(f"{reduced_url}: wrote {written['rows']} rows but {acc['with_features']} were matched")
+    _drop_scratch(out)  # left by a killed run
+    cached: list[Any] = []
+    try:
+        ids, rejects = _ids_pass(spark, features, markers, parts)
+        cached.append(ids)
+        timings["read_verify_ids"] = time.perf_counter() - t0
+        t = time.perf_counter()
+        man = _read_manifest_df(spark, manifest)
+        matched, acc, joined = _join(ids, man, cfg.pca.allow_extra, rejects)
+        cached.append(joined)
+        if acc["with_features"] == 0:
+            raise ValueError(f"--manifest {manifest} and --features {features} share no image_id")
+        # Cached: the fit and the projection both read these rows, grouped by shard and sorted by row.
+        matched = (matched.repartition(parts, "shard_idx").sortWithinPartitions("shard_idx", "row")
+                   .persist(StorageLevel.MEMORY_AND_DISK))
+        cached.append(matched)
+        timings["join"] = time.perf_counter() - t
+        t = time.perf_counter()
+        fit_rows = matched.filter(F.col("split") == cfg.pca.fit_split) if cfg.pca.fit_split else matched
+        model = _fit(fit_rows.select("image_id", "shard", "row"), features, markers, cfg, dim, method, _scratch(out))
+        timings["fit"] = time.perf_counter() - t
+        log.info("PCA %s: %d fit rows, d = %d, k = %d, explained variance %.4f (%.1f s)", model.method, model.n_fit, dim,
+                 model.k, float(model.explained_variance_ratio.sum()), timings["fit"])
+        t = time.perf_counter()
+        written = _project_and_write(matched, features, markers, model, out, acc["with_features"])
+        reduced_url = written["url"]
+        timings["transform_write"] = time.perf_counter() - t
+    finally:
+        _drop_scratch(out)
+        for df in cached:
+            df.unpersist()
     model.save(shards.join(out, MODEL_FILE))
     shards.write_bytes_atomic(shards.join(out, CONFIG_FILE), dump_toml(cfg).encode())
     plot_files: list[str] = []
@@ -482,8 +582,6 @@ def run_pca(cfg: Config, manifest: str, features: str, out: str, master: str | N
         t = time.perf_counter()
         plot_files = _plots(spark, model, reduced_url, out, written["rows"])
         timings["plots"] = time.perf_counter() - t
-    joined.unpersist()
-    ids.unpersist()
     timings["total"] = time.perf_counter() - t0
     summary = {
         "manifest": manifest, "features": features, "out": out, "reduced": reduced_url,
@@ -532,16 +630,17 @@ def apply_pca(model_path: str, features: str, out: str, spark: Any, *, manifest:
     if dim != model.dim:
         raise ValueError(f"--apply {model_path}: the model expects {model.dim} features, the shards have {dim}")
     parts = max(1, min(len(markers), partitions or 4 * spark.sparkContext.defaultParallelism))
-    ids = _ids_pass(spark, features, markers, parts)
+    ids, rejects = _ids_pass(spark, features, markers, parts)
     man = _read_manifest_df(spark, manifest) if manifest else None
-    matched, acc, joined = _join(ids, man, allow_extra)
+    matched, acc, joined = _join(ids, man, allow_extra, rejects)
     matched = matched.repartition(parts, "shard_idx").sortWithinPartitions("shard_idx", "row")
-    reduced_url = shards.join(out, REDUCED_DIR)
-    written = _project_and_write(matched, features, markers, model, reduced_url)
-    if written["rows"] != acc["with_features"]:
-        raise RuntimeError(f"{reduced_url}: wrote {written['rows']} rows but {acc['with_features']} were matched")
-    joined.unpersist()
-    ids.unpersist()
+    try:
+        written = _project_and_write(matched, features, markers, model, out, acc["with_features"])
+    finally:
+        _drop_scratch(out)
+        joined.unpersist()
+        ids.unpersist()
+    reduced_url = written["url"]
     summary = {"model": model_path, "features": features, "manifest": manifest, "out": out, "reduced": reduced_url,
                "k": model.k, "dim": dim, "shards": len(markers), "rows": acc, "output_rows": written["rows"],
                "timings_s": {"total": round(time.perf_counter() - t0, 3)}}

@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import fsspec
@@ -38,6 +38,27 @@ PREP_IMAGES_NPY = "{stem}.images.npy"
 PREP_LABELS_NPY = "{stem}.labels.npy"
 PREP_H5 = "{stem}.h5"
 PREP_SUMMARY = "prep_summary.json"
+
+
+_fault_hook: Callable[[str, str], None] | None = None
+
+
+def set_fault_hook(hook: Callable[[str, str], None] | None) -> None:
+    """Install (or with None remove) the fault-injection hook; see ``featurize.faults``. Tests only."""
+    global _fault_hook
+    _fault_hook = hook
+
+
+def get_fault_hook() -> Callable[[str, str], None] | None:
+    """The installed fault-injection hook, if any."""
+    return _fault_hook
+
+
+def fault_point(event: str, path: str) -> None:
+    """A point of a shard's life: ``shard_start``, ``staged`` (a temporary written, not yet committed),
+    ``marker_next`` (data committed, marker not written) and ``marker_done``. A no-op without a hook."""
+    if _fault_hook is not None:
+        _fault_hook(event, path)
 
 
 def shard_stem(shard: int) -> str:
@@ -94,8 +115,10 @@ def staged_file(url: str) -> Iterator[str]:
         if is_local(url):
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
+            fault_point("staged", tmp)
             os.replace(tmp, path)
         else:
+            fault_point("staged", tmp)
             fs.put_file(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -125,6 +148,7 @@ def read_json(url: str) -> dict[str, Any] | None:
 
 def write_marker(folder: str, stem: str, data_files: Sequence[str], payload: dict[str, Any]) -> dict[str, Any]:
     """Write the marker last: ``payload`` plus size and sha256 of each committed data file."""
+    fault_point("marker_next", join(folder, stem))
     fs, _ = fsspec.core.url_to_fs(folder)
     files = {}
     for name in data_files:
@@ -132,6 +156,7 @@ def write_marker(folder: str, stem: str, data_files: Sequence[str], payload: dic
         files[name] = {"bytes": size, "sha256": digest}
     marker = dict(payload, stem=stem, files=files, committed_at=time.time())
     write_json_atomic(join(folder, stem + MARKER_SUFFIX), marker)
+    fault_point("marker_done", join(folder, stem))
     return marker
 
 

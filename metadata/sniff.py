@@ -1,11 +1,12 @@
 """Header sniffing in pure Python: format from magic bytes, dimensions, and whether the file is whole.
 
 Cheap enough to run on every file (``header`` validation) and used as the guard before any decode
-(pixel caps against decompression bombs). Never raises on arbitrary bytes: every outcome is a
-``HeaderInfo`` whose ``status`` is ``ok`` or a manifest reason code.
+(pixel caps against decompression bombs, a scan cap against progressive-JPEG CPU bombs). Never raises on
+arbitrary bytes: every outcome is a ``HeaderInfo`` whose ``status`` is ``ok`` or a manifest reason code.
 """
 from __future__ import annotations
 
+import dataclasses
 import struct
 import zlib
 from dataclasses import dataclass
@@ -17,6 +18,12 @@ _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
 _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+DEFAULT_MAX_JPEG_SCANS = 100
+"""A JPEG with more scans is refused before decoding. Every scan makes the decoder pass over all blocks of
+the image, so a small file of thousands of near-empty scans costs seconds to minutes of CPU (a 44 KB
+2000x2000 file of 2,000 scans took 9 s in OpenCV here; the cost grows with scans x blocks);
+libjpeg-turbo's advice is a scan limit. Encoders write at most a few dozen scans (libjpeg's progressive
+script: 10 for colour, 6 for grey)."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,8 @@ class HeaderInfo:
     height: int | None = None
     channels: int | None = None
     bit_depth: int | None = None
+    scans: int | None = None
+    """JPEG only: the number of start-of-scan markers (1 for baseline)."""
 
     @property
     def pixels(self) -> int:
@@ -72,8 +81,11 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
-def parse_header(data: bytes, formats: tuple[str, ...] | list[str] = KNOWN_IMAGE_FORMATS) -> HeaderInfo:
-    """Parse ``data`` (the whole file) into a ``HeaderInfo``; never raises."""
+def parse_header(data: bytes, formats: tuple[str, ...] | list[str] = KNOWN_IMAGE_FORMATS,
+                 max_scans: int = DEFAULT_MAX_JPEG_SCANS) -> HeaderInfo:
+    """Parse ``data`` (the whole file) into a ``HeaderInfo``; never raises.
+
+    A JPEG with more than ``max_scans`` scans is ``too_large`` (0 = no limit)."""
     if not data:
         return HeaderInfo("zero_bytes", "file is empty")
     fmt = sniff_format(data[:64])
@@ -89,6 +101,8 @@ def parse_header(data: bytes, formats: tuple[str, ...] | list[str] = KNOWN_IMAGE
         info = parser(data)
     except (struct.error, IndexError, ValueError) as exc:
         return HeaderInfo("truncated" if len(data) < 64 else "undecodable", f"{fmt} header unreadable: {exc}", format=fmt)
+    if max_scans > 0 and info.scans is not None and info.scans > max_scans and info.status in ("ok", "truncated"):
+        return dataclasses.replace(info, status="too_large", detail=f"jpeg: {info.scans} scans > max {max_scans}")
     return info
 
 
@@ -136,9 +150,13 @@ def _jpeg(data: bytes) -> HeaderInfo:
         return HeaderInfo("undecodable", "jpeg: no frame header (SOF)", "jpeg")
     if not width or not height:
         return HeaderInfo("undecodable", f"jpeg: zero dimension {width}x{height}", "jpeg", width, height, channels, depth)
+    # Inside entropy-coded data every 0xFF is followed by 0x00 or a restart marker, so each FF DA from the
+    # first scan on is a scan header: counting them is exact for well-formed files and C-speed.
+    scans = data.count(b"\xff\xda", first_sos) if first_sos is not None else 0
     if first_sos is None or data.rfind(b"\xff\xd9") < first_sos:
-        return HeaderInfo("truncated", "jpeg: no end-of-image marker after the scan data", "jpeg", width, height, channels, depth)
-    return HeaderInfo("ok", "", "jpeg", width, height, channels, depth)
+        return HeaderInfo("truncated", "jpeg: no end-of-image marker after the scan data", "jpeg", width, height, channels,
+                          depth, scans)
+    return HeaderInfo("ok", "", "jpeg", width, height, channels, depth, scans)
 
 
 def _png(data: bytes) -> HeaderInfo:

@@ -25,9 +25,13 @@ def get_spark(cfg: SparkConfig, master: str | None = None):
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
-    master = master or cfg.master
+    builder = SparkSession.builder
+    # Under spark-submit (which hands its JVM to Python through PYSPARK_GATEWAY_PORT) its --master is the
+    # user's choice: a builder master, even [spark].master's default, would silently override it.
+    if master or "PYSPARK_GATEWAY_PORT" not in os.environ:
+        builder = builder.master(master or cfg.master)
     builder = (
-        SparkSession.builder.master(master)
+        builder
         .appName(cfg.app_name)
         .config("spark.driver.memory", cfg.driver_memory)
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
@@ -45,6 +49,7 @@ def get_spark(cfg: SparkConfig, master: str | None = None):
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
+    master = spark.sparkContext.master
     if not master.startswith("local"):
         spark.sparkContext.addPyFile(_package_zip())
     log.info("Spark %s on %s (default parallelism %d)", spark.version, master, spark.sparkContext.defaultParallelism)

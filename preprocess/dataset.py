@@ -4,12 +4,16 @@ A row whose bytes fail now (the file changed or vanished since the manifest) com
 ``(zeros, index, False, "reason: detail")``: never replaced by another image, never dropped, so the
 caller can record it. Items carry the reason string because a Dataset attribute set in a worker
 process never reaches the main process.
+
+A DataLoader with automatic batching calls ``__getitems__``: the worker decodes the whole batch,
+resizes each group of same-sized images in one call and writes them straight into one shared-memory
+batch (``LoadedBatch``), which ``collate`` passes through; no per-item tensors, no per-item collate.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -19,22 +23,48 @@ from torch.utils.data import Dataset
 from metadata.checks import read_bytes
 from metadata.config import RESIZE_POLICIES, PreprocessConfig
 from preprocess.decode import DecodeError, decode_image
-from preprocess.transforms import needed_shorter_side, resize_image
+from preprocess.transforms import needed_shorter_side, resize_image, resize_images
 
 log = logging.getLogger(__name__)
 
 Item = tuple[torch.Tensor, int, bool, str]
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]
+# Decoded images up to this size wait for their batch-mates to be resized together; larger ones are
+# resized at once, so a batch never holds many full-size decodes in memory.
+GROUP_MAX_BYTES = 4 * 1024 * 1024
 
 
-def load_rgb(uri: str, cfg: PreprocessConfig, size: int, policy: str, resize_shorter: int) -> np.ndarray:
-    """Read, guard, decode and resize one file to ``size`` x ``size`` x 3 RGB uint8; raises DecodeError."""
+class LoadedBatch(NamedTuple):
+    """A batch: uint8 images [B,3,H,W] (channels-last memory), indices int64 [B], ok bool [B], reasons."""
+
+    images: torch.Tensor
+    indices: torch.Tensor
+    ok: torch.Tensor
+    reasons: list[str]
+
+
+Batch = LoadedBatch
+
+
+def decode_rgb(uri: str, cfg: PreprocessConfig, size: int, policy: str, resize_shorter: int) -> np.ndarray:
+    """Read, guard and decode one file to HxWx3 RGB uint8 (JPEGs at a reduced scale where that is
+    enough for ``size``); raises DecodeError."""
     try:
         data = read_bytes(uri, cfg.max_bytes)
     except (OSError, ValueError) as exc:
         raise DecodeError("unreadable", f"read failed: {getattr(exc, 'strerror', None) or exc}") from None
-    rgb = decode_image(data, cfg, target=needed_shorter_side(size, policy, resize_shorter))
+    return decode_image(data, cfg, target=needed_shorter_side(size, policy, resize_shorter))
+
+
+def load_rgb(uri: str, cfg: PreprocessConfig, size: int, policy: str, resize_shorter: int) -> np.ndarray:
+    """Read, guard, decode and resize one file to ``size`` x ``size`` x 3 RGB uint8; raises DecodeError."""
+    rgb = decode_rgb(uri, cfg, size, policy, resize_shorter)
     return resize_image(rgb, size, policy, cfg.interpolation, resize_shorter, cfg.background)
+
+
+def _failure(exc: Exception) -> str:
+    if isinstance(exc, DecodeError):
+        return f"{exc.reason}: {exc.detail}"
+    return f"undecodable: {type(exc).__name__}: {exc}"
 
 
 def _column(rows: Any, name: str, default: Any = None) -> list[Any]:
@@ -80,11 +110,53 @@ class ManifestDataset(Dataset):
         try:
             rgb = load_rgb(self.paths[i], self.cfg, self.size, self.policy, self.resize_shorter)
             return torch.from_numpy(rgb).permute(2, 0, 1), i, True, ""
-        except DecodeError as exc:
-            reason = f"{exc.reason}: {exc.detail}"
         except Exception as exc:  # never let one file take a worker down
-            reason = f"undecodable: {type(exc).__name__}: {exc}"
-        return self.empty_image(), i, False, reason
+            return self.empty_image(), i, False, _failure(exc)
+
+    def __getitems__(self, indices: Sequence[int]) -> LoadedBatch:
+        """The batch of ``indices``, pixel for pixel what ``collate([self[i] for i in indices])`` gives."""
+        images, index_t, ok_t = batch_buffers(len(indices), self.size, self.size)
+        dst, ok = images.numpy(), ok_t.numpy()
+        index_t.numpy()[:] = indices
+        ok[:] = False
+        reasons = [""] * len(indices)
+        groups: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
+        for k, i in enumerate(indices):
+            try:
+                rgb = decode_rgb(self.paths[i], self.cfg, self.size, self.policy, self.resize_shorter)
+                if rgb.nbytes > GROUP_MAX_BYTES:
+                    dst[k] = self._resize(rgb[None])[0]
+                    ok[k] = True
+                else:
+                    groups.setdefault(rgb.shape, []).append((k, rgb))
+            except Exception as exc:  # never let one file take a worker down
+                reasons[k] = _failure(exc)
+        for members in groups.values():
+            self._resize_group(members, dst, ok, reasons)
+        dst[~ok] = 0
+        return LoadedBatch(images.permute(0, 3, 1, 2), index_t, ok_t, reasons)
+
+    def _resize(self, stack: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return resize_images(stack, self.size, self.policy, self.cfg.interpolation, self.resize_shorter,
+                             self.cfg.background, out=out)
+
+    def _resize_group(self, members: list[tuple[int, np.ndarray]], dst: np.ndarray, ok: np.ndarray,
+                      reasons: list[str]) -> None:
+        ks = [k for k, _ in members]
+        try:
+            if ks == list(range(len(dst))):  # the whole batch: resize straight into it
+                self._resize(np.stack([rgb for _, rgb in members]), out=dst)
+            else:
+                dst[ks] = self._resize(np.stack([rgb for _, rgb in members]))
+            ok[ks] = True
+        except Exception as exc:
+            log.debug("group resize failed (%s); resizing one image at a time", exc)
+            for k, rgb in members:
+                try:
+                    dst[k] = self._resize(rgb[None])[0]
+                    ok[k] = True
+                except Exception as one_exc:
+                    reasons[k] = _failure(one_exc)
 
     def empty_image(self) -> torch.Tensor:
         return torch.zeros((3, self.size, self.size), dtype=torch.uint8)
@@ -114,27 +186,40 @@ def read_ok_rows(out: str, split: str | None = None, labels: Iterable[str] | Non
     return table
 
 
-def collate(items: Sequence[Item]) -> Batch:
+def batch_buffers(n: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uninitialized images uint8 [n,height,width,3], indices int64 [n] and ok bool [n].
+
+    Inside a DataLoader worker the three are views of one shared-memory block (as default_collate
+    allocates its batch), so a batch crosses to the main process as one file descriptor, not three.
+    """
+    if torch.utils.data.get_worker_info() is None:
+        return (torch.empty((n, height, width, 3), dtype=torch.uint8), torch.empty(n, dtype=torch.int64),
+                torch.empty(n, dtype=torch.bool))
+    index_at = -(-n * height * width * 3 // 8)  # in int64 elements, so the indices are 8-byte aligned
+    storage = torch.UntypedStorage._new_shared(index_at * 8 + 9 * n)
+    images = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (n, height, width, 3))
+    indices = torch.empty(0, dtype=torch.int64).set_(storage, index_at, (n,))
+    ok = torch.empty(0, dtype=torch.bool).set_(storage, index_at * 8 + 8 * n, (n,))
+    return images, indices, ok
+
+
+def collate(items: Sequence[Item] | LoadedBatch) -> Batch:
     """Stack items into ``(uint8 [B,3,H,W], indices int64 [B], ok bool [B], reasons)``.
 
     The image batch is laid out channels-last in memory (an NHWC buffer seen as NCHW): no transpose
     copy on the CPU, and the layout convolution models run fastest with. Call ``.contiguous()`` for
     plain NCHW memory.
     """
-    images = [it[0] for it in items]
-    first = images[0]
-    c, h, w = first.shape
-    shape = (len(items), h, w, c)
-    if torch.utils.data.get_worker_info() is not None:
-        # Allocate in shared memory directly, as default_collate does, so the batch is not copied again.
-        storage = first._typed_storage()._new_shared(int(np.prod(shape)), device=first.device)
-        out = first.new(storage).resize_(*shape)
-    else:
-        out = torch.empty(shape, dtype=torch.uint8)
+    if isinstance(items, LoadedBatch):  # __getitems__ built the batch already
+        return items
+    first = items[0][0]
+    if first.shape[0] != 3:
+        raise ValueError(f"collate wants [3,H,W] images, got {tuple(first.shape)}")
+    out, indices, ok = batch_buffers(len(items), first.shape[1], first.shape[2])
     dst = out.numpy()
-    for k, img in enumerate(images):
+    for k, it in enumerate(items):
         # NumPy copies: torch's copy_ fans out to its intra-op thread pool, slow for 150 KB on a busy CPU.
-        np.copyto(dst[k], img.permute(1, 2, 0).numpy())
-    indices = torch.tensor([it[1] for it in items], dtype=torch.int64)
-    ok = torch.tensor([bool(it[2]) for it in items], dtype=torch.bool)
-    return out.permute(0, 3, 1, 2), indices, ok, [it[3] for it in items]
+        np.copyto(dst[k], it[0].permute(1, 2, 0).numpy())
+    indices.numpy()[:] = [it[1] for it in items]
+    ok.numpy()[:] = [bool(it[2]) for it in items]
+    return LoadedBatch(out.permute(0, 3, 1, 2), indices, ok, [it[3] for it in items])

@@ -1,7 +1,7 @@
 """Bytes to an RGB uint8 array with OpenCV, behind the guards that make untrusted input safe.
 
 Order of work: byte cap, then the header (magic-byte allowlist, dimensions against the pixel cap,
-whole-file check), then ``cv2.imdecode``. The header check runs first because OpenCV may return a
+JPEG scan count against the scan cap, whole-file check), then ``cv2.imdecode``. The header check runs first because OpenCV may return a
 full-size grey image for a JPEG cut in half, and allocates before it refuses an oversized image.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def check_header(data: bytes, cfg: PreprocessConfig) -> HeaderInfo:
     """The guards before any decode; raises DecodeError, returns the header when the bytes may be decoded."""
     if len(data) > cfg.max_bytes:
         raise DecodeError("too_large", f"{len(data)} bytes is over the byte cap {cfg.max_bytes}")
-    info = parse_header(data, cfg.formats)
+    info = parse_header(data, cfg.formats, cfg.max_jpeg_scans)
     if info.status != "ok":
         raise DecodeError(info.status, info.detail)
     if info.pixels > cfg.max_pixels:

@@ -33,14 +33,17 @@ from preprocess.prep_io import write_shard
 log = logging.getLogger(__name__)
 
 PREP_KIND = "prep"
+PREP_CODE_VERSION = "prep-2"
+"""Bump when a code change alters the pixels written for the same inputs and config."""
 _DECODE_KEYS = ("interpolation", "alpha", "background", "exif_orientation", "reduced_decode", "max_bytes",
-                "max_pixels", "formats")
+                "max_pixels", "formats", "max_jpeg_scans")
 
 
 def prep_fingerprint(cfg: Config) -> str:
     """sha256 (16 hex) over everything that changes the pixels or the shard layout of a prep export."""
     pre = dataclasses.asdict(cfg.preprocess)
-    data = {"prep": dataclasses.asdict(cfg.prep), "preprocess": {k: pre[k] for k in _DECODE_KEYS}}
+    data = {"prep": dataclasses.asdict(cfg.prep), "preprocess": {k: pre[k] for k in _DECODE_KEYS},
+            "code_version": PREP_CODE_VERSION}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

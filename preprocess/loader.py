@@ -59,7 +59,8 @@ def worker_init(worker_id: int, max_pixels: int) -> None:
 def make_loader(dataset: Dataset, cfg: PreprocessConfig, batch_size: int | None = None, num_workers: int | None = None,
                 shuffle: bool = False, batch_sampler: Sequence[Sequence[int]] | None = None, **overrides: Any) -> DataLoader:
     """A DataLoader with the defaults that pay here: per-worker threads set, pinned memory with CUDA,
-    prefetch and persistent workers. Batches are ``preprocess.dataset.collate`` tuples."""
+    prefetch and persistent workers. Batches are ``preprocess.dataset.LoadedBatch`` tuples, built by the
+    dataset's ``__getitems__`` where it has one."""
     workers = resolve_workers(cfg, num_workers)
     kwargs: dict[str, Any] = dict(
         num_workers=workers,

@@ -53,7 +53,7 @@ def make(out: Path, per_class: int = 24, seed: int = 0) -> dict[str, str]:
         "circle/empty.jpg": ("zero_bytes", b""),
         "square/notes.jpg": ("not_image", b"this is a text file saved with a .jpg name\n"),
         "cross/cut_in_half.jpg": ("truncated", (out / "cross" / "cross_000.jpg").read_bytes()[:1500]),
-        "stripes/copy_of_stripes_000.jpg": ("duplicate", (out / "stripes" / "stripes_000.jpg").read_bytes()),
+        "stripes/stripes_000_copy.jpg": ("duplicate", (out / "stripes" / "stripes_000.jpg").read_bytes()),
         "triangle/page.png": ("not_image", b"<!doctype html><html><body>404 Not Found</body></html>\n"),
     }
     for rel, (_, data) in broken.items():

@@ -37,7 +37,10 @@ def _wait_for(log: Path, pattern: str, proc: subprocess.Popen, timeout: float = 
 
 @contextlib.contextmanager
 def standalone_cluster(workdir: Path, workers: int = 1, cores: int = 1, memory: str = "1g") -> Iterator[str]:
-    """Start a master and ``workers`` workers on 127.0.0.1; yield the master URL; stop them after."""
+    """Start a master and ``workers`` workers on 127.0.0.1; yield the master URL; stop them after.
+
+    Worker ``i`` runs its executors under ``workdir/work{i}/APP_ID/EXECUTOR_ID/`` (with their stderr logs).
+    """
     env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable,
                SPARK_WORKER_DIR=str(workdir / "work"), SPARK_LOG_DIR=str(workdir))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -51,13 +54,16 @@ def standalone_cluster(workdir: Path, workers: int = 1, cores: int = 1, memory: 
         procs.append(master)
         _wait_for(mlog, r"I have been elected leader|Starting Spark master", master)
         url = f"spark://127.0.0.1:{port}"
-        for i in range(workers):
+        started = []
+        for i in range(workers):  # started together, then awaited: JVM start-up dominates
             wlog = workdir / f"worker{i}.log"
             w = subprocess.Popen(
                 [spark_class(), "org.apache.spark.deploy.worker.Worker", url, "--host", "127.0.0.1", "--cores", str(cores),
                  "--memory", memory, "--webui-port", str(free_port()), "--work-dir", str(workdir / f"work{i}")],
                 stdout=wlog.open("w"), stderr=subprocess.STDOUT, env=env)
             procs.append(w)
+            started.append((wlog, w))
+        for wlog, w in started:
             _wait_for(wlog, r"Successfully registered with master", w)
         yield url
     finally:

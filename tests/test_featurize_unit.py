@@ -164,3 +164,20 @@ def test_torch_cache_is_seeded_from_an_installed_weights_package(tmp_path, monke
     resolved = resolve_weights("mobilenet_v2", "IMAGENET1K_V1")
     assert (tmp_path / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth").is_file()
     assert resolved.sha256 == "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+
+
+
+def test_loader_workers_by_device(monkeypatch) -> None:
+    import featurize.distributed as dist
+    from featurize.distributed import DistContext
+    from featurize.runner import loader_workers
+
+    cfg = Config()
+    monkeypatch.setattr(dist, "available_cores", lambda: 8)
+    assert loader_workers(cfg, DistContext(), torch.device("cpu")) == 2
+    assert loader_workers(cfg, DistContext(), torch.device("cuda")) == 8
+    assert loader_workers(cfg, DistContext(local_world_size=2), torch.device("cuda")) == 4
+    monkeypatch.setattr(dist, "available_cores", lambda: 2)
+    assert loader_workers(cfg, DistContext(), torch.device("cpu")) == 1  # never 0: crash containment
+    cfg.preprocess.num_workers = 3
+    assert loader_workers(cfg, DistContext(), torch.device("cpu")) == 3

@@ -82,6 +82,25 @@ def test_collate_layout(images):
     assert ok.dtype == torch.bool and ok.all() and reasons == ["", "", ""]
 
 
+def test_getitems_matches_items_and_keeps_bad_rows(images, tmp_path, monkeypatch):
+    # Mixed source sizes (two resize groups), one over the grouping cap (resized alone), bad rows.
+    paths = images + [write_image(tmp_path / "src" / "wide.png", gradient_image(30, 70, seed=11), ".png"),
+                      write_image(tmp_path / "src" / "big.png", gradient_image(90, 60, seed=12), ".png")]
+    monkeypatch.setattr(dataset_mod, "GROUP_MAX_BYTES", 90 * 60 * 3 - 1)
+    os.remove(paths[2])
+    paths[5].write_text("not an image")
+    ds = ManifestDataset(rows_for(paths), CFG)
+    order = [11, 5, 0, 10, 2, 3, 1]
+    got = ds.__getitems__(order)
+    want = collate([ds[i] for i in order])
+    assert isinstance(got, dataset_mod.LoadedBatch) and collate(got) is got
+    assert got.images.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got.images, want.images) and got.indices.tolist() == order
+    assert got.ok.tolist() == [True, False, True, True, False, True, True] == want.ok.tolist()
+    assert got.reasons == want.reasons and got.reasons[1].startswith("not_image:")
+    assert torch.count_nonzero(got.images[4]) == 0
+
+
 def test_loader_with_workers_covers_everything(images):
     os.remove(images[4])
     ds = ManifestDataset(rows_for(images), CFG)

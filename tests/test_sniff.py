@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from helpers import gradient_image
 from metadata.sniff import parse_header
 
-STATUSES = {"ok", "zero_bytes", "not_image", "unsupported_format", "truncated", "undecodable"}
+STATUSES = {"ok", "zero_bytes", "not_image", "unsupported_format", "truncated", "undecodable", "too_large"}
 
 
 def encode(ext: str, img: np.ndarray) -> bytes:
@@ -43,6 +43,18 @@ def test_text_and_html_are_not_images():
     assert parse_header(b"hello world\n").status == "not_image"
     assert parse_header(b"<!doctype html><html></html>").status == "not_image"
     assert parse_header(b"").status == "zero_bytes"
+
+
+def test_jpeg_scans_are_counted():
+    import io
+
+    from PIL import Image
+
+    assert parse_header(encode(".jpg", gradient_image(32, 32))).scans == 1
+    buf = io.BytesIO()
+    Image.fromarray(gradient_image(32, 32)).save(buf, "JPEG", progressive=True)
+    assert parse_header(buf.getvalue()).scans == 10  # libjpeg's default progression for colour
+    assert parse_header(encode(".png", gradient_image(8, 8))).scans is None
 
 
 def test_format_allowlist():

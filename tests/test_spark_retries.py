@@ -48,3 +48,84 @@ def test_manifest_survives_a_failed_task_attempt(spark, tmp_path, monkeypatch):
         assert {k: v for k, v in a.items() if k != "mtime"} == {k: v for k, v in b.items() if k != "mtime"}
     assert (tmp_path / "retried" / "manifest" / "_SUCCESS").is_file()
     assert injected.exists(), "the failure was never injected"
+
+
+def _reduced_rows(out) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return sorted(pq.read_table(out / "reduced").to_pylist(), key=lambda r: r["image_id"])
+
+
+def test_pca_survives_failed_task_attempts(spark, tmp_path, monkeypatch):
+    """A fit task and a projection/write task each die once: same model and output as a clean run."""
+    from metadata import pca
+    from test_pca_stage import cfg, make_data
+
+    assert spark.sparkContext.master == "local[2,3]"
+    data = make_data(tmp_path, n=120, per_shard=20)
+    pca.run_pca(cfg(k=3), data["manifest"], data["features"], str(tmp_path / "clean"), spark=spark, plots=False)
+
+    real_groups, real_project = pca._shard_groups, pca._project_task
+    fit_flag, write_flag = tmp_path / "fit-injected", tmp_path / "write-injected"
+
+    def dies_once(flag, items):
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        for i, item in enumerate(items):
+            yield item
+            if ctx.attemptNumber() == 0 and i == 0 and not flag.exists():
+                flag.write_text(str(ctx.partitionId()))
+                raise RuntimeError(f"injected failure ({flag.name})")
+
+    def flaky_groups(batches, folder, markers):  # the fit's tasks come first: this one fails
+        return dies_once(fit_flag, real_groups(batches, folder, markers))
+
+    def flaky_project(folder, markers, model):
+        run = real_project(folder, markers, model)
+        return lambda batches: dies_once(write_flag, run(batches))
+
+    monkeypatch.setattr(pca, "_shard_groups", flaky_groups)
+    monkeypatch.setattr(pca, "_project_task", flaky_project)
+    pca.run_pca(cfg(k=3), data["manifest"], data["features"], str(tmp_path / "retried"), spark=spark, plots=False)
+    assert fit_flag.exists() and write_flag.exists(), "a failure was never injected"
+    clean, retried = _reduced_rows(tmp_path / "clean"), _reduced_rows(tmp_path / "retried")
+    assert len({r["image_id"] for r in retried}) == len(retried) == len(clean) == 120
+    assert clean == retried
+    assert (tmp_path / "retried" / "reduced" / "_SUCCESS").is_file()
+    assert not list((tmp_path / "retried").glob("_pca_scratch-*"))
+
+
+def test_failed_pca_rerun_keeps_previous_output(spark, tmp_path, monkeypatch):
+    """A rerun that fails (while writing, or on a corrupted shard) leaves reduced/ and the model as they were."""
+    from metadata import pca
+    from metadata.shards import ShardVerificationError
+    from test_pca_stage import cfg, make_data
+
+    data = make_data(tmp_path, n=60, per_shard=20)
+    out = tmp_path / "red"
+    pca.run_pca(cfg(k=3), data["manifest"], data["features"], str(out), spark=spark, plots=False)
+    before = {p.name: p.read_bytes() for p in (out / "reduced").iterdir()}
+    model = (out / "pca_model.npz").read_bytes()
+    rows = _reduced_rows(out)
+
+    def always_fails(folder, markers, model):
+        def run(batches):
+            raise RuntimeError("injected write failure")
+            yield  # pragma: no cover
+
+        return run
+
+    with monkeypatch.context() as m:
+        m.setattr(pca, "_project_task", always_fails)
+        with pytest.raises(Exception, match="injected write failure"):
+            pca.run_pca(cfg(k=2), data["manifest"], data["features"], str(out), spark=spark, plots=False)
+    victim = tmp_path / "feat" / "part-00001.features.npy"
+    raw = bytearray(victim.read_bytes())
+    raw[-3] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    with pytest.raises(ShardVerificationError, match="part-00001"):
+        pca.run_pca(cfg(k=2), data["manifest"], data["features"], str(out), spark=spark, plots=False)
+    assert {p.name: p.read_bytes() for p in (out / "reduced").iterdir()} == before
+    assert (out / "pca_model.npz").read_bytes() == model and _reduced_rows(out) == rows
+    assert sorted(p.name for p in out.iterdir()) == ["config.resolved.toml", "pca_model.npz", "pca_summary.json", "reduced"]
