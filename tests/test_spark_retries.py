@@ -50,6 +50,36 @@ def test_manifest_survives_a_failed_task_attempt(spark, tmp_path, monkeypatch):
     assert injected.exists(), "the failure was never injected"
 
 
+def test_failed_manifest_rerun_keeps_previous_output(spark, tmp_path, monkeypatch):
+    """A rerun whose check tasks fail on every attempt leaves the committed manifest as it was."""
+    src = tmp_path / "src"
+    for i in range(6):
+        write_image(src / "a" / f"{i}.jpg", gradient_image(seed=i))
+    cfg = load_config(None, {"manifest": {"rows_per_shard": 4}})
+    out = tmp_path / "out"
+    manifest_job.run_manifest(cfg, [str(src)], str(out))
+
+    def snapshot() -> dict[str, bytes]:
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    rows_before = read_manifest(str(out)).to_pylist()
+    write_image(src / "a" / "new.jpg", gradient_image(seed=99))
+
+    def always_dies(c):
+        def check(batches):
+            raise RuntimeError("injected failure on every attempt")
+            yield  # pragma: no cover - makes this a generator like the real checker
+
+        return check
+
+    monkeypatch.setattr(manifest_job, "_make_checker", always_dies)
+    with pytest.raises(Exception, match="injected failure"):
+        manifest_job.run_manifest(cfg, [str(src)], str(out))
+    assert snapshot() == before
+    assert read_manifest(str(out)).to_pylist() == rows_before
+
+
 def _reduced_rows(out) -> list[dict]:
     import pyarrow.parquet as pq
 
