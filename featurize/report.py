@@ -138,6 +138,15 @@ def _accounting(manifest: dict | None, feats: dict | None, pca: dict | None) -> 
     return out
 
 
+def plot_url(run: str, name: str) -> str:
+    """Where a plot named in the pca summary lies.
+
+    pca records the path it wrote (a URL, or a path relative to the working directory when the run
+    folder was given that way); a bare file name is taken as relative to the run's pca folder.
+    """
+    return name if "/" in name else join(join(run, "pca"), name)
+
+
 def write_report(run: str, cfg: Config | None = None) -> dict[str, Any]:
     """Write ``RUN/report.json`` and ``RUN/report.html``; return the report dict."""
     report = build_report(run, cfg)
@@ -145,7 +154,7 @@ def write_report(run: str, cfg: Config | None = None) -> dict[str, Any]:
     flagged = _flagged(run, THUMBS)
     plots = {}
     for name in (report.get("pca") or {}).get("plots", []) or []:
-        url = name if "://" in name or name.startswith("/") else join(join(run, "pca"), name)
+        url = plot_url(run, name)
         try:
             plots[url.rsplit("/", 1)[-1]] = base64.b64encode(_read_bytes(url)).decode()
         except OSError:

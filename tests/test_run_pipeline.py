@@ -81,3 +81,11 @@ def test_report_opens_in_chromium_without_errors(demo_run, tmp_path):
     assert images >= 2 + 5 and ok == images  # two PCA plots and a thumbnail per flagged file
     for section in ("Per-class counts", "Flagged files", "PCA", "Time per stage", "Bottleneck stage"):
         assert section in dom
+
+
+def test_plot_paths_from_a_relative_run_folder_are_not_joined_twice():
+    from featurize.report import plot_url
+
+    assert plot_url("runs/demo", "runs/demo/pca/pca_scatter.png") == "runs/demo/pca/pca_scatter.png"
+    assert plot_url("s3://b/run", "s3://b/run/pca/pca_scatter.png") == "s3://b/run/pca/pca_scatter.png"
+    assert plot_url("runs/demo", "pca_scatter.png") == "runs/demo/pca/pca_scatter.png"
