@@ -16,6 +16,19 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("py4j", "botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_py4j_retry_notice)
+
+
+def _drop_py4j_retry_notice(record: logging.LogRecord) -> bool:
+    """Drop py4j's INFO traceback for a pooled connection it then reopens successfully.
+
+    Forked DataLoader workers close the gateway sockets they inherit, so the driver's next Spark call
+    after featurize finds one pooled connection reset; py4j retries it on a fresh connection and logs the
+    first attempt on the root logger at INFO. A retry that fails is logged at ERROR and still shows.
+    """
+    return not (record.levelno == logging.INFO and record.name == "root"
+                and record.getMessage() == "Exception while sending command.")
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
