@@ -115,6 +115,27 @@ def read_feature_shard(folder: str, stem: str, marker: dict[str, Any]) -> tuple[
     return ids, feats
 
 
+def read_feature_head(folder: str, stem: str, marker: dict[str, Any], rows: int) -> np.ndarray:
+    """The first ``rows`` feature rows of one committed shard, reading only those bytes."""
+    fs, _ = fsspec.core.url_to_fs(folder)
+    take = max(0, min(int(rows), int(marker["rows"])))
+    if marker["format"] == "npy":
+        path = fsspec.core.url_to_fs(shards.join(folder, shards.FEATURES_NPY.format(stem=stem)))[1]
+        with fs.open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            shape, fortran, dtype = header(fh) if header else ((), True, None)
+            if fortran or len(shape) != 2:
+                return read_feature_shard(folder, stem, marker)[1][:take]
+            data = fh.read(take * shape[1] * dtype.itemsize)
+        return np.frombuffer(data, dtype=dtype).reshape(take, shape[1])
+    import h5py
+
+    with fs.open(fsspec.core.url_to_fs(shards.join(folder, shards.FEATURES_H5.format(stem=stem)))[1], "rb") as fh:
+        with h5py.File(fh, "r") as h5:
+            return h5["features"][:take]
+
+
 def read_rejects(folder: str, stem: str) -> list[dict[str, Any]]:
     data = shards.read_json(shards.join(folder, stem + shards.REJECTS_SUFFIX))
     return list(data.get("rejects", [])) if data else []

@@ -89,13 +89,18 @@ def write_parquet_dataset(
     schema: pa.Schema | None = None,
     overwrite: bool = True,
     compression: str = "zstd",
+    transform: Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]] | None = None,
 ) -> dict[str, Any]:
     """Write Spark DataFrame ``df`` as a Parquet dataset at ``url`` from the executors.
 
     ``schema`` (Arrow) fixes the file schema (columns are selected and cast to it); default: the
-    DataFrame's own schema. Returns ``{"url", "files", "rows"}``. Only file names and row counts
+    DataFrame's own schema. ``transform``, when given, maps each task's input batches to the
+    batches written (in the writing task itself: its output never passes through the JVM); then
+    ``schema`` is required. Returns ``{"url", "files", "rows"}``. Only file names and row counts
     reach the driver.
     """
+    if transform is not None and schema is None:
+        raise ValueError("write_parquet_dataset: a transform needs the output schema")
     schema = schema if schema is not None else _spark_to_arrow(df.schema)
     fs, root = fsspec.core.url_to_fs(url)
     if fs.exists(root):
@@ -107,7 +112,7 @@ def write_parquet_dataset(
             fs.rm(success)
         _prune(url, keep=set())
     fs.makedirs(root, exist_ok=True)
-    writer = _partition_writer(url, schema, compression)
+    writer = _partition_writer(url, schema, compression, transform)
     started = time.perf_counter()
     committed = df.mapInArrow(writer, "partition long, attempt long, file string, rows long").collect()
     files = sorted({r["file"] for r in committed if r["file"]})
@@ -128,8 +133,13 @@ def write_parquet_dataset(
     return {"url": url, "files": files, "rows": rows}
 
 
-def _partition_writer(url: str, schema: pa.Schema, compression: str) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+def _partition_writer(
+    url: str, schema: pa.Schema, compression: str,
+    transform: Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]] | None = None,
+) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        if transform is not None:
+            batches = transform(batches)
         from pyspark import TaskContext
 
         ctx = TaskContext.get()

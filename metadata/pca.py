@@ -39,9 +39,9 @@ import pyarrow as pa
 
 from metadata import shards
 from metadata.config import Config, dump_toml
-from metadata.feature_store import ID_DTYPE, committed_shards, read_feature_shard, read_rejects
+from metadata.feature_store import ID_DTYPE, committed_shards, read_feature_head, read_feature_shard, read_rejects
 from metadata.pca_fit import (CovProduct, Moments, PcaModel, dump_accumulator, fit_exact, fit_randomized, load_accumulator,
-                              merge_moments, merge_products, settle_moments)
+                              merge_moments, merge_products)
 from metadata.parquet_io import conform_batch, read_parquet_dataset, write_parquet_dataset
 from metadata.schema import CONFIG_FILE, manifest_path
 
@@ -76,7 +76,6 @@ _IDS_SCHEMA = pa.schema(
     ]
 )
 _IDS_DDL = "image_id string, shard string, shard_idx int, row int, kind string, reason string, detail string"
-_REDUCED_DDL = "image_id string, path string, label string, label_index int, split string, features_pca array<float>"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,9 +287,12 @@ def _project_task(folder: str, markers: dict[str, dict[str, Any]], model: PcaMod
     k = proj.shape[1]
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        with _task_threads():
+            yield from project(batches)
+
+    def project(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for table, x in _shard_groups(batches, folder, markers):
-            with _task_threads():
-                z = ((np.asarray(x, dtype=np.float64) - mean) @ proj).astype(np.float32)
+            z = (np.subtract(x, mean, dtype=np.float64) @ proj).astype(np.float32)  # one float64 pass over x
             m = z.shape[0]
             lists = pa.ListArray.from_arrays(pa.array(np.arange(0, m * k + 1, k, dtype=np.int32)), pa.array(z.reshape(-1)))
             cols = [table.column(n).combine_chunks() for n in ("image_id", "path", "label", "label_index", "split")]
@@ -417,6 +419,24 @@ def _join(ids: Any, man: Any | None, allow_extra: bool, rejects: int = 1) -> tup
     return matched, acc, full
 
 
+def _common_shift(folder: str, markers: dict[str, dict[str, Any]], dim: int, rows: int = 1024) -> np.ndarray:
+    """The mean of the first ``rows`` feature rows of the first non-empty shard (read by the driver: [rows, d] at most).
+
+    Every fit task accumulates its sums around this one shift, so the driver merges them by plain
+    addition. Any vector near the data's mean keeps the float64 sums free of cancellation.
+    """
+    for stem in sorted(markers):
+        if int(markers[stem]["rows"]) > 0:
+            head = read_feature_head(folder, stem, markers[stem], rows)
+            if head.shape[0]:
+                return np.asarray(head, dtype=np.float64).mean(axis=0)
+    return np.zeros(dim)
+
+
+def _unsettled(acc: Moments) -> Moments:
+    return acc
+
+
 def _fit(fit_rows: Any, folder: str, markers: dict[str, dict[str, Any]], cfg: Config, dim: int, method: str,
          scratch: str) -> PcaModel:
     pc = cfg.pca
@@ -424,7 +444,9 @@ def _fit(fit_rows: Any, folder: str, markers: dict[str, dict[str, Any]], cfg: Co
         method = "randomized" if dim > WIDE_DIM else "exact"
     if method == "exact":
         t = time.perf_counter()
-        mom = _reduce_rows(fit_rows, folder, markers, lambda: Moments(full=True), settle_moments, merge_moments, scratch)
+        shift = _common_shift(folder, markers, dim)
+        mom = _reduce_rows(fit_rows, folder, markers, lambda: Moments.with_shift(shift, full=True), _unsettled,
+                           merge_moments, scratch).settle()
         if mom.n == 0:
             raise ValueError(f"pca.fit_split = {pc.fit_split!r}: no matched rows in that split")
         t_moments = time.perf_counter() - t
@@ -434,7 +456,9 @@ def _fit(fit_rows: Any, folder: str, markers: dict[str, dict[str, Any]], cfg: Co
         return model
     if method != "randomized":
         raise ValueError(f"method must be auto, exact or randomized, got {method!r}")
-    diag = _reduce_rows(fit_rows, folder, markers, lambda: Moments(full=False), settle_moments, merge_moments, scratch)
+    shift = _common_shift(folder, markers, dim)
+    diag = _reduce_rows(fit_rows, folder, markers, lambda: Moments.with_shift(shift, full=False), _unsettled,
+                        merge_moments, scratch).settle()
     if diag.n == 0:
         raise ValueError(f"pca.fit_split = {pc.fit_split!r}: no matched rows in that split")
 
@@ -471,9 +495,9 @@ def _scatter_sample(spark: Any, reduced: str, rows: int) -> tuple[np.ndarray, li
 
 
 def _partitions(spark: Any, cfg: Config, n_shards: int) -> int:
-    from metadata.spark_session import num_tasks
-
-    return max(1, min(n_shards, num_tasks(spark, cfg.spark)))
+    # Feature shards are equal-sized, so one task per core balances; each Python task costs about 0.1 s of
+    # fixed overhead in local mode (measured), which more tasks would multiply. spark.partitions overrides.
+    return max(1, min(n_shards, cfg.spark.partitions or spark.sparkContext.defaultParallelism))
 
 
 def _project_and_write(matched: Any, folder: str, markers: dict[str, dict[str, Any]], model: PcaModel, out: str,
@@ -482,8 +506,8 @@ def _project_and_write(matched: Any, folder: str, markers: dict[str, dict[str, A
     so a failed run leaves the previous output as it was."""
     url = shards.join(out, REDUCED_DIR)
     staging = _scratch(out)
-    df = matched.mapInArrow(_project_task(folder, markers, model), _REDUCED_DDL)
-    written = write_parquet_dataset(df, staging, REDUCED_SCHEMA)
+    # The writing tasks project their rows themselves: the projected rows never pass through the JVM.
+    written = write_parquet_dataset(matched, staging, REDUCED_SCHEMA, transform=_project_task(folder, markers, model))
     if written["rows"] != expect_rows:
         raise RuntimeError(f"{url}: wrote {written['rows']} rows but {expect_rows} were matched")
     _publish(staging, url)
@@ -557,13 +581,15 @@ def run_pca(cfg: Config, manifest: str, features: str, out: str, master: str | N
         if acc["with_features"] == 0:
             raise ValueError(f"--manifest {manifest} and --features {features} share no image_id")
         # Cached: the fit and the projection both read these rows, grouped by shard and sorted by row.
-        matched = (matched.repartition(parts, "shard_idx").sortWithinPartitions("shard_idx", "row")
+        matched = (matched.repartitionByRange(parts, "shard_idx").sortWithinPartitions("shard_idx", "row")
                    .persist(StorageLevel.MEMORY_AND_DISK))
         cached.append(matched)
         timings["join"] = time.perf_counter() - t
         t = time.perf_counter()
         fit_rows = matched.filter(F.col("split") == cfg.pca.fit_split) if cfg.pca.fit_split else matched
-        model = _fit(fit_rows.select("image_id", "shard", "row"), features, markers, cfg, dim, method, _scratch(out))
+        # One fit task per core: each task writes one d x d file for the driver to add.
+        fit_rows = fit_rows.select("image_id", "shard", "row").coalesce(spark.sparkContext.defaultParallelism)
+        model = _fit(fit_rows, features, markers, cfg, dim, method, _scratch(out))
         timings["fit"] = time.perf_counter() - t
         log.info("PCA %s: %d fit rows, d = %d, k = %d, explained variance %.4f (%.1f s)", model.method, model.n_fit, dim,
                  model.k, float(model.explained_variance_ratio.sum()), timings["fit"])
@@ -633,7 +659,7 @@ def apply_pca(model_path: str, features: str, out: str, spark: Any, *, manifest:
     ids, rejects = _ids_pass(spark, features, markers, parts)
     man = _read_manifest_df(spark, manifest) if manifest else None
     matched, acc, joined = _join(ids, man, allow_extra, rejects)
-    matched = matched.repartition(parts, "shard_idx").sortWithinPartitions("shard_idx", "row")
+    matched = matched.repartitionByRange(parts, "shard_idx").sortWithinPartitions("shard_idx", "row")
     try:
         written = _project_and_write(matched, features, markers, model, out, acc["with_features"])
     finally:

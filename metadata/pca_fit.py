@@ -29,7 +29,7 @@ BUFFER_BYTES = 64 << 20
 """At most this many bytes of buffered rows per accumulator (fewer than CHUNK_ROWS rows for very wide data)."""
 GRAM_BLOCK = 512
 EIGH_SERIAL_DIM = 4096
-"""Up to this width the eigendecomposition runs on one BLAS thread (see :func:`fit_exact`)."""
+"""Up to this width the eigendecomposition uses only the cores found idle (see :func:`idle_cores`)."""
 SINGLE_MIN_DIM = 512
 """From this width on, float32 features are multiplied in float32 (narrow data is cheap in float64)."""
 
@@ -38,9 +38,11 @@ SINGLE_MIN_DIM = 512
 class Moments:
     """Count, mean and centered co-moments of a set of rows (``full``: d x d, else the diagonal only).
 
-    ``add`` accumulates shifted sums (shift = the first rows' mean) with blocked upper-triangle
-    products (:func:`add_upper_gram`); ``settle`` folds them into (mean, m2), and ``merge`` combines
-    settled moments with Chan's formula.
+    ``add`` accumulates shifted sums (shift = the first rows' mean, or a common one given with
+    :meth:`with_shift`) with blocked upper-triangle products (:func:`add_upper_gram`); ``settle``
+    folds them into (mean, m2), and ``merge`` combines settled moments with Chan's formula. Moments
+    that share a common shift and are not settled yet merge by plain addition of their sums: that
+    is how the tasks of one fit are combined on the driver (one d x d add per task).
     """
 
     n: int = 0
@@ -53,6 +55,18 @@ class Moments:
     _S: np.ndarray | None = None
     _buf: np.ndarray | None = None
     _fill: int = 0
+    _fixed: bool = False
+
+    @classmethod
+    def with_shift(cls, shift: np.ndarray, full: bool = True) -> "Moments":
+        """Empty moments that accumulate around ``shift`` (a float64 [d] vector close to the data's mean).
+
+        Every task of a fit gets the same shift, so their unsettled sums add up exactly.
+        """
+        m = cls(full=full)
+        m._shift = np.asarray(shift, dtype=np.float64).copy()
+        m._fixed = True
+        return m
 
     def add(self, x: np.ndarray) -> "Moments":
         """Fold rows ``x`` [m, d] into these moments (in place).
@@ -68,16 +82,20 @@ class Moments:
         x = np.asarray(x)
         if x.ndim != 2 or x.shape[0] == 0:
             return self
+        d = x.shape[1]
         if self._shift is None:
-            d = x.shape[1]
-            single = x.dtype in (np.float32, np.float16) and d >= SINGLE_MIN_DIM
             self._shift = np.asarray(x[:CHUNK_ROWS], dtype=np.float64).mean(axis=0)
+        elif self._shift.shape[0] != d:
+            raise ValueError(f"rows have {d} columns, the moments {self._shift.shape[0]}")
+        if self._s is None:
             self._s = np.zeros(d)
             self._S = np.zeros((d, d) if self.full else d)
+        if self._buf is None:
+            single = x.dtype in (np.float32, np.float16) and d >= SINGLE_MIN_DIM
             dtype = np.dtype(np.float32 if single else np.float64)
             self._buf = np.empty((max(64, min(CHUNK_ROWS, BUFFER_BYTES // (d * dtype.itemsize))), d), dtype=dtype)
             self._fill = 0
-        shift = self._shift.astype(self._buf.dtype)
+        shift = self._shift  # subtracted in float64, rounded once into the buffer: the mean stays exact
         start = 0
         while start < x.shape[0]:
             take = min(x.shape[0] - start, self._buf.shape[0] - self._fill)
@@ -115,8 +133,10 @@ class Moments:
             else:
                 m2 = self._S - self._s * self._s / n
             pending = Moments(n, self._shift + mean_c, np.ascontiguousarray(m2), self.full)
-            self._shift, self._n, self._s, self._S, self._buf = None, 0, None, None, None
             self._merge_settled(pending)
+        if not self._fixed:
+            self._shift = None
+        self._n, self._s, self._S, self._buf, self._fill = 0, None, None, None, 0
         return self
 
     @classmethod
@@ -124,10 +144,29 @@ class Moments:
         return cls(full=full).add(x).settle()
 
     def merge(self, other: "Moments") -> "Moments":
-        """Chan et al.'s pairwise update (in place); returns self."""
+        """Add ``other`` (in place); returns self.
+
+        Unsettled moments around the same common shift add their sums; anything else is settled
+        and combined with Chan et al.'s pairwise update.
+        """
+        if self._sums_only() and other._sums_only() and np.array_equal(self._shift, other._shift):
+            self._flush()
+            other._flush()
+            if other._s is not None:
+                if self._s is None:
+                    self._s, self._S = other._s.copy(), other._S.copy()
+                else:
+                    self._s += other._s
+                    self._S += other._S
+                self._n += other._n
+            return self
         self.settle()
         other.settle()
         return self._merge_settled(other)
+
+    def _sums_only(self) -> bool:
+        """True when these moments are a common-shift accumulator with nothing settled yet."""
+        return self._fixed and self.n == 0
 
     def _merge_settled(self, other: "Moments") -> "Moments":
         if other.n == 0:
@@ -166,12 +205,28 @@ def add_upper_gram(acc: np.ndarray, x: np.ndarray) -> None:
         acc[i : i + GRAM_BLOCK, i:] += x[:, i : i + GRAM_BLOCK].T @ x[:, i:]
 
 
+def pack_upper(acc: np.ndarray, block: int) -> np.ndarray:
+    """The blocks :func:`add_upper_gram` fills (row block i, columns i:), flattened one after another."""
+    d = acc.shape[0]
+    return np.concatenate([acc[i : i + block, i:].ravel() for i in range(0, d, block)])
+
+
+def unpack_upper(packed: np.ndarray, d: int, block: int) -> np.ndarray:
+    """The inverse of :func:`pack_upper`: a d x d matrix with those blocks filled, zeros elsewhere."""
+    want = sum(min(block, d - i) * (d - i) for i in range(0, d, block))
+    if packed.size != want:
+        raise ValueError(f"packed moments hold {packed.size} values, a {d} x {d} upper part {want}")
+    out = np.zeros((d, d))
+    offset = 0
+    for i in range(0, d, block):
+        dst = out[i : i + block, i:]
+        dst[...] = packed[offset : offset + dst.size].reshape(dst.shape)
+        offset += dst.size
+    return out
+
+
 def merge_moments(a: Moments, b: Moments) -> Moments:
     return a.merge(b)
-
-
-def settle_moments(a: Moments) -> Moments:
-    return a.settle()
 
 
 @dataclass
@@ -210,7 +265,14 @@ def merge_products(a: CovProduct, b: CovProduct) -> CovProduct:
 def dump_accumulator(acc: "Moments | CovProduct") -> bytes:
     """Serialize a task's settled accumulator (``.npz``, no pickle); full moments keep only the upper triangle."""
     buf = io.BytesIO()
-    if isinstance(acc, Moments):
+    if isinstance(acc, Moments) and acc._sums_only():
+        acc._flush()
+        d = int(acc._shift.shape[0])
+        extra = {}
+        if acc._s is not None:
+            extra = {"s": acc._s, "S": pack_upper(acc._S, GRAM_BLOCK) if acc.full else acc._S}
+        np.savez(buf, kind="sums", n=acc._n, full=acc.full, shift=acc._shift, block=GRAM_BLOCK, d=d, **extra)
+    elif isinstance(acc, Moments):
         acc.settle()
         if acc.n == 0:
             np.savez(buf, kind="moments", n=0, full=acc.full)
@@ -229,6 +291,12 @@ def load_accumulator(data: bytes) -> "Moments | CovProduct":
         if str(f["kind"]) == "product":
             return CovProduct(np.empty(0), np.empty(0), np.empty((0, 0)), n, f["z"] if "z" in f.files else None)
         full = bool(f["full"])
+        if str(f["kind"]) == "sums":
+            m = Moments.with_shift(f["shift"], full=full)
+            if "s" in f.files:
+                m._n, m._s = n, f["s"]
+                m._S = unpack_upper(f["S"], int(f["d"]), int(f["block"])) if full else f["S"]
+            return m
         if n == 0:
             return Moments(full=full)
         mean, m2 = f["mean"], f["m2"]
@@ -355,6 +423,37 @@ def _check_fit_rows(n: int, d: int) -> None:
         raise ValueError(f"pca.fit_split: {n} fit row(s); PCA needs at least 2")
 
 
+def idle_cores(window_s: float = 0.1) -> int:
+    """How many of this process's CPUs other processes left idle over the next ``window_s`` seconds (at least 1).
+
+    Reads ``/proc/stat`` twice and subtracts this process's own CPU time (OpenBLAS threads of an
+    earlier product may still be spinning); where ``/proc`` is not available, 1.
+    """
+    import os
+    import time
+
+    def sample() -> tuple[float, float, float]:
+        with open("/proc/stat") as fh:
+            fields = [float(v) for v in fh.readline().split()[1:]]
+        own = os.times()
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0.0), own.user + own.system
+
+    try:
+        allowed = len(os.sched_getaffinity(0))
+        tick = float(os.sysconf("SC_CLK_TCK"))
+        total0, idle0, own0 = sample()
+        time.sleep(window_s)
+        total1, idle1, own1 = sample()
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 1
+    cpus = os.cpu_count() or 1
+    elapsed = (total1 - total0) / (cpus * tick)  # seconds, as the kernel counted them
+    if elapsed <= 0:
+        return 1
+    others = max(0.0, ((total1 - total0) - (idle1 - idle0)) / tick - (own1 - own0)) / elapsed
+    return max(1, min(allowed, int(cpus - others + 0.25)))
+
+
 def fit_exact(mom: Moments, k: int, variance: float, standardize: bool) -> PcaModel:
     """PCA from merged full moments: covariance, optional standardization, one ``eigh``."""
     from threadpoolctl import threadpool_limits
@@ -367,9 +466,9 @@ def fit_exact(mom: Moments, k: int, variance: float, standardize: bool) -> PcaMo
     if standardize:
         cov = cov / np.outer(scale, scale)
     cov = (cov + cov.T) * 0.5
-    # At these sizes the tridiagonal reduction is memory bound: a second OpenBLAS thread made eigh 2-13x
-    # slower (not faster) here whenever any other process was busy, and one thread takes 1.4 s at d = 2048.
-    with threadpool_limits(limits=1 if d <= EIGH_SERIAL_DIM else None, user_api="blas"):
+    # At these sizes the tridiagonal reduction is memory bound and OpenBLAS threads spin: a second thread
+    # made eigh 2-13x slower here whenever another process was busy, but 1.6x faster on an idle core.
+    with threadpool_limits(limits=idle_cores() if d <= EIGH_SERIAL_DIM else None, user_api="blas"):
         evals, evecs = np.linalg.eigh(cov)
     evals = np.clip(evals[::-1], 0.0, None)
     evecs = evecs[:, ::-1]

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from metadata.pca_fit import (CovProduct, Moments, PcaModel, choose_k, fit_exact, fit_randomized, principal_angles)
+from metadata.pca_fit import (CovProduct, Moments, PcaModel, choose_k, dump_accumulator, fit_exact, fit_randomized,
+                              load_accumulator, pack_upper, principal_angles, unpack_upper)
 
 
 def low_rank(n: int, d: int, spectrum: list[float], seed: int = 0, noise: float = 0.05, offset: float = 3.0) -> np.ndarray:
@@ -28,6 +29,51 @@ def test_moments_merge_matches_direct() -> None:
     for part in np.array_split(x, 3):
         diag.merge(Moments(full=False).add(part))
     np.testing.assert_allclose(diag.variance, x.var(0, ddof=1), rtol=1e-10)
+
+
+@pytest.mark.parametrize("full", [True, False])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_common_shift_sums_merge_through_files(full: bool, dtype: type) -> None:
+    """Task accumulators around one shift, written and read back as files, add up to the direct moments."""
+    x = low_rank(3000, 700, [9, 4, 2, 1], offset=50.0).astype(dtype)  # wide: the float32 product path
+    shift = x[:100].astype(np.float64).mean(0)
+    total = Moments.with_shift(shift, full=full)
+    parts = np.array_split(x, 5)
+    for part in [*parts, x[:0]]:  # an empty task too
+        acc = Moments.with_shift(shift, full=full).add(part)
+        total.merge(load_accumulator(dump_accumulator(acc)))
+    assert total.n == 0 and total._n == 3000  # still plain sums: nothing settled before the end
+    total.settle()
+    x64 = x.astype(np.float64)
+    xc = x64 - x64.mean(0)
+    assert total.n == 3000
+    tol = 1e-10 if dtype is np.float64 else 1e-5  # float32 rows: centered values are rounded once to float32
+    np.testing.assert_allclose(total.mean, x64.mean(0), rtol=tol * 1e-3)
+    want = xc.T @ xc if full else np.einsum("ij,ij->j", xc, xc)
+    np.testing.assert_allclose(total.m2, want, rtol=tol, atol=tol * float(np.abs(want).max()))
+    # more rows after a merge keep accumulating around the same shift
+    more = Moments.with_shift(shift, full=full).add(parts[0])
+    more.merge(load_accumulator(dump_accumulator(Moments.with_shift(shift, full=full).add(parts[1]))))
+    more.add(parts[2]).settle()
+    np.testing.assert_allclose(more.mean, np.concatenate(parts[:3]).astype(np.float64).mean(0), rtol=1e-9)
+
+
+def test_sums_with_other_shifts_fall_back_to_chan() -> None:
+    x = low_rank(400, 10, [3, 1]).astype(np.float64)
+    a = Moments.with_shift(np.zeros(10)).add(x[:200])
+    b = Moments.with_shift(np.ones(10)).add(x[200:])
+    a.merge(b)
+    xc = x - x.mean(0)
+    np.testing.assert_allclose(a.m2, xc.T @ xc, rtol=1e-10, atol=1e-9)
+
+
+def test_pack_upper_round_trip() -> None:
+    rng = np.random.default_rng(3)
+    acc = rng.standard_normal((1100, 1100))
+    got = unpack_upper(pack_upper(acc, 512), 1100, 512)
+    np.testing.assert_array_equal(np.triu(got), np.triu(acc))
+    with pytest.raises(ValueError, match="packed moments"):
+        unpack_upper(pack_upper(acc, 512)[:-1], 1100, 512)
 
 
 @pytest.mark.parametrize("standardize", [False, True])
@@ -114,3 +160,23 @@ def test_wide_float32_products_match_float64() -> None:
     double = fit_exact(Moments().add(x.astype(np.float64)), k=8, variance=0.0, standardize=False)
     assert principal_angles(single.components, double.components).max() < 1e-6
     np.testing.assert_allclose(single.explained_variance, double.explained_variance, rtol=1e-7)
+
+
+@pytest.mark.parametrize("fmt", ["npy", "hdf5"])
+def test_feature_head_reads_only_the_first_rows(tmp_path, fmt: str) -> None:
+    from metadata.feature_store import read_feature_head, read_feature_shard, write_feature_shard
+
+    x = np.arange(50 * 6, dtype=np.float32).reshape(50, 6)
+    marker = write_feature_shard(str(tmp_path), 3, [f"id{i}" for i in range(50)], x, [], fmt, "fp")
+    stem = "part-00003"
+    np.testing.assert_array_equal(read_feature_head(str(tmp_path), stem, marker, 7), x[:7])
+    np.testing.assert_array_equal(read_feature_head(str(tmp_path), stem, marker, 500), read_feature_shard(str(tmp_path), stem, marker)[1])
+
+
+def test_idle_cores_is_within_the_cpus_this_process_may_use() -> None:
+    import os
+
+    from metadata.pca_fit import idle_cores
+
+    got = idle_cores(0.02)
+    assert 1 <= got <= len(os.sched_getaffinity(0))
