@@ -9,15 +9,17 @@ How the work is split (nothing row-sized ever reaches the driver):
 2. *Join*: Spark joins those ids with the manifest (read by tasks through fsspec) on ``image_id``
    (full outer) and counts matched rows, manifest rows without features (by reason), feature rows
    without a manifest row and ids present in several shards. Only small counts are collected.
-3. *Fit*: the matched rows, hash-partitioned by shard, sorted by row and cached (the projection
-   reads them too), go for the fit split to ``mapInArrow`` tasks that open their shards through
-   fsspec, pick the rows and fold them into float64 moments. Each task writes its moments (the upper
-   triangle of a d x d matrix) to its own file in a scratch folder under OUT and returns the name;
-   the driver reads and merges them one at a time (two d x d matrices in memory, whatever the number
-   of tasks) and runs one ``eigh``.
-4. *Transform and write*: tasks project every matched row with the model and write Parquet
-   (``metadata.parquet_io.write_parquet_dataset``) into a scratch folder; only the complete dataset
-   replaces ``RED/reduced/``, so a failed run leaves the previous output as it was.
+3. *Fit*: the matched rows, range-partitioned by shard (one partition per core: shards are
+   equal-sized, and each Python task costs about 0.1 s of fixed overhead), sorted by row and cached
+   (the projection reads them too), go for the fit split to ``mapInArrow`` tasks that open their
+   shards through fsspec, pick the rows and fold them into float64 sums around one common shift
+   (the mean of the first shard's first rows, read by the driver). Each task writes its sums (the
+   upper blocks of a d x d matrix) to its own file in a scratch folder under OUT and returns the
+   name; the driver adds them up one file at a time (plain addition: the shift is shared) and runs
+   one ``eigh``.
+4. *Transform and write*: the tasks that write the Parquet files (``write_parquet_dataset`` with a
+   ``transform``) project their rows with the model themselves, into a scratch folder; only the
+   complete dataset replaces ``RED/reduced/``, so a failed run leaves the previous output as it was.
 
 The features themselves never pass through the JVM: at 2048 floats a row, Arrow <-> JVM row
 conversion would cost more than the whole PCA (see FACTS: about 0.2 ms of CPU per row).
@@ -57,7 +59,7 @@ WIDE_DIM = 8192
 """With ``method="auto"``, features wider than this use the randomized method."""
 SCATTER_POINTS = 20_000
 SCRATCH_PREFIX = "_pca_scratch-"
-MANIFEST_KEEP = ["image_id", "path", "label", "label_index", "split", "status", "status_detail"]
+MANIFEST_KEEP = ["image_id", "path", "label", "label_index", "split", "status"]
 
 REDUCED_SCHEMA = pa.schema(
     [
@@ -75,6 +77,8 @@ _IDS_SCHEMA = pa.schema(
         ("kind", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
     ]
 )
+_ROW_SPAN = 1 << 31
+"""(shard_idx, row) packs into shard_idx * _ROW_SPAN + row (rows are int32)."""
 _IDS_DDL = "image_id string, shard string, shard_idx int, row int, kind string, reason string, detail string"
 
 
@@ -186,37 +190,37 @@ def _markers(features: str) -> dict[str, dict[str, Any]]:
 
 
 def _shard_groups(
-    batches: Iterator[pa.RecordBatch], folder: str, markers: dict[str, dict[str, Any]]
+    batches: Iterator[pa.RecordBatch], folder: str, stems: list[str], markers: dict[str, dict[str, Any]]
 ) -> Iterator[tuple[pa.Table, np.ndarray]]:
-    """Group incoming rows (sorted by shard, row) by shard; yield (rows, their features [m, d])."""
+    """Group incoming rows (sorted by ``shard_idx``, row; ``stems[shard_idx]`` names the shard) by shard;
+    yield (rows, their features [m, d])."""
     pending: list[pa.RecordBatch] = []
-    current: str | None = None
+    current: int | None = None
 
     def flush() -> tuple[pa.Table, np.ndarray]:
         table = pa.Table.from_batches(pending)
-        marker = markers[current]
-        shards.verify_shard(folder, current, marker, checksums=False)
-        ids, feats = read_feature_shard(folder, current, marker)
+        stem = stems[current]
+        marker = markers[stem]
+        shards.verify_shard(folder, stem, marker, checksums=False)
+        ids, feats = read_feature_shard(folder, stem, marker)
         rows = table.column("row").to_numpy()
         expect = np.asarray(table.column("image_id").to_pylist(), dtype=ID_DTYPE)
         if not np.array_equal(ids[rows], expect):
-            raise shards.ShardVerificationError(f"{shards.join(folder, current)}: ids changed since they were read")
+            raise shards.ShardVerificationError(f"{shards.join(folder, stem)}: ids changed since they were read")
         return table, feats[rows]
 
     for batch in batches:
         if batch.num_rows == 0:
             continue
-        stems = batch.column(batch.schema.get_field_index("shard")).to_pylist()
-        start = 0
-        for i in range(1, len(stems) + 1):
-            if i == len(stems) or stems[i] != stems[start]:
-                stem = stems[start]
-                if current is not None and stem != current:
-                    yield flush()
-                    pending = []
-                current = stem
-                pending.append(batch.slice(start, i - start))
-                start = i
+        idx = batch.column(batch.schema.get_field_index("shard_idx")).to_numpy()
+        cuts = [0, *(np.flatnonzero(np.diff(idx)) + 1).tolist(), len(idx)]
+        for start, stop in zip(cuts[:-1], cuts[1:]):
+            shard = int(idx[start])
+            if current is not None and shard != current:
+                yield flush()
+                pending = []
+            current = shard
+            pending.append(batch.slice(start, stop - start))
     if pending:
         yield flush()
 
@@ -242,12 +246,14 @@ def _reduce_rows(df: Any, folder: str, markers: dict[str, dict[str, Any]], make:
     attempts are read; the driver holds one accumulator and one file at a time.
     """
 
+    stems = sorted(markers)  # shard_idx numbers the sorted stems (see _ids_pass)
+
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
 
         acc = make()
         with _task_threads():
-            for _, x in _shard_groups(batches, folder, markers):
+            for _, x in _shard_groups(batches, folder, stems, markers):
                 acc.add(x)
         ctx = TaskContext.get()
         name = f"part-{ctx.partitionId() if ctx else 0:05d}-{ctx.attemptNumber() if ctx else 0}-{uuid.uuid4().hex[:8]}.npz"
@@ -284,6 +290,7 @@ def _drop_scratch(out: str) -> None:
 def _project_task(folder: str, markers: dict[str, dict[str, Any]], model: PcaModel) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     # ((x - mean) / scale) @ C.T as (x - mean) @ (C.T / scale[:, None]): one pass less over each shard
     mean, proj = model.mean, np.ascontiguousarray(model.components.T / model.scale[:, None])
+    stems = sorted(markers)  # shard_idx numbers the sorted stems (see _ids_pass)
     k = proj.shape[1]
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -291,7 +298,7 @@ def _project_task(folder: str, markers: dict[str, dict[str, Any]], model: PcaMod
             yield from project(batches)
 
     def project(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for table, x in _shard_groups(batches, folder, markers):
+        for table, x in _shard_groups(batches, folder, stems, markers):
             z = (np.subtract(x, mean, dtype=np.float64) @ proj).astype(np.float32)  # one float64 pass over x
             m = z.shape[0]
             lists = pa.ListArray.from_arrays(pa.array(np.arange(0, m * k + 1, k, dtype=np.int32)), pa.array(z.reshape(-1)))
@@ -341,10 +348,13 @@ def _join(ids: Any, man: Any | None, allow_extra: bool, rejects: int = 1) -> tup
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
+    # (shard_idx, row) packed into one long: a fixed-width minimum keeps this a (codegen) hash aggregate,
+    # where a struct with a string made Spark sort every row twice.
     feats = (ids.filter("kind = 'feature'").groupBy("image_id")
-             .agg(F.count(F.lit(1)).alias("_copies"), F.min(F.struct("shard_idx", "row", "shard")).alias("_first"))
-             .select("image_id", "_copies", F.col("_first.shard").alias("shard"),
-                     F.col("_first.shard_idx").alias("shard_idx"), F.col("_first.row").alias("row")))
+             .agg(F.count(F.lit(1)).alias("_copies"),
+                  F.min(F.col("shard_idx").cast("long") * F.lit(_ROW_SPAN) + F.col("row")).alias("_first"))
+             .select("image_id", "_copies", (F.col("_first") / F.lit(_ROW_SPAN)).cast("int").alias("shard_idx"),
+                     (F.col("_first") % F.lit(_ROW_SPAN)).cast("int").alias("row")))
     if man is None:
         m = None
         full = feats.select("*", F.lit(True).alias("_in_manifest"), F.lit("ok").alias("status"),
@@ -361,7 +371,7 @@ def _join(ids: Any, man: Any | None, allow_extra: bool, rejects: int = 1) -> tup
         else:
             full = full.withColumn("reject_reason", F.lit(None).cast("string"))
     category = (F.when(F.col("_in_manifest").isNull(), F.lit("extra"))
-                .when(F.col("shard").isNull(), F.lit("missing")).otherwise(F.lit("matched")))
+                .when(F.col("shard_idx").isNull(), F.lit("missing")).otherwise(F.lit("matched")))
     reason = (F.when(F.col("status") != "ok", F.concat(F.lit("manifest:"), F.col("status")))
               .when(F.col("reject_reason").isNotNull(), F.concat(F.lit("featurize:"), F.col("reject_reason")))
               .otherwise(F.lit("not_featurized")))
@@ -414,7 +424,7 @@ def _join(ids: Any, man: Any | None, allow_extra: bool, rejects: int = 1) -> tup
             raise ValueError("--features: " + "; ".join(problems) + "; pass --allow-extra (pca.allow_extra) to count "
                              "them and keep only the first copy of each manifest row")
         log.warning("%s; counted and dropped (allow_extra)", "; ".join(problems))
-    matched = full.filter("_category = 'matched'").select("image_id", "shard", "shard_idx", "row", "path", "label",
+    matched = full.filter("_category = 'matched'").select("image_id", "shard_idx", "row", "path", "label",
                                                           "label_index", "split")
     return matched, acc, full
 
@@ -588,7 +598,7 @@ def run_pca(cfg: Config, manifest: str, features: str, out: str, master: str | N
         t = time.perf_counter()
         fit_rows = matched.filter(F.col("split") == cfg.pca.fit_split) if cfg.pca.fit_split else matched
         # One fit task per core: each task writes one d x d file for the driver to add.
-        fit_rows = fit_rows.select("image_id", "shard", "row").coalesce(spark.sparkContext.defaultParallelism)
+        fit_rows = fit_rows.select("image_id", "shard_idx", "row").coalesce(spark.sparkContext.defaultParallelism)
         model = _fit(fit_rows, features, markers, cfg, dim, method, _scratch(out))
         timings["fit"] = time.perf_counter() - t
         log.info("PCA %s: %d fit rows, d = %d, k = %d, explained variance %.4f (%.1f s)", model.method, model.n_fit, dim,
@@ -655,7 +665,7 @@ def apply_pca(model_path: str, features: str, out: str, spark: Any, *, manifest:
     dim = int(next(iter(markers.values()))["dim"])
     if dim != model.dim:
         raise ValueError(f"--apply {model_path}: the model expects {model.dim} features, the shards have {dim}")
-    parts = max(1, min(len(markers), partitions or 4 * spark.sparkContext.defaultParallelism))
+    parts = max(1, min(len(markers), partitions or spark.sparkContext.defaultParallelism))
     ids, rejects = _ids_pass(spark, features, markers, parts)
     man = _read_manifest_df(spark, manifest) if manifest else None
     matched, acc, joined = _join(ids, man, allow_extra, rejects)
