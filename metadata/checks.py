@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import fsspec
@@ -19,29 +19,33 @@ from metadata.schema import image_id_for
 from metadata.sniff import DEFAULT_MAX_JPEG_SCANS, parse_header
 
 
-def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
-    """All bytes of ``uri`` (local fast path, fsspec otherwise). Raises OSError on failure."""
+def read_bytes(uri: str, max_bytes: int | None = None, size: int | None = None) -> bytes:
+    """All bytes of ``uri`` (local fast path, fsspec otherwise). Raises OSError on failure.
+
+    ``size``: the size the listing found, if known (saves a stat; a file that grew is still read whole)."""
     if uri.startswith("file://"):
-        return _read_local(uri[len("file://"):], max_bytes)
+        return _read_local(uri[len("file://"):], max_bytes, size)
     fs, path = fsspec.core.url_to_fs(uri)
     return fs.cat_file(path)
 
 
-def _read_local(path: str, max_bytes: int | None) -> bytes:
-    # Sized by fstat: read(max_bytes + 1) would allocate the whole cap (64 MB) for every small file.
-    # At most max_bytes + 1 bytes are returned, so callers still see a file over the cap.
+def _read_local(path: str, max_bytes: int | None, size: int | None = None) -> bytes:
+    # Sized by the listing's size (or fstat): read(max_bytes + 1) would allocate the whole cap (64 MB) for
+    # every small file. At most max_bytes + 1 bytes are returned, so callers still see a file over the cap.
     limit = None if max_bytes is None else max_bytes + 1
     fd = os.open(path, os.O_RDONLY)
     try:
-        want = os.fstat(fd).st_size + 1
+        want = (os.fstat(fd).st_size if size is None else size) + 1
         parts: list[bytes] = []
         total = 0
         while limit is None or total < limit:
-            chunk = os.read(fd, want if limit is None else min(want, limit - total))
-            if not chunk:
-                break
-            parts.append(chunk)
-            total += len(chunk)
+            ask = want if limit is None else min(want, limit - total)
+            chunk = os.read(fd, ask)
+            if chunk:
+                parts.append(chunk)
+                total += len(chunk)
+            if len(chunk) < ask:
+                break  # a short read of a regular file is its end: no second read to see 0 bytes
             want = 1 << 20
         return parts[0] if len(parts) == 1 else b"".join(parts)
     finally:
@@ -63,7 +67,7 @@ def read_or_error(entry: Entry, max_bytes: int) -> bytes | Exception | None:
     if not needs_bytes(entry, max_bytes):
         return None
     try:
-        return read_bytes(entry.path, max_bytes)
+        return read_bytes(entry.path, max_bytes, entry.size)
     except (OSError, ValueError) as exc:
         return exc
 
@@ -87,37 +91,59 @@ def prefetched(entries: Iterable[Entry], max_bytes: int, threads: int = 4, windo
     """Yield (entry, bytes or error) in order, with the reads of the entries ahead already started.
 
     Reads wait on storage: a local file not in the page cache cost ~120 us here, an object-store GET
-    tens of milliseconds. Local files are announced up to ``local_window`` files (``local_bytes``)
-    ahead with ``posix_fadvise(WILLNEED)``: the kernel queues all those reads at once and the in-order
-    read then finds the bytes in the page cache (59k cold files: 1.0-1.7 s against 4.5-6.7 s with 8
-    reading threads, which keep only 8 reads in flight). Other files are read on ``threads`` threads,
-    at most ``window`` ahead, which bounds the memory they hold.
+    tens of milliseconds. Entries are taken in chunks of ``local_window``: the local files of a chunk
+    (up to ``local_bytes``) are announced at once with ``posix_fadvise(WILLNEED)``, so the kernel queues
+    all those reads together, then read in order from the page cache (59k cold files: 1.0-1.7 s against
+    4.5-6.7 s with 8 reading threads). Listing, announcing and reading in separate phases per chunk
+    matters: announcing one file ahead per file read, interleaved with the listing's stats and the
+    checks, cost half as much again (two processes, 59k cold files: 2.3-2.5 s against 1.3-1.7 s).
+    Other files are read on ``threads`` threads, at most ``window`` ahead, which bounds their memory.
     """
-    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
+    from itertools import islice
 
     advise = hasattr(os, "posix_fadvise")
+
+    def is_local(e: Entry) -> bool:
+        return advise and e.path.startswith("file://")
+
+    it = iter(entries)
     with ThreadPoolExecutor(threads) as pool:
-        pending: deque = deque()  # (entry, future or None, bytes announced)
-        in_flight = announced = 0
-        for entry in entries:
-            if not needs_bytes(entry, max_bytes):
-                pending.append((entry, None, 0))
-            elif advise and entry.path.startswith("file://"):
-                advise_read(entry.path[len("file://"):])
-                pending.append((entry, None, entry.size or 0))
-                announced += entry.size or 0
-            else:
-                pending.append((entry, pool.submit(read_or_error, entry, max_bytes), 0))
-                in_flight += 1
-            while pending and (len(pending) >= local_window or announced >= local_bytes or in_flight >= window):
-                e, fut, size = pending.popleft()
-                announced -= size
-                in_flight -= fut is not None
-                yield e, (read_or_error(e, max_bytes) if fut is None else fut.result())
-        while pending:
-            e, fut, _ = pending.popleft()
-            yield e, (read_or_error(e, max_bytes) if fut is None else fut.result())
+        while chunk := list(islice(it, local_window)):
+            start = 0
+            while start < len(chunk):
+                end = announced = 0
+                for end in range(start, len(chunk)):
+                    if announced >= local_bytes:
+                        break
+                    e = chunk[end]
+                    if is_local(e) and needs_bytes(e, max_bytes):
+                        advise_read(e.path[len("file://"):])
+                        announced += e.size or 0
+                else:
+                    end = len(chunk)
+                yield from _read_in_order(chunk[start:end], pool, window, max_bytes, is_local)
+                start = end
+
+
+def _read_in_order(entries: list[Entry], pool: Any, window: int, max_bytes: int,
+                   is_local: Callable[[Entry], bool]) -> Iterator[tuple[Entry, Any]]:
+    """(entry, bytes or error) in order: local files read here, others on ``pool`` at most ``window`` ahead."""
+    from collections import deque
+
+    pending: deque = deque()
+    in_flight = 0
+    for e in entries:
+        remote = not is_local(e) and needs_bytes(e, max_bytes)
+        pending.append((e, pool.submit(read_or_error, e, max_bytes) if remote else None))
+        in_flight += remote
+        while in_flight >= window:
+            first, fut = pending.popleft()
+            in_flight -= fut is not None
+            yield first, (read_or_error(first, max_bytes) if fut is None else fut.result())
+    while pending:
+        first, fut = pending.popleft()
+        yield first, (read_or_error(first, max_bytes) if fut is None else fut.result())
 
 
 def check_entry(entry: Entry, validation: str, max_bytes: int, max_pixels: int, formats: tuple[str, ...],

@@ -31,7 +31,7 @@ class SparkConfig:
     driver_memory: str = "2g"
     """spark.driver.memory (the driver holds counts and d x d matrices only)."""
     partitions: int = 0
-    """Tasks for per-file checks (manifest) and per-shard work (pca); 0 = 4 x default parallelism for the manifest, one per core for pca."""
+    """Tasks for per-file checks (manifest) and per-shard work (pca); 0 = one per core (default parallelism)."""
     conf: dict[str, str] = field(default_factory=dict)
     """Extra ``spark.*`` settings passed to the session builder as they are."""
 

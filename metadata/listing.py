@@ -1,15 +1,16 @@
-"""Listing a source tree without shipping files anywhere: the driver plans folders, executors list them.
+"""Listing a source tree inside executor tasks, never on the driver (its memory stays flat in files).
 
-The driver only walks the top levels to split the tree into listing units (folders), so its memory
-grows with the number of folders it plans, not with the number of files. Each executor task lists its
-units (locally with ``os.scandir``, remotely through fsspec) and yields one ``Entry`` per file, or per
-thing that could not be listed (broken links, symlink loops, unreadable folders), so nothing vanishes.
+Each task walks the tree (locally with ``os.scandir``, remotely through fsspec) and keeps the files of
+its own slice (``slice_of``: a stable hash of the URI), so the files are split evenly over tasks with no
+shuffle; only the kept files are stat'ed. It yields one ``Entry`` per file, or per thing that could not
+be listed (broken links, symlink loops, unreadable folders), so nothing vanishes.
 """
 from __future__ import annotations
 
 import os
 import stat as stat_mod
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import fsspec
@@ -60,83 +61,73 @@ def check_source(src: str) -> str:
     return uri
 
 
-def plan_units(root: str, max_depth: int = 2) -> list[Unit]:
-    """Split ``root`` into listing units, expanding folders down to ``max_depth`` levels."""
-    units: list[Unit] = []
-    frontier = [(root, 0)]
-    while frontier:
-        folder, depth = frontier.pop(0)
-        if depth >= max_depth:
-            units.append(Unit(root, folder, True))
-            continue
-        units.append(Unit(root, folder, False))
-        for sub in _subfolders(folder):
-            frontier.append((sub, depth + 1))
-    return units
-
-
 def _is_loop(child: str, folder: str) -> bool:
     """True when the folder ``child`` resolves to ``folder`` itself or one of its ancestors."""
     real_child, real_folder = os.path.realpath(child), os.path.realpath(folder)
     return real_folder == real_child or real_folder.startswith(real_child.rstrip("/") + "/")
 
 
-def _subfolders(folder: str) -> list[str]:
-    if folder.startswith("file://"):
-        path = _local_path(folder)
-        out = []
-        try:
-            with os.scandir(path) as it:
-                for e in it:
-                    try:
-                        if e.is_dir(follow_symlinks=True) and not _is_loop(e.path, path):
-                            out.append("file://" + e.path)
-                    except OSError:
-                        pass
-        except OSError:
-            return []
-        return sorted(out)
-    fs, path = fsspec.core.url_to_fs(folder)
-    scheme = folder.split("://", 1)[0]
-    try:
-        entries = fs.ls(path, detail=True)
-    except OSError:
-        return []
-    return sorted(f"{scheme}://{e['name'].rstrip('/')}" for e in entries if e.get("type") == "directory")
+def slice_of(uri: str, slices: int) -> int:
+    """The slice (0 .. ``slices`` - 1) a file belongs to: a stable hash of its URI, the same in every process."""
+    return zlib.crc32(uri.encode("utf-8", "surrogateescape")) % slices
 
 
-def list_unit(unit: Unit) -> Iterator[Entry]:
-    """Every file in a unit, with size and mtime; unlistable things become entries with ``error``."""
+def list_unit(unit: Unit, keep: Callable[[str], bool] | None = None) -> Iterator[Entry]:
+    """Every file in a unit, with size and mtime; unlistable things become entries with ``error``.
+
+    ``keep(uri)``, when given, selects the entries to yield; the others are never stat'ed (the walk
+    itself reads directories only), so tasks that each keep one slice share the cost of the stats.
+    """
     if unit.folder.startswith("file://"):
-        yield from _list_local(unit)
+        yield from _list_local(unit, keep)
     else:
-        yield from _list_remote(unit)
+        yield from (e for e in _list_remote(unit) if keep is None or keep(e.path))
 
 
-def _list_local(unit: Unit) -> Iterator[Entry]:
+def _list_local(unit: Unit, keep: Callable[[str], bool] | None = None) -> Iterator[Entry]:
     stack = [_local_path(unit.folder)]
     while stack:
         folder = stack.pop()
         try:
             with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                # Inode order (free from the directory entry) roughly follows the disk layout: cold reads go faster.
+                entries = sorted(it, key=lambda e: e.inode())
         except OSError as exc:
-            yield Entry(unit.root, "file://" + folder, None, None, f"folder cannot be listed: {exc.strerror or exc}")
+            uri = "file://" + folder
+            if keep is None or keep(uri):
+                yield Entry(unit.root, uri, None, None, f"folder cannot be listed: {exc.strerror or exc}")
             continue
         for e in entries:
             uri = "file://" + e.path
+            mine = keep is None or keep(uri)
+            try:
+                # The directory entry's type needs no stat: plain folders are walked by every task (a plain
+                # subfolder cannot link back up), plain files are stat'ed only by the task that keeps them.
+                if not e.is_symlink():
+                    if e.is_dir(follow_symlinks=False):
+                        if unit.recursive:
+                            stack.append(e.path)
+                        continue
+                    if not mine:
+                        continue
+            except OSError:
+                pass  # the stat below reports it
             try:
                 st = os.stat(e.path)
             except OSError as exc:
-                reason = "symlink loop" if exc.errno == 40 else ("broken symlink" if e.is_symlink() else (exc.strerror or str(exc)))
-                yield Entry(unit.root, uri, None, None, reason)
+                if mine:
+                    reason = "symlink loop" if exc.errno == 40 else ("broken symlink" if e.is_symlink() else (exc.strerror or str(exc)))
+                    yield Entry(unit.root, uri, None, None, reason)
                 continue
             if stat_mod.S_ISDIR(st.st_mode):
                 # A link back to this folder or above would recurse forever: record it, don't follow.
                 if _is_loop(e.path, folder):
-                    yield Entry(unit.root, uri, None, None, "symlink loop: links to a folder above it")
+                    if mine:
+                        yield Entry(unit.root, uri, None, None, "symlink loop: links to a folder above it")
                 elif unit.recursive:
                     stack.append(e.path)
+            elif not mine:
+                continue
             elif stat_mod.S_ISREG(st.st_mode):
                 yield Entry(unit.root, uri, st.st_size, st.st_mtime)
             else:

@@ -1,92 +1,249 @@
-"""The manifest job on Spark: list, check on executors, label, find duplicates, split, shard, write.
+"""The manifest job on Spark: check every file in executor tasks, then organize and write with pyarrow.
 
-Image bytes are read only inside executor tasks (``mapInArrow``); the driver sees folder names, label
-names, and counts. Every file found becomes exactly one row.
+Two Spark jobs of a few Python tasks each and no shuffle (each job and each Python task has a fixed
+cost, which dominated the run at 60k files):
+
+1. check: task i of n walks every SRC and keeps the files of slice i (``listing.slice_of``, a stable
+   hash of the path), so files are dealt out evenly with no shuffle. It reads each file once (sha256,
+   header sniff, optional decode), labels it and writes its rows as Parquet to a work folder; only
+   file names and row counts come back.
+2. organize: one task reads the checked rows (narrow columns only, never bytes), finds duplicates,
+   splits and shards (``metadata.organize``), writes the summary counts, and writes the manifest as
+   one file sorted by path. Above ``ONE_TASK_ROWS`` rows it writes per-file plans instead and a third
+   job writes one manifest file per checked file in parallel.
+
+The driver sees SRC names, file names, label names and counts. Every file found is exactly one row.
 """
 from __future__ import annotations
 
 import logging
+import operator
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from metadata import labels as labels_mod
+from metadata import organize as org
 from metadata.checks import check_entry, prefetched
-from metadata.config import Config, dump_toml
-from metadata.listing import Entry, Unit, check_source, list_unit, plan_units
-from metadata.manifest_store import commit_manifest, load_previous
+from metadata.config import Config, ManifestConfig, dump_toml
+from metadata.listing import Entry, Unit, check_source, list_unit, slice_of
+from metadata.manifest_store import previous_manifest, publish_manifest, remove_folder, staging_url
+from metadata.parquet_io import dataset_files, write_parquet_dataset
 from metadata.schema import CONFIG_FILE, MANIFEST_SCHEMA, SUMMARY_FILE
-from metadata.shards import write_bytes_atomic, write_json_atomic
+from metadata.shards import join, read_json, staged_file, write_bytes_atomic, write_json_atomic
 from metadata.spark_session import get_spark, num_tasks
 
 log = logging.getLogger(__name__)
 
-UNIT_SCHEMA = pa.schema([("root", pa.string()), ("folder", pa.string()), ("recursive", pa.bool_())])
-ENTRY_SCHEMA = pa.schema(
-    [("root", pa.string()), ("path", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()), ("error", pa.string())]
-)
 CHECKED_SCHEMA = pa.schema(
     [f for f in MANIFEST_SCHEMA if f.name not in ("label_index", "split", "duplicate_of", "shard")]
-    + [pa.field("folder_split", pa.string())]
+    + [pa.field("folder_split", pa.string()), pa.field("_kept", pa.bool_()), pa.field("_pshard", pa.int32()),
+       pa.field("_prev", pa.bool_())]
 )
+"""A checked row: the manifest row before duplicates, splits and shards, with what organizing needs
+(``_kept``: unchanged since the previous manifest; ``_pshard``: its previous shard; ``_prev``: its path
+was in the previous manifest)."""
+
+ONE_TASK_ROWS = 500_000
+"""Up to this many rows one task organizes and writes the whole manifest (one Parquet file)."""
+
+_BATCH_ROWS = 4096
+_ORGANIZED = "organized.json"
 
 
-def spark_schema(schema: pa.Schema):
-    """The Spark StructType of an Arrow schema."""
-    from pyspark.sql.pandas.types import from_arrow_schema
+def _labeller(mc: ManifestConfig) -> Callable[[dict[str, Any]], None]:
+    """Sets ``label`` on a row and turns an ``ok`` row with a bad or missing label into ``bad_label``."""
+    mode = mc.label_from
+    pattern = re.compile(mc.label_regex) if mode == "regex" else None
+    csv_url = mc.labels_csv
+    csv_maps: list[dict[str, str]] = []  # filled in the task on first use: by URI, by relative path
+    problems: dict[str, str | None] = {}
 
-    return from_arrow_schema(schema)
+    def apply(row: dict[str, Any]) -> None:
+        rel = row["rel_path"]
+        missing = None
+        if mode == "parent":
+            label = labels_mod.parent_label(rel)
+        elif mode == "regex":
+            label = labels_mod.regex_label(rel, pattern)
+            missing = f"label_regex does not match {rel!r}"
+        else:
+            if not csv_maps:
+                csv_maps.extend(_load_labels_csv(csv_url))
+            label = csv_maps[0].get(row["path"])
+            if label is None:
+                label = csv_maps[1].get(rel)
+            missing = "file is not listed in manifest.labels_csv"
+        row["label"] = label
+        if label is None:
+            problem = missing
+        elif label in problems:
+            problem = problems[label]
+        else:  # a few labels repeat over many files
+            problem = problems[label] = labels_mod.label_problem(label)
+        if problem and row["status"] == "ok":
+            row["status"], row["status_detail"] = "bad_label", problem
 
-
-def _list_units(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    for batch in batches:
-        for unit in batch.to_pylist():
-            rows = [e.__dict__ for e in list_unit(Unit(unit["root"], unit["folder"], unit["recursive"]))]
-            for i in range(0, len(rows), 4096):
-                yield pa.RecordBatch.from_pylist(rows[i : i + 4096], schema=ENTRY_SCHEMA)
+    return apply
 
 
 def _make_checker(cfg: Config):
+    """The check task: for each input row (slice, slices, root, previous), the checked rows of that slice."""
     mc = cfg.manifest
     validation, max_bytes, max_pixels, formats = mc.validation, mc.max_bytes, mc.max_pixels, tuple(mc.formats)
-    max_scans = mc.max_jpeg_scans
-    label_from, pattern = mc.label_from, (re.compile(mc.label_regex) if mc.label_from == "regex" else None)
-    split_from_folders = mc.split_from_folders
+    max_scans, split_from_folders = mc.max_jpeg_scans, mc.split_from_folders
+    label = _labeller(mc)
     names = CHECKED_SCHEMA.names
+    as_tuple = operator.itemgetter(*names)
+    folder_splits: dict[str, str | None] = {}
+
+    def folder_split(rel: str) -> str | None:
+        folder = rel.rpartition("/")[0]
+        if folder not in folder_splits:
+            folder_splits[folder] = labels_mod.folder_split(rel)
+        return folder_splits[folder]
+
+    def rows_of(task: dict[str, Any], previous_cache: dict) -> Iterator[dict[str, Any]]:
+        part, slices = task["slice"], task["slices"]
+        prev = _previous_slice(task["previous"], part, slices, previous_cache) if task["previous"] else {}
+        kept: list[dict[str, Any]] = []
+
+        def fresh(entries: Iterator[Entry]) -> Iterator[Entry]:
+            for e in entries:
+                p = prev.get(e.path)
+                if p is not None and e.error is None and p["size_bytes"] == e.size and p["mtime"] == e.mtime:
+                    row = _kept_row(p)
+                    label(row)  # labels from a CSV may have changed since
+                    kept.append(row)
+                else:
+                    yield e
+
+        entries = list_unit(Unit(task["root"], task["root"], True), lambda uri: slice_of(uri, slices) == part)
+        for entry, data in prefetched(fresh(entries), max_bytes):
+            row = check_entry(entry, validation, max_bytes, max_pixels, formats, data, max_scans)
+            label(row)
+            p = prev.get(row["path"])
+            row["folder_split"] = folder_split(row["rel_path"]) if split_from_folders else None
+            row["_kept"], row["_prev"] = False, p is not None
+            same_file = p is not None and p["status"] == "ok" and p["size_bytes"] == row["size_bytes"]
+            row["_pshard"] = p["shard"] if same_file else None
+            yield row
+            while kept:
+                yield kept.pop()
+        while kept:
+            yield kept.pop()
+
+    def to_batch(rows: list[tuple]) -> pa.RecordBatch:
+        return pa.RecordBatch.from_arrays([pa.array(col, f.type) for col, f in zip(zip(*rows), CHECKED_SCHEMA)],
+                                          schema=CHECKED_SCHEMA)
 
     def check(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        previous_cache: dict = {}
+        rows: list[tuple] = []
         for batch in batches:
-            out: dict[str, list[Any]] = {n: [] for n in names}
-            entries = (Entry(e["root"], e["path"], e["size"], e["mtime"], e["error"]) for e in batch.to_pylist())
-            for entry, data in prefetched(entries, max_bytes):
-                row = check_entry(entry, validation, max_bytes, max_pixels, formats, data, max_scans)
-                rel = row["rel_path"]
-                if label_from == "parent":
-                    row["label"] = labels_mod.parent_label(rel)
-                elif label_from == "regex":
-                    row["label"] = labels_mod.regex_label(rel, pattern)
-                    if row["label"] is None and row["status"] == "ok":
-                        row["status"], row["status_detail"] = "bad_label", f"label_regex does not match {rel!r}"
-                else:
-                    row["label"] = None
-                problem = labels_mod.label_problem(row["label"])
-                if problem and row["status"] == "ok":
-                    row["status"], row["status_detail"] = "bad_label", problem
-                row["folder_split"] = labels_mod.folder_split(rel) if split_from_folders else None
-                for n in names:
-                    out[n].append(row.get(n))
-            yield pa.RecordBatch.from_pydict(out, schema=CHECKED_SCHEMA)
+            for task in batch.to_pylist():
+                for row in rows_of(task, previous_cache):
+                    rows.append(as_tuple(row))
+                    if len(rows) == _BATCH_ROWS:
+                        yield to_batch(rows)
+                        rows = []
+        if rows:
+            yield to_batch(rows)
 
     return check
+
+
+def _kept_row(p: dict[str, Any]) -> dict[str, Any]:
+    """The checked row of an unchanged file, from its previous manifest row.
+
+    It keeps its split (stable splits for unchanged files); a duplicate goes back to ``ok`` so that
+    duplicates are found again over the new set of files."""
+    row = {n: p.get(n) for n in CHECKED_SCHEMA.names}
+    row.update(folder_split=p["split"], _kept=True, _prev=True,
+               _pshard=p["shard"] if p["status"] == "ok" else None)
+    if p["status"] == "duplicate":
+        row.update(status="ok", status_detail="")
+    return row
+
+
+def _previous_slice(url: str, part: int, slices: int, cache: dict) -> dict[str, dict[str, Any]]:
+    """The previous manifest's rows of one slice, by path (read once per task)."""
+    key = (url, part, slices)
+    if key not in cache:
+        import pyarrow.dataset as ds
+
+        fs, root = fsspec.core.url_to_fs(url)
+        table = ds.dataset(root, filesystem=fs, format="parquet", ignore_prefixes=["_", "."]).to_table()
+        mask = pa.array([slice_of(p, slices) == part for p in table["path"].to_pylist()], pa.bool_())
+        cache[key] = {r["path"]: r for r in table.filter(mask).to_pylist()}
+    return cache[key]
+
+
+def _read_parts(files: list[str], columns: list[str] | None = None) -> list[pa.Table]:
+    tables = []
+    for url in files:
+        fs, path = fsspec.core.url_to_fs(url)
+        with fs.open(path, "rb") as fh:
+            tables.append(pq.read_table(fh, columns=columns))
+    return tables
+
+
+def _plan_url(work: str, i: int) -> str:
+    return join(work, f"plan/part-{i:05d}.parquet")
+
+
+def _make_organizer(cfg: Config, files: list[str], work: str, previous: str | None, previous_rows: int,
+                    write_manifest: bool):
+    """The organize task (one): duplicates, splits, shards and counts over all checked rows.
+
+    With ``write_manifest`` it yields the whole manifest (sorted by path); else it writes one plan file
+    per checked file for the write tasks. The counts go to ``work/organized.json`` either way."""
+    mc = cfg.manifest
+    ratios, seed, per_shard = dict(mc.split_ratios), mc.split_seed, mc.rows_per_shard
+
+    def organize(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for _ in batches:
+            pass
+        base = 0
+        if previous is not None:
+            top = pc.max(pa.concat_tables(_read_parts(dataset_files(previous), ["shard"]))["shard"]).as_py()
+            base = 0 if top is None else top + 1
+        parts = _read_parts(files, None if write_manifest else org.NARROW_COLUMNS)
+        plans, counts = org.organize(parts, ratios, seed, per_shard, base, previous_rows)
+        write_json_atomic(join(work, _ORGANIZED), counts)
+        if write_manifest:
+            names = counts["label_names"]
+            table = pa.concat_tables([org.finish(t, p, names, MANIFEST_SCHEMA) for t, p in zip(parts, plans)])
+            yield from table.sort_by("path").to_batches(max_chunksize=65536)
+            return
+        for i, plan in enumerate(plans):
+            with staged_file(_plan_url(work, i)) as tmp:
+                pq.write_table(plan, tmp)
+
+    return organize
+
+
+def _make_finisher(files: list[str], work: str, label_names: list[str]):
+    """The write task: for each checked file index, its manifest rows (the checked rows with their plan)."""
+
+    def finish(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            for i in batch.column(0).to_pylist():
+                checked, plan = _read_parts([files[i], _plan_url(work, i)])
+                yield from org.finish(checked, plan, label_names, MANIFEST_SCHEMA).to_batches(max_chunksize=65536)
+
+    return finish
 
 
 def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None = None,
                  incremental: bool = False) -> dict[str, Any]:
     """Build the manifest of ``sources`` under ``out``; return the summary (also written as JSON)."""
-    from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
     if not sources:
@@ -98,296 +255,100 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
         for b in roots:
             if a != b and a.startswith(b.rstrip("/") + "/"):
                 raise ValueError(f"SRC {a!r} is inside SRC {b!r}: give each folder once")
+    if cfg.manifest.label_from == "csv":
+        _check_labels_csv(cfg.manifest.labels_csv)
     spark = get_spark(cfg.spark, master)
     timings["spark_start_s"] = time.perf_counter() - t0
-    tasks = num_tasks(spark, cfg.spark)
-    previous = load_previous(spark, out, cfg.fingerprint("manifest")) if incremental else None
-
-    units = [u for r in roots for u in plan_units(r)]
+    previous, previous_rows = previous_manifest(out, cfg.fingerprint("manifest")) if incremental else (None, 0)
+    slices = num_tasks(spark, cfg.spark)
     timings["plan_s"] = time.perf_counter() - t0 - timings["spark_start_s"]
-    units_df = spark.createDataFrame([(u.root, u.folder, u.recursive) for u in units], "root string, folder string, recursive boolean")
-    entries = units_df.repartition(min(len(units), tasks)).mapInArrow(_list_units, spark_schema(ENTRY_SCHEMA))
-    # Hash partitioning by path is deterministic, so task retries cannot lose or duplicate rows; an
-    # explicit partition count also keeps adaptive execution from merging the checks into one task.
-    entries = entries.repartition(tasks, "path")
 
-    t1 = time.perf_counter()
-    checker = _make_checker(cfg)
-    if previous is not None:
-        prev_key = previous.select("path", F.col("size_bytes").alias("_psize"), F.col("mtime").alias("_pmtime"))
-        joined = entries.join(prev_key, "path", "left")
-        same = F.coalesce((F.col("_psize") == F.col("size")) & (F.col("_pmtime") == F.col("mtime"))
-                          & F.col("error").isNull(), F.lit(False))
-        fresh = joined.where(~same).select(*ENTRY_SCHEMA.names).mapInArrow(checker, spark_schema(CHECKED_SCHEMA))
-        kept = _keep_previous(previous, joined.where(same).select("path"))
-        checked = fresh.withColumn("_kept", F.lit(False)).unionByName(kept.withColumn("_kept", F.lit(True)))
-    else:
-        checked = entries.mapInArrow(checker, spark_schema(CHECKED_SCHEMA)).withColumn("_kept", F.lit(False))
-    if cfg.manifest.label_from == "csv":
-        checked = _apply_csv_labels(spark, checked, cfg.manifest.labels_csv)
-    checked = checked.persist(StorageLevel.MEMORY_AND_DISK)
-    # One small aggregate instead of count(): totals, label names, examples, the unchanged count.
-    groups = checked.groupBy("_kept", "status", "label").agg(
-        F.count("*").alias("n"), F.sum("size_bytes").alias("b"), F.min("path").alias("example")).collect()
-    total = sum(r["n"] for r in groups)
-    names = sorted({r["label"] for r in groups if r["label"] is not None and r["status"] != "bad_label"})
-    timings["check_s"] = time.perf_counter() - t1
-    changes: dict[str, int] = {}
-    if previous is not None:
-        prev_paths = previous.select("path")
-        unchanged = sum(r["n"] for r in groups if r["_kept"])
-        new = checked.where(~F.col("_kept")).join(prev_paths, "path", "left_anti").count()
-        changes = {"unchanged": unchanged, "new": new, "changed": total - unchanged - new,
-                   "removed": prev_paths.join(checked.select("path"), "path", "left_anti").count()}
-    t2 = time.perf_counter()
-    rows, base = _with_previous_shards(checked.drop("_kept"), previous)
-    originals = _organize(rows, cfg, base).persist(StorageLevel.MEMORY_AND_DISK)
-    # The summary needs only the check's counts and the originals: no pass over the finished manifest.
-    counts = _summarize(groups, originals.groupBy("label", "_split").agg(
-        F.count("*").alias("n"), F.sum("size_bytes").alias("b"), F.min("_dup_example").alias("dup_example"),
-        F.min("_shard_rows").alias("rows_min"), F.max("_shard_rows").alias("rows_max"),
-        F.min("_shard_bytes").alias("bytes_min"), F.max("_shard_bytes").alias("bytes_max"),
-        F.max("_shard_rank").alias("shards")).collect())
-    num_shards = counts.pop("num_shards")
-    manifest = _join_back(spark, rows, originals, names)
-    timings["organize_s"] = time.perf_counter() - t2
+    work, staging = staging_url(out, "work"), staging_url(out)
+    try:
+        t1 = time.perf_counter()
+        # One row per (slice, SRC), made in the JVM: partition i holds slice i, no Python runs to make it.
+        tasks = spark.range(0, slices, 1, slices).select(
+            F.col("id").cast("int").alias("slice"), F.lit(slices).alias("slices"),
+            F.explode(F.array(*[F.lit(r) for r in roots])).alias("root"),
+            F.lit(previous).cast("string").alias("previous"))
+        checked = write_parquet_dataset(tasks, join(work, "checked"), schema=CHECKED_SCHEMA,
+                                        transform=_make_checker(cfg))
+        files = [join(work, "checked/" + f) for f in checked["files"]]
+        timings["check_s"] = time.perf_counter() - t1
 
-    t3 = time.perf_counter()
-    version = commit_manifest(manifest, out, keep_history=incremental, rows=total)
-    timings["write_s"] = time.perf_counter() - t3
+        t2 = time.perf_counter()
+        one_task = checked["rows"] <= ONE_TASK_ROWS
+        organizer = _make_organizer(cfg, files, work, previous, previous_rows, one_task)
+        single = spark.range(0, 1, 1, 1)
+        if one_task:
+            write_parquet_dataset(single, staging, schema=MANIFEST_SCHEMA, transform=organizer)
+        else:
+            single.mapInArrow(organizer, "x long").collect()
+        counts = read_json(join(work, _ORGANIZED))
+        if not one_task:
+            indices = spark.range(0, len(files), 1, min(len(files), slices))
+            write_parquet_dataset(indices, staging, schema=MANIFEST_SCHEMA,
+                                  transform=_make_finisher(files, work, counts["label_names"]))
+        timings["organize_s"] = time.perf_counter() - t2
+
+        t3 = time.perf_counter()
+        version = publish_manifest(out, staging, keep_history=incremental)
+        timings["write_s"] = time.perf_counter() - t3
+    finally:
+        remove_folder(work)
+        remove_folder(staging)
     timings["total_s"] = time.perf_counter() - t0
-    for df in (checked, originals):
-        df.unpersist()
 
+    total = counts["total"]
+    changes = counts["incremental"] if previous is not None else None
+    keys = ("by_status", "by_label", "by_split", "by_label_split", "example_by_status", "total_bytes", "labels",
+            "shard_rows", "shard_bytes")
     summary = {
         "version": version,
         "sources": roots,
         "total": total,
-        **counts,
-        "num_shards": num_shards,
+        **{k: counts[k] for k in keys},
+        "num_shards": counts["num_shards"],
         "validation": cfg.manifest.validation,
         "fingerprint": cfg.fingerprint("manifest"),
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "files_per_s": round(total / timings["total_s"], 1) if timings["total_s"] else None,
-        "incremental": changes or None,
+        "incremental": changes,
         "master": spark.sparkContext.master,
     }
     write_json_atomic(out.rstrip("/") + "/" + SUMMARY_FILE, summary)
     write_bytes_atomic(out.rstrip("/") + "/" + CONFIG_FILE, dump_toml(cfg).encode())
     log.info("manifest v%d: %d files, %d ok, %d shards in %.1fs -> %s", version, total,
-             counts["by_status"].get("ok", 0), num_shards, timings["total_s"], out)
+             counts["by_status"].get("ok", 0), counts["num_shards"], timings["total_s"], out)
     return summary
 
 
-def _keep_previous(previous, kept_paths):
-    """Rows of the previous manifest whose file did not change, in the checked layout.
-
-    They keep their split (stable splits for unchanged files); duplicate rows go back to ``ok`` so
-    that duplicates are found again over the new set of files.
-    """
-    from pyspark.sql import functions as F
-
-    cols = [c for c in CHECKED_SCHEMA.names if c != "folder_split"]
-    prev = previous.join(kept_paths, "path").select(*cols, F.col("split").alias("folder_split"))
-    was_dup = F.col("status") == "duplicate"
-    return prev.withColumn("status_detail", F.when(was_dup, F.lit("")).otherwise(F.col("status_detail"))) \
-               .withColumn("status", F.when(was_dup, F.lit("ok")).otherwise(F.col("status")))
-
-
-def _read_labels_csv(url: str) -> Iterator[tuple[str, str]]:
+def _check_labels_csv(url: str) -> None:
+    """Fail fast, naming the key, when the labels CSV is missing or has no ``path,label`` header."""
     import csv
     import io
 
-    import fsspec
+    try:
+        with fsspec.open(url, "rb") as fh:
+            fields = csv.DictReader(io.TextIOWrapper(fh, encoding="utf-8", newline="")).fieldnames
+    except FileNotFoundError:
+        raise ValueError(f"manifest.labels_csv: no such file {url!r}") from None
+    if not fields or not {"path", "label"} <= set(fields):
+        raise ValueError(f"manifest.labels_csv {url}: needs a header with columns path,label")
 
-    with fsspec.open(url, "rb") as fh:
-        reader = csv.DictReader(io.TextIOWrapper(fh, encoding="utf-8", newline=""))
-        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-            raise ValueError(f"manifest.labels_csv {url}: needs a header with columns path,label")
-        for row in reader:
-            yield row["path"], row["label"]
 
+def _load_labels_csv(url: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The labels CSV as (label by full URI, label by path relative to SRC); the first row of a path wins."""
+    import csv
+    import io
 
-def _apply_csv_labels(spark, checked, url: str):
-    """Labels from a ``path,label`` CSV (path relative to SRC or a full URI), read inside one task."""
-    from pyspark.sql import functions as F
-
-    from metadata.listing import _local_path
     from metadata.schema import normalize_uri
 
-    if url.startswith("file://") or "://" not in url:
-        import os
-
-        if not os.path.isfile(_local_path(normalize_uri(url))):
-            raise ValueError(f"manifest.labels_csv: no such file {url!r}")
-    rows = spark.sparkContext.parallelize([url], 1).flatMap(_read_labels_csv)
-    csv_df = spark.createDataFrame(rows, "key string, _csv_label string").dropDuplicates(["key"])
-    by_rel = csv_df.withColumnRenamed("key", "rel_path").withColumnRenamed("_csv_label", "_l1")
-    by_uri = csv_df.withColumnRenamed("key", "path").withColumnRenamed("_csv_label", "_l2")
-    df = checked.join(F.broadcast(by_rel), "rel_path", "left").join(F.broadcast(by_uri), "path", "left")
-    label = F.coalesce("_l2", "_l1")
-    problem = (F.when(label.isNull(), F.lit("file is not listed in manifest.labels_csv"))
-               .when(F.trim(label) == "", F.lit("label is empty"))
-               .when(label.contains(".."), F.concat(F.lit("label contains '..': "), label))
-               .when(label.rlike(r"[/\\\\]"), F.concat(F.lit("label contains a path separator: "), label))
-               .when(label.rlike("[\\x00-\\x1f\\x7f]"), F.lit("label contains control characters")))
-    ok = F.col("status") == "ok"
-    return (df.withColumn("label", label)
-              .withColumn("status_detail", F.when(ok & problem.isNotNull(), problem).otherwise(F.col("status_detail")))
-              .withColumn("status", F.when(ok & problem.isNotNull(), F.lit("bad_label")).otherwise(F.col("status")))
-              .drop("_l1", "_l2"))
-
-
-def _with_previous_shards(checked, previous):
-    """``checked`` with ``_pshard``: the previous shard of unchanged ok files (same path and size), and
-    the first shard number free for new shards (new shards come after the old, so feature shards stay valid)."""
-    from pyspark.sql import functions as F
-
-    if previous is None:
-        return checked.withColumn("_pshard", F.lit(None).cast("int")), 0
-    prev_ok = previous.where(F.col("status") == "ok").select("path", "size_bytes", F.col("shard").alias("_pshard"))
-    base = (previous.agg(F.max("shard")).first()[0] or -1) + 1
-    return checked.join(prev_ok, ["path", "size_bytes"], "left"), base
-
-
-def _organize(checked, cfg: Config, base: int):
-    """One row per distinct content among ok rows (its original), with ``_split``, ``_shard`` and shard stats.
-
-    Grouping by content hash once finds the originals (the first path of a group); splits and shards
-    are drawn on them, and one join (``_join_back``) takes them to every row, so duplicates follow
-    their original's split with no second lookup.
-    """
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    # Shards first: their window runs in one task, which then also serves the later windows unshuffled.
-    groups = _assign_splits(_assign_shards(_originals(checked), cfg, base), cfg)
-    per_shard = Window.partitionBy("_shard")
-    return (groups.withColumn("_shard_rows", F.count(F.lit(1)).over(per_shard))
-                  .withColumn("_shard_bytes", F.sum("size_bytes").over(per_shard))
-                  .withColumn("_shard_rank", F.dense_rank().over(Window.orderBy("_shard"))))
-
-
-def _join_back(spark, checked, originals, label_names: list[str]):
-    """The manifest: every checked row with its duplicate mark, split, shard and label index."""
-    from pyspark.sql import functions as F
-
-    ok = F.col("status") == "ok"
-    index = spark.createDataFrame([(n, i) for i, n in enumerate(label_names)], "label string, _label_index int")
-    df = (checked.withColumn("_ck", F.when(ok, F.col("content_hash")))
-          .join(originals.select("_ck", "_first", "_first_path", "_split", "_shard"), "_ck", "left")
-          .join(F.broadcast(index), "label", "left"))
-    is_dup = ok & (F.col("_first") != F.col("image_id"))
-    cols = {
-        "label_index": F.when(F.col("status") != "bad_label", F.col("_label_index")),
-        "split": F.when(ok, F.col("_split")),
-        "duplicate_of": F.when(is_dup, F.col("_first")),
-        "status": F.when(is_dup, F.lit("duplicate")).otherwise(F.col("status")),
-        "status_detail": F.when(is_dup, F.concat(F.lit("same bytes as "), F.col("_first_path")))
-                          .otherwise(F.col("status_detail")),
-        "shard": F.when(ok & ~is_dup, F.col("_shard")).cast("int"),
-    }
-    return df.select(*[cols[n].alias(n) if n in cols else F.col(n) for n in MANIFEST_SCHEMA.names])
-
-
-def _originals(checked):
-    """One row per distinct content among ok rows: the first copy by path (``_first``) and its columns."""
-    from pyspark.sql import functions as F
-
-    first = F.min(F.struct("path", "image_id", "label", "folder_split", "size_bytes", "_pshard")).alias("o")
-    # The last path of a group with copies is a duplicate: the summary's example of one.
-    dup = F.when(F.count(F.lit(1)) > 1, F.max("path")).alias("_dup_example")
-    return checked.where(F.col("status") == "ok").groupBy("content_hash").agg(first, dup).select(
-        F.col("content_hash").alias("_ck"), F.col("o.path").alias("_first_path"), F.col("o.image_id").alias("_first"),
-        "o.label", "o.folder_split", "o.size_bytes", "o._pshard", "_dup_example")
-
-
-def _assign_splits(groups, cfg: Config):
-    """``_split``: the folder split when the path has one; else exact per-label ratios over a seeded hash order."""
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    key = [F.col("folder_split").isNull(), F.coalesce(F.col("label"), F.lit("\x00"))]
-    order = Window.partitionBy(*key).orderBy(F.xxhash64(F.lit(cfg.manifest.split_seed), F.col("_ck")), F.col("_first"))
-    frac = (F.row_number().over(order) - F.lit(0.5)) / F.count(F.lit(1)).over(Window.partitionBy(*key))
-    expr = None
-    cum = 0.0
-    items = list(cfg.manifest.split_ratios.items())
-    for i, (name, ratio) in enumerate(items):
-        cum += ratio
-        cond = frac < F.lit(cum) if i < len(items) - 1 else F.lit(True)
-        expr = F.when(cond, F.lit(name)) if expr is None else expr.when(cond, F.lit(name))
-    return groups.withColumn("_split", F.coalesce(F.col("folder_split"), expr))
-
-
-def _assign_shards(groups, cfg: Config, base: int):
-    """``_shard``: balanced, deterministic shards of the originals, sorted by size and dealt out in a snake order.
-
-    Shard sizes differ by at most one row, and the snake order spreads large and small files evenly
-    over shards. Rows with a previous shard (``_pshard``, incremental runs) keep it; the others fill
-    new shards numbered from ``base`` (so existing feature shards stay valid).
-    """
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    fresh = F.col("_pshard").isNull()
-    # One ordered pass over the originals only (fresh ones first): the other columns never move to one task.
-    i = F.row_number().over(Window.orderBy(~fresh, F.col("size_bytes").desc(), F.col("_first"))) - 1
-    num = F.greatest(F.ceil(F.sum(fresh.cast("long")).over(Window.partitionBy()) / F.lit(cfg.manifest.rows_per_shard)),
-                     F.lit(1))
-    block, pos = F.floor(i / num), i % num
-    snake = F.when(block % 2 == 0, pos).otherwise(num - 1 - pos) + F.lit(base)
-    return groups.withColumn("_shard", F.when(fresh, snake).otherwise(F.col("_pshard")))
-
-
-def _summarize(checked: list[Any], originals: list[Any]) -> dict[str, Any]:
-    """The summary counts from the check's groups and the originals' groups.
-
-    ``checked``: rows of (status, label, n, b, example) before duplicates are marked; ``originals``:
-    rows of (label, _split, n, b, dup_example, shard stats) over the ok rows that are not duplicates.
-    Every ok row that is not an original is a duplicate.
-    """
-    by_status: dict[str, int] = {}
-    examples: dict[str, str] = {}
-    names: set[str] = set()
-    total_bytes = 0
-    for r in checked:
-        by_status[r["status"]] = by_status.get(r["status"], 0) + r["n"]
-        total_bytes += r["b"] or 0
-        if r["label"] is not None and r["status"] != "bad_label":
-            names.add(r["label"])
-        if r["status"] != "ok" and (r["status"] not in examples or r["example"] < examples[r["status"]]):
-            examples[r["status"]] = r["example"]
-    by_label: dict[str, int] = {}
-    by_split: dict[str, int] = {}
-    by_label_split: dict[str, dict[str, int]] = {}
-    n_ok = 0
-    for r in originals:
-        label, split = str(r["label"]), str(r["_split"])
-        n_ok += r["n"]
-        by_label[label] = by_label.get(label, 0) + r["n"]
-        by_split[split] = by_split.get(split, 0) + r["n"]
-        by_label_split.setdefault(label, {})[split] = r["n"]
-    dups = by_status.pop("ok", 0) - n_ok
-    if n_ok:
-        by_status["ok"] = n_ok
-    if dups:
-        by_status["duplicate"] = dups
-        examples["duplicate"] = min(r["dup_example"] for r in originals if r["dup_example"] is not None)
-
-    def pick(key: str, fn):
-        values = [r[key] for r in originals if r[key] is not None]
-        return fn(values) if values else None
-
-    return {
-        "by_status": dict(sorted(by_status.items())),
-        "by_label": dict(sorted(by_label.items())),
-        "by_split": dict(sorted(by_split.items())),
-        "by_label_split": dict(sorted(by_label_split.items())),
-        "example_by_status": dict(sorted(examples.items())),
-        "total_bytes": int(total_bytes),
-        "labels": len(names),
-        "shard_rows": {"min": pick("rows_min", min), "max": pick("rows_max", max)},
-        "shard_bytes": {"min": pick("bytes_min", min), "max": pick("bytes_max", max)},
-        "num_shards": pick("shards", max) or 0,
-    }
+    by_uri: dict[str, str] = {}
+    by_rel: dict[str, str] = {}
+    with fsspec.open(url, "rb") as fh:
+        for row in csv.DictReader(io.TextIOWrapper(fh, encoding="utf-8", newline="")):
+            key = row["path"]
+            target = by_uri if "://" in key else by_rel
+            target.setdefault(normalize_uri(key) if "://" in key else key, row["label"])
+    return by_uri, by_rel

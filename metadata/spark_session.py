@@ -70,5 +70,6 @@ def _package_zip() -> str:
 
 
 def num_tasks(spark, cfg: SparkConfig) -> int:
-    """How many tasks to split per-file work into."""
-    return cfg.partitions or max(2, 4 * spark.sparkContext.defaultParallelism)
+    """How many tasks to split per-file work into: one per core unless ``[spark].partitions`` says
+    (each Python task has a fixed cost, and files are dealt out evenly by a hash of their path)."""
+    return cfg.partitions or spark.sparkContext.defaultParallelism

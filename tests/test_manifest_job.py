@@ -286,3 +286,47 @@ def test_labels_from_csv_and_regex(spark, tmp_path):
     run_manifest(cfg, [str(src)], str(tmp_path / "out2"))
     got = {r["rel_path"]: (r["label"], r["status"]) for r in read_manifest(str(tmp_path / "out2")).to_pylist()}
     assert got["flat/a_1.jpg"] == ("a", "ok") and got["flat/d_4.jpg"] == (None, "bad_label")
+
+
+def test_slices_split_the_listing_exactly(messy_tree):
+    from metadata.listing import Unit, list_unit, slice_of
+    from metadata.schema import normalize_uri
+
+    root = normalize_uri(str(messy_tree[0]))
+    unit = Unit(root, root, True)
+    whole = sorted((e.path, e.size, e.error) for e in list_unit(unit))
+    parts = [sorted((e.path, e.size, e.error) for e in list_unit(unit, lambda u, i=i: slice_of(u, 3) == i))
+             for i in range(3)]
+    assert sorted(p for part in parts for p in part) == whole
+    assert all(parts) and len(whole) == len(messy_tree[1])
+
+
+def test_parallel_write_path_gives_the_same_rows(spark, messy_tree, messy_manifest, tmp_path, monkeypatch):
+    """Above ONE_TASK_ROWS the manifest is written by one task per checked file: same rows, same summary."""
+    from metadata import manifest_job
+
+    root, _ = messy_tree
+    _, summary, rows = messy_manifest
+    monkeypatch.setattr(manifest_job, "ONE_TASK_ROWS", 0)
+    cfg = load_config(None, {"manifest": {"rows_per_shard": 5}})
+    again = manifest_job.run_manifest(cfg, [str(root)], str(tmp_path / "out"))
+    got = read_manifest(str(tmp_path / "out")).to_pylist()
+    assert sorted(got, key=lambda r: r["path"]) == sorted(rows, key=lambda r: r["path"])
+    assert len(list((tmp_path / "out" / "manifest").glob("*.parquet"))) == 2  # one file per check task
+    skip = ("timings", "files_per_s", "version")
+    assert {k: v for k, v in again.items() if k not in skip} == {k: v for k, v in summary.items() if k not in skip}
+
+
+@pytest.mark.parametrize("window,budget", [(1024, 64 << 20), (3, 1), (2, 10_000)])
+def test_prefetched_reads_every_entry_in_order(messy_tree, window, budget):
+    from metadata.checks import prefetched, read_or_error
+    from metadata.listing import Unit, list_unit
+    from metadata.schema import normalize_uri
+
+    root = normalize_uri(str(messy_tree[0]))
+    entries = list(list_unit(Unit(root, root, True)))
+    got = list(prefetched(entries, 1 << 20, local_window=window, local_bytes=budget))
+    assert [e for e, _ in got] == entries
+    for e, data in got:
+        expect = read_or_error(e, 1 << 20)
+        assert type(data) is type(expect) and (not isinstance(data, bytes) or data == expect)

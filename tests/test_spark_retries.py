@@ -108,8 +108,8 @@ def test_pca_survives_failed_task_attempts(spark, tmp_path, monkeypatch):
                 flag.write_text(str(ctx.partitionId()))
                 raise RuntimeError(f"injected failure ({flag.name})")
 
-    def flaky_groups(batches, folder, markers):  # the fit's tasks come first: this one fails
-        return dies_once(fit_flag, real_groups(batches, folder, markers))
+    def flaky_groups(batches, folder, stems, markers):  # the fit's tasks come first: this one fails
+        return dies_once(fit_flag, real_groups(batches, folder, stems, markers))
 
     def flaky_project(folder, markers, model):
         run = real_project(folder, markers, model)

@@ -1,0 +1,224 @@
+"""Duplicates, splits, shards and summary counts over the checked rows, with pyarrow and numpy.
+
+Runs inside one Spark task over the narrow columns of every checked row (never the file bytes, never
+on the driver). Pure functions, no Spark import, so the rules are testable on their own:
+
+* duplicates: among ``ok`` rows, rows with the same ``content_hash`` form a group; its first path is
+  the original, the others are duplicates of it and follow its split;
+* splits: the folder split when the path has one; else, per label, the originals are ordered by a
+  seeded hash of their content and cut at the configured ratios (exact per-label proportions);
+* shards: originals without a previous shard are sorted by size (largest first) and dealt out over
+  ``ceil(n / rows_per_shard)`` shards in a snake order, so shard sizes differ by at most one row and
+  large and small files spread evenly; rows with a previous shard (incremental runs) keep it.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+NARROW_COLUMNS = ["path", "image_id", "status", "label", "folder_split", "size_bytes", "content_hash",
+                  "_pshard", "_kept", "_prev"]
+"""The checked columns the organize step reads."""
+
+PLAN_SCHEMA = pa.schema([("split", pa.string()), ("shard", pa.int32()), ("duplicate_of", pa.string()),
+                         ("first_path", pa.string())])
+"""Per checked row, aligned with it: split, shard, the original's image_id and path (duplicates only)."""
+
+
+def _np(arr: pa.ChunkedArray | pa.Array, fill: Any = None) -> np.ndarray:
+    if fill is not None:
+        arr = pc.fill_null(arr, fill)
+    return arr.to_numpy(zero_copy_only=False) if isinstance(arr, pa.Array) else arr.to_numpy()
+
+
+def hash_order(content_hashes: list[str], seed: str) -> np.ndarray:
+    """A seeded 64-bit sort key per content hash (splitmix64 of its first 64 bits xor the seed's)."""
+    s = np.uint64(int.from_bytes(hashlib.sha256(seed.encode()).digest()[:8], "big"))
+    z = np.fromiter((int(c[:16], 16) for c in content_hashes), np.uint64, len(content_hashes)) ^ s
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _group_starts(sorted_keys: pa.Array) -> np.ndarray:
+    """Boolean mask of the positions where a run of equal keys starts (``sorted_keys`` sorted)."""
+    n = len(sorted_keys)
+    starts = np.ones(n, bool)
+    if n > 1:
+        starts[1:] = _np(pc.not_equal(sorted_keys[1:], sorted_keys[:-1]), True)
+    return starts
+
+
+def assign_splits(originals: pa.Table, ratios: dict[str, float], seed: str) -> np.ndarray:
+    """The split of each original: its folder split, else its per-label cut of the seeded hash order."""
+    n = originals.num_rows
+    folder = originals["folder_split"].to_pylist()
+    out = np.array(folder, dtype=object)
+    need = np.flatnonzero(pc.is_null(originals["folder_split"]).to_numpy(zero_copy_only=False))
+    if not len(need):
+        return out
+    sub = originals.take(need)
+    keys = pa.table({
+        "label": pc.fill_null(sub["label"], "\x00"),
+        "h": hash_order(sub["content_hash"].to_pylist(), seed),
+        "image_id": sub["image_id"],
+    })
+    order = pc.sort_indices(keys, [("label", "ascending"), ("h", "ascending"), ("image_id", "ascending")]).to_numpy()
+    starts = _group_starts(keys["label"].take(order).combine_chunks())
+    first = np.flatnonzero(starts)
+    group = np.cumsum(starts) - 1
+    counts = np.diff(np.append(first, len(order)))
+    frac = (np.arange(len(order)) - first[group] + 0.5) / counts[group]
+    names = list(ratios)
+    cum = np.cumsum([ratios[k] for k in names])
+    picked = np.searchsorted(cum[:-1], frac, side="right")
+    drawn = np.empty(len(order), dtype=object)
+    drawn[order] = np.array(names, dtype=object)[picked]
+    out[need] = drawn
+    assert len(out) == n
+    return out
+
+
+def assign_shards(originals: pa.Table, rows_per_shard: int, base: int) -> np.ndarray:
+    """The shard of each original: its previous shard, else a snake deal over new shards from ``base``."""
+    pshard = originals["_pshard"]
+    fresh = _np(pc.is_null(pshard))
+    keys = pa.table({"kept": pa.array(~fresh), "size": originals["size_bytes"], "image_id": originals["image_id"]})
+    order = pc.sort_indices(keys, [("kept", "ascending"), ("size", "descending"), ("image_id", "ascending")]).to_numpy()
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    num = max(math.ceil(int(fresh.sum()) / rows_per_shard), 1)
+    block, pos = rank // num, rank % num
+    snake = np.where(block % 2 == 0, pos, num - 1 - pos) + base
+    return np.where(fresh, snake, _np(pshard, -1))
+
+
+def organize(parts: list[pa.Table], ratios: dict[str, float], seed: str, rows_per_shard: int, base: int = 0,
+             previous_rows: int = 0) -> tuple[list[pa.Table], dict[str, Any]]:
+    """Plan tables aligned with ``parts`` (``PLAN_SCHEMA``) and the summary counts.
+
+    ``parts``: checked rows with ``NARROW_COLUMNS``; ``base``: the first free shard number;
+    ``previous_rows``: rows of the previous manifest (incremental runs), for the removed count.
+    """
+    t = pa.concat_tables([p.select(NARROW_COLUMNS) for p in parts]).combine_chunks()
+    n = t.num_rows
+    status = t["status"]
+    ok_idx = np.flatnonzero(_np(pc.equal(status, "ok"), False))
+    okt = t.take(ok_idx)
+    order = pc.sort_indices(okt, [("content_hash", "ascending"), ("path", "ascending")]).to_numpy()
+    starts = _group_starts(okt["content_hash"].take(order).combine_chunks())
+    first_pos = np.flatnonzero(starts)
+    group = np.cumsum(starts) - 1
+    first_row = order[first_pos]  # index into okt of each group's original (its first path)
+    orig_of = np.empty(len(order), np.int64)
+    orig_of[order] = first_row[group]
+    group_of = np.empty(len(order), np.int64)
+    group_of[order] = group
+    is_dup = orig_of != np.arange(len(order))
+
+    originals = okt.take(first_row)
+    splits = assign_splits(originals, ratios, seed)
+    shards = assign_shards(originals, rows_per_shard, base)
+
+    split_col = np.full(n, None, dtype=object)
+    split_col[ok_idx] = splits[group_of]
+    shard_col = np.full(n, -1, np.int64)
+    shard_col[ok_idx[~is_dup]] = shards[group_of[~is_dup]]
+    dup_rows = ok_idx[is_dup]
+    dup_of = np.full(n, None, dtype=object)
+    first_path = np.full(n, None, dtype=object)
+    orig_ids, orig_paths = okt["image_id"].to_numpy(zero_copy_only=False), okt["path"].to_numpy(zero_copy_only=False)
+    dup_of[dup_rows] = orig_ids[orig_of[is_dup]]
+    first_path[dup_rows] = orig_paths[orig_of[is_dup]]
+    plan = pa.table({
+        "split": pa.array(split_col, pa.string()),
+        "shard": pa.array(shard_col, pa.int32(), mask=shard_col < 0),
+        "duplicate_of": pa.array(dup_of, pa.string()),
+        "first_path": pa.array(first_path, pa.string()),
+    }, schema=PLAN_SCHEMA)
+    plans, offset = [], 0
+    for p in parts:
+        plans.append(plan.slice(offset, p.num_rows))
+        offset += p.num_rows
+
+    counts = np.diff(np.append(first_pos, len(order)))
+    multi = counts > 1
+    last_paths = okt["path"].take(order[first_pos[multi] + counts[multi] - 1]) if multi.any() else None
+    summary = _summary(t, originals, splits, shards, int(is_dup.sum()), last_paths, previous_rows)
+    return plans, summary
+
+
+def _summary(t: pa.Table, originals: pa.Table, splits: np.ndarray, shards: np.ndarray, dups: int,
+             dup_last_paths: pa.Array | None, previous_rows: int) -> dict[str, Any]:
+    by_status: dict[str, int] = {}
+    examples: dict[str, str] = {}
+    for r in t.group_by("status").aggregate([("path", "min"), ("path", "count")]).to_pylist():
+        by_status[r["status"]] = r["path_count"]
+        if r["status"] != "ok":
+            examples[r["status"]] = r["path_min"]
+    if dups:
+        by_status["ok"] -= dups
+        if not by_status["ok"]:
+            del by_status["ok"]
+        by_status["duplicate"] = dups
+        examples["duplicate"] = pc.min(dup_last_paths).as_py()
+    labelled = pc.and_(pc.is_valid(t["label"]), pc.not_equal(t["status"], "bad_label"))
+    names = sorted(pc.unique(t["label"].filter(labelled)).to_pylist())
+    pairs = Counter(zip((str(x) for x in originals["label"].to_pylist()), (str(s) for s in splits)))
+    by_label: Counter = Counter()
+    by_split: Counter = Counter()
+    by_label_split: dict[str, dict[str, int]] = {}
+    for (label, split), k in sorted(pairs.items()):
+        by_label[label] += k
+        by_split[split] += k
+        by_label_split.setdefault(label, {})[split] = k
+    shard_rows = shard_bytes = None
+    if len(shards):
+        uniq, inv = np.unique(shards, return_inverse=True)
+        rows = np.bincount(inv)
+        nbytes = np.bincount(inv, weights=_np(originals["size_bytes"], 0).astype(np.float64))
+        shard_rows = (int(rows.min()), int(rows.max()))
+        shard_bytes = (int(nbytes.min()), int(nbytes.max()))
+    kept = int(pc.sum(t["_kept"]).as_py() or 0)
+    prev = int(pc.sum(t["_prev"]).as_py() or 0)
+    new = int(pc.sum(pc.and_(pc.invert(t["_kept"]), pc.invert(t["_prev"]))).as_py() or 0)
+    return {
+        "total": t.num_rows,
+        "by_status": dict(sorted(by_status.items())),
+        "by_label": dict(sorted(by_label.items())),
+        "by_split": dict(sorted(by_split.items())),
+        "by_label_split": dict(sorted(by_label_split.items())),
+        "example_by_status": dict(sorted(examples.items())),
+        "total_bytes": int(pc.sum(t["size_bytes"]).as_py() or 0),
+        "labels": len(names),
+        "label_names": names,
+        "shard_rows": {"min": shard_rows and shard_rows[0], "max": shard_rows and shard_rows[1]},
+        "shard_bytes": {"min": shard_bytes and shard_bytes[0], "max": shard_bytes and shard_bytes[1]},
+        "num_shards": len(np.unique(shards)) if len(shards) else 0,
+        "incremental": {"unchanged": kept, "new": new, "changed": t.num_rows - kept - new,
+                        "removed": previous_rows - prev},
+    }
+
+
+def finish(checked: pa.Table, plan: pa.Table, label_names: list[str], schema: pa.Schema) -> pa.Table:
+    """Manifest rows (``schema``) from checked rows and their aligned plan, sorted by path."""
+    status = checked["status"]
+    is_dup = pc.is_valid(plan["duplicate_of"])
+    index = pc.index_in(checked["label"], value_set=pa.array(label_names, pa.string()))
+    cols = {
+        "label_index": pc.if_else(pc.equal(status, "bad_label"), pa.scalar(None, pa.int32()), index.cast(pa.int32())),
+        "split": plan["split"],
+        "duplicate_of": plan["duplicate_of"],
+        "status": pc.if_else(is_dup, "duplicate", status),
+        "status_detail": pc.if_else(is_dup, pc.binary_join_element_wise("same bytes as ", plan["first_path"], ""),
+                                    checked["status_detail"]),
+        "shard": plan["shard"],
+    }
+    table = pa.table({f.name: (cols[f.name] if f.name in cols else checked[f.name]).cast(f.type) for f in schema})
+    return table.sort_by("path").cast(schema)
