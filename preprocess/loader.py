@@ -50,10 +50,31 @@ def resolve_workers(cfg: PreprocessConfig, num_workers: int | None = None) -> in
     return cfg.num_workers if cfg.num_workers >= 0 else available_cores()
 
 
-def worker_init(worker_id: int, max_pixels: int) -> None:
-    """Per worker: one torch thread and one OpenCV thread (processes give the parallelism), cv2 capped."""
+def worker_init(worker_id: int, max_pixels: int, parent: int | None = None) -> None:
+    """Per worker: die with the loading process, one torch thread and one OpenCV thread (processes give
+    the parallelism), cv2 capped."""
+    if parent is not None:
+        die_with_parent(parent)
     torch.set_num_threads(1)
     import_cv2(max_pixels, threads=1)
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (``PR_SET_PDEATHSIG``); no-op elsewhere.
+
+    A rank killed with SIGKILL (OOM killer, a preempted node, torchrun tearing a group down) would
+    otherwise leave its loader workers behind, holding shared memory and the pipes of whoever
+    started the rank, until their own watchdog notices.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(0)
 
 
 def make_loader(dataset: Dataset, cfg: PreprocessConfig, batch_size: int | None = None, num_workers: int | None = None,
@@ -66,7 +87,7 @@ def make_loader(dataset: Dataset, cfg: PreprocessConfig, batch_size: int | None 
         num_workers=workers,
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
-        worker_init_fn=functools.partial(worker_init, max_pixels=cfg.max_pixels) if workers else None,
+        worker_init_fn=functools.partial(worker_init, max_pixels=cfg.max_pixels, parent=os.getpid()) if workers else None,
     )
     if batch_sampler is not None:
         kwargs["batch_sampler"] = batch_sampler

@@ -157,3 +157,39 @@ def test_contained_iteration_without_crash(images):
     assert got == [1, 3, 5, 7, 9]
     got0 = [i for _, idx, _, _ in iter_batches_contained(ds, CFG, batch_size=4, num_workers=0) for i in idx.tolist()]
     assert got0 == list(range(10))
+
+
+def test_loader_workers_die_with_a_killed_parent(tmp_path):
+    """A loading process killed with SIGKILL takes its loader workers with it (no orphans holding pipes)."""
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, sys, time, multiprocessing as mp\n"
+        "from preprocess.loader import die_with_parent\n"
+        "def child(parent):\n"
+        "    die_with_parent(parent)\n"
+        "    time.sleep(60)\n"
+        "if __name__ == '__main__':\n"
+        "    p = mp.get_context('fork').Process(target=child, args=(os.getpid(),))\n"
+        "    p.start()\n"
+        "    print(p.pid, flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path.parent), os.getcwd(), *sys.path]))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    worker = int(proc.stdout.readline())
+    time.sleep(0.5)  # the child has asked for PR_SET_PDEATHSIG
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{worker}") and \
+            open(f"/proc/{worker}/stat").read().split(")")[-1].split()[0] != "Z":
+        time.sleep(0.05)
+    alive = os.path.exists(f"/proc/{worker}") and open(f"/proc/{worker}/stat").read().split(")")[-1].split()[0] != "Z"
+    assert not alive, "the worker outlived its killed parent"
+    loader = make_loader(ManifestDataset([], CFG), CFG, num_workers=1)
+    assert loader.worker_init_fn.keywords["parent"] == os.getpid()
