@@ -132,8 +132,10 @@ def iter_batches_contained(dataset: Dataset, cfg: PreprocessConfig, batch_size: 
                     batch = next(it)
                 except StopIteration:
                     break
-                except RuntimeError as exc:
-                    if "DataLoader worker" not in str(exc):
+                except (RuntimeError, ConnectionError, EOFError) as exc:
+                    # A worker that dies after queueing a batch but before handing over its shared-memory
+                    # file descriptor shows up as a reset connection instead of torch's worker error.
+                    if isinstance(exc, RuntimeError) and "DataLoader worker" not in str(exc):
                         raise
                     crashes += 1
                     log.warning("a decode worker died (%s); redoing up to %d batches in isolated processes", exc, window)
