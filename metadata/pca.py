@@ -104,6 +104,11 @@ def _read_shard_ids(folder: str, stem: str, marker: dict[str, Any]) -> np.ndarra
     return ids
 
 
+def _shard_order(markers: dict[str, dict[str, Any]]) -> list[str]:
+    """The shard stems in the order that numbers them: ``shard_idx`` i is ``_shard_order(markers)[i]``."""
+    return sorted(markers)
+
+
 def _stems_df(spark: Any, stems: list[str], num_partitions: int) -> Any:
     rows = [(s, i) for i, s in enumerate(stems)]
     n = max(1, min(len(rows), num_partitions))
@@ -246,7 +251,7 @@ def _reduce_rows(df: Any, folder: str, markers: dict[str, dict[str, Any]], make:
     attempts are read; the driver holds one accumulator and one file at a time.
     """
 
-    stems = sorted(markers)  # shard_idx numbers the sorted stems (see _ids_pass)
+    stems = _shard_order(markers)
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
@@ -290,7 +295,7 @@ def _drop_scratch(out: str) -> None:
 def _project_task(folder: str, markers: dict[str, dict[str, Any]], model: PcaModel) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     # ((x - mean) / scale) @ C.T as (x - mean) @ (C.T / scale[:, None]): one pass less over each shard
     mean, proj = model.mean, np.ascontiguousarray(model.components.T / model.scale[:, None])
-    stems = sorted(markers)  # shard_idx numbers the sorted stems (see _ids_pass)
+    stems = _shard_order(markers)
     k = proj.shape[1]
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -325,7 +330,7 @@ def _ids_pass(spark: Any, features: str, markers: dict[str, dict[str, Any]], par
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    stems = sorted(markers)
+    stems = _shard_order(markers)
     ids = _stems_df(spark, stems, partitions).mapInArrow(_ids_task(features, markers, True), _IDS_DDL)
     ids = ids.persist(StorageLevel.MEMORY_AND_DISK)
     # One job: the error messages (one per refused shard at most) and the reject count.
