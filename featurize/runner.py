@@ -310,7 +310,8 @@ class ShardComputer:
             return
         if self._started is None or self._started[0] is not works:
             self.start(works)
-        assert self._started is not None
+        if self._started is None:  # start() always sets it
+            raise RuntimeError("featurize runner: shards were not started")
         _, datasets, prefetch = self._started
         self._started = None
         done = 0

@@ -57,7 +57,6 @@ def _group_starts(sorted_keys: pa.Array) -> np.ndarray:
 
 def assign_splits(originals: pa.Table, ratios: dict[str, float], seed: str) -> np.ndarray:
     """The split of each original: its folder split, else its per-label cut of the seeded hash order."""
-    n = originals.num_rows
     folder = originals["folder_split"].to_pylist()
     out = np.array(folder, dtype=object)
     need = np.flatnonzero(pc.is_null(originals["folder_split"]).to_numpy(zero_copy_only=False))
@@ -81,7 +80,6 @@ def assign_splits(originals: pa.Table, ratios: dict[str, float], seed: str) -> n
     drawn = np.empty(len(order), dtype=object)
     drawn[order] = np.array(names, dtype=object)[picked]
     out[need] = drawn
-    assert len(out) == n
     return out
 
 
