@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from metadata.sniff import DEFAULT_MAX_JPEG_SCANS
+
 RESIZE_POLICIES = ("resize_shorter+center_crop", "resize", "letterbox")
 INTERPOLATIONS = ("nearest", "linear", "area", "cubic", "lanczos")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -67,7 +69,7 @@ class ManifestConfig:
     """Files larger than this are too_large (not read)."""
     max_pixels: int = 100_000_000
     """Images whose header claims more pixels are too_large (decompression bombs)."""
-    max_jpeg_scans: int = 100
+    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS
     """JPEGs with more scans are too_large (progressive-JPEG CPU bombs); 0 = no limit."""
     formats: list[str] = field(default_factory=lambda: ["jpeg", "png", "gif", "bmp", "webp", "tiff"])
     """Formats accepted as images; other recognised formats are ``unsupported_format``."""
@@ -122,7 +124,7 @@ class PreprocessConfig:
     """Byte cap checked before decoding."""
     max_pixels: int = 100_000_000
     """Pixel cap on the header dimensions, checked before decoding (also OpenCV's own limit)."""
-    max_jpeg_scans: int = 100
+    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS
     """JPEGs with more scans are refused before decoding (a per-image CPU bound); 0 = no limit."""
     formats: list[str] = field(default_factory=lambda: ["jpeg", "png", "gif", "bmp", "webp", "tiff"])
     """Magic-byte allowlist of formats the decoder accepts."""

@@ -556,11 +556,7 @@ def _publish(staging: str, url: str) -> None:
         if fs.exists(success):
             fs.rm(success)
         fs.rm(dst, recursive=True)
-    files = sorted(fs.find(src), key=lambda p: p.endswith("/" + SUCCESS_FILE))
-    for path in files:
-        fs.copy(path, dst.rstrip("/") + "/" + path[len(src.rstrip("/")) + 1:])
-    fs.rm(src, recursive=True)
-    fs.invalidate_cache()
+    shards.move_folder(fs, src, dst)
 
 
 def run_pca(cfg: Config, manifest: str, features: str, out: str, master: str | None = None, *,

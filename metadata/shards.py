@@ -231,12 +231,16 @@ def remove_shard(folder: str, stem: str) -> None:
 
 
 def move_folder(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
-    """Move folder ``src`` to ``dst`` on ``fs``: a rename locally, copy-then-delete per file on object stores."""
+    """Move folder ``src`` to ``dst`` on ``fs``: a rename locally, copy-then-delete per file on object stores.
+
+    On object stores files named ``_*`` (commit markers such as ``_SUCCESS``) are copied last, so a
+    reader that trusts them never sees a partly copied folder.
+    """
     if isinstance(fs, LocalFileSystem):
         os.makedirs(os.path.dirname(dst.rstrip("/")), exist_ok=True)
         os.replace(src, dst)
         return
-    files = fs.find(src)
+    files = sorted(fs.find(src), key=lambda p: p.rsplit("/", 1)[-1].startswith("_"))
     for path in files:
         fs.copy(path, dst.rstrip("/") + "/" + path[len(src.rstrip("/")) + 1:])
     fs.rm(files)
