@@ -275,6 +275,11 @@ class ShardComputer:
         shards.remove_shard(self.out, work.stem)  # a stale marker must never describe new files
         dataset = dataset if dataset is not None else self.dataset(work)
         feats, ok, reasons = self.features(dataset, batches)
+        if feats.shape[0]:  # a row the model turned into NaN or inf (fp16 overflow) is a reject, not a feature
+            bad = ok & ~np.isfinite(feats).all(axis=1)
+            for i in np.flatnonzero(bad):
+                reasons[i] = f"nonfinite_features: the model output has NaN or inf ({self.cfg.featurize.precision})"
+            ok = ok & ~bad
         ids = np.asarray(dataset.image_ids)
         rejects = []
         for i in np.flatnonzero(~ok):

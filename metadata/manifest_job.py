@@ -35,6 +35,7 @@ from metadata.config import Config, ManifestConfig, dump_toml
 from metadata.listing import Entry, Unit, check_source, list_unit, slice_of
 from metadata.manifest_store import previous_manifest, publish_manifest, remove_folder, staging_url
 from metadata.parquet_io import dataset_files, write_parquet_dataset
+from metadata.row_guard import failed_row, to_record_batch
 from metadata.schema import CONFIG_FILE, MANIFEST_SCHEMA, SUMMARY_FILE
 from metadata.shards import join, read_json, staged_file, write_bytes_atomic, write_json_atomic
 from metadata.spark_session import get_spark, num_tasks
@@ -126,10 +127,13 @@ def _make_checker(cfg: Config):
 
         entries = list_unit(Unit(task["root"], task["root"], True), lambda uri: slice_of(uri, slices) == part)
         for entry, data in prefetched(fresh(entries), max_bytes):
-            row = check_entry(entry, validation, max_bytes, max_pixels, formats, data, max_scans)
-            label(row)
+            try:  # one file's failure of any kind is that file's row, never the task's
+                row = check_entry(entry, validation, max_bytes, max_pixels, formats, data, max_scans)
+                label(row)
+                row["folder_split"] = folder_split(row["rel_path"]) if split_from_folders else None
+            except Exception as exc:
+                row = dict(failed_row(entry, exc), folder_split=None)
             p = prev.get(row["path"])
-            row["folder_split"] = folder_split(row["rel_path"]) if split_from_folders else None
             row["_kept"], row["_prev"] = False, p is not None
             same_file = p is not None and p["status"] == "ok" and p["size_bytes"] == row["size_bytes"]
             row["_pshard"] = p["shard"] if same_file else None
@@ -140,8 +144,7 @@ def _make_checker(cfg: Config):
             yield kept.pop()
 
     def to_batch(rows: list[tuple]) -> pa.RecordBatch:
-        return pa.RecordBatch.from_arrays([pa.array(col, f.type) for col, f in zip(zip(*rows), CHECKED_SCHEMA)],
-                                          schema=CHECKED_SCHEMA)
+        return to_record_batch(rows, CHECKED_SCHEMA)
 
     def check(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         previous_cache: dict = {}

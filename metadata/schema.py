@@ -30,6 +30,8 @@ STATUS_CODES: dict[str, str] = {
     "too_large": "over the byte cap or the pixel cap",
     "duplicate": "the same bytes as an earlier file (see duplicate_of)",
     "bad_label": "the label is empty, contains '..', a path separator or control characters",
+    "bad_path": "the file name is not valid UTF-8 (the path is stored with \\x escapes); rename the file",
+    "internal_error": "checking the file raised an unexpected error (the detail has it; please report it)",
 }
 
 MANIFEST_SCHEMA = pa.schema(

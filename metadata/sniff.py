@@ -24,6 +24,11 @@ the image, so a small file of thousands of near-empty scans costs seconds to min
 2000x2000 file of 2,000 scans took 9 s in OpenCV here; the cost grows with scans x blocks);
 libjpeg-turbo's advice is a scan limit. Encoders write at most a few dozen scans (libjpeg's progressive
 script: 10 for colour, 6 for grey)."""
+MAX_SIDE = 2**31 - 1
+"""The largest width or height a manifest row stores (int32). A header may claim up to 2^32 - 1 (a fuzzed
+TIFF declared 3,036,676,696): such values never reach a row; the file is ``too_large``."""
+MAX_CHANNELS = 64
+"""More samples per pixel than any image format OpenCV decodes (TIFF allows 65,535): ``undecodable``."""
 
 
 @dataclass(frozen=True)
@@ -101,9 +106,34 @@ def parse_header(data: bytes, formats: tuple[str, ...] | list[str] = KNOWN_IMAGE
         info = parser(data)
     except (struct.error, IndexError, ValueError) as exc:
         return HeaderInfo("truncated" if len(data) < 64 else "undecodable", f"{fmt} header unreadable: {exc}", format=fmt)
+    info = _bounded(info)
     if max_scans > 0 and info.scans is not None and info.scans > max_scans and info.status in ("ok", "truncated"):
         return dataclasses.replace(info, status="too_large", detail=f"jpeg: {info.scans} scans > max {max_scans}")
     return info
+
+
+def _bounded(info: HeaderInfo) -> HeaderInfo:
+    """``info`` with every header value inside what a row stores; a value outside it decides the status.
+
+    Whatever a parser read is a number an attacker chose: sides over ``MAX_SIDE`` make the file
+    ``too_large``, negative sides or an absurd channel count ``undecodable``, and the values themselves
+    are dropped (the detail keeps them)."""
+    w, h, c, d = info.width, info.height, info.channels, info.bit_depth
+    sides = [v for v in (w, h) if v is not None]
+    if all(0 <= v <= MAX_SIDE for v in sides) and (c is None or 0 <= c <= MAX_CHANNELS) \
+            and (d is None or 0 <= d <= 64):
+        return info
+    fmt = info.format
+    if any(v < 0 for v in sides):
+        status, detail = "undecodable", f"{fmt}: header claims a negative size {w}x{h}"
+    elif any(v > MAX_SIDE for v in sides):
+        status, detail = "too_large", f"{fmt}: header claims {w}x{h}, over the largest side {MAX_SIDE}"
+    elif c is not None and not 0 <= c <= MAX_CHANNELS:
+        status, detail = "undecodable", f"{fmt}: header claims {c} samples per pixel"
+    else:
+        status, detail = "undecodable", f"{fmt}: header claims a bit depth of {d}"
+    keep = info.status not in ("ok", "truncated")  # an earlier finding stays the reason
+    return HeaderInfo(info.status if keep else status, info.detail if keep else detail, fmt)
 
 
 def _looks_like_text(head: bytes) -> bool:

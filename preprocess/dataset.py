@@ -64,7 +64,7 @@ def load_rgb(uri: str, cfg: PreprocessConfig, size: int, policy: str, resize_sho
 def _failure(exc: Exception) -> str:
     if isinstance(exc, DecodeError):
         return f"{exc.reason}: {exc.detail}"
-    return f"undecodable: {type(exc).__name__}: {exc}"
+    return f"internal_error: {type(exc).__name__}: {exc}"
 
 
 def _column(rows: Any, name: str, default: Any = None) -> list[Any]:
