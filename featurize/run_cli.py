@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from metadata.cli_common import add_common_args, build_config
+from metadata.config import Config
 from metadata.shards import join
 
 log = logging.getLogger(__name__)
@@ -18,13 +19,38 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, help="featurize processes on this node; > 1 starts torchrun")
     parser.add_argument("--stages", help="comma-separated stages, e.g. manifest,featurize,pca")
     parser.add_argument("--force", action="store_true", help="rerun stages even when they are up to date")
+    g = parser.add_argument_group("stage options (the same flags as the stage commands; --set reaches every other key)")
+    g.add_argument("--validation", choices=["header", "full"], help="manifest check depth (manifest.validation)")
+    g.add_argument("--model", help="torchvision model name (featurize.model)")
+    g.add_argument("--weights", help="torchvision weights enum name or none (featurize.weights)")
+    g.add_argument("--weights-path", metavar="FILE", help="a local state_dict file (featurize.weights_path)")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (featurize.precision)")
+    g.add_argument("--device", help="auto, cpu, cuda or cuda:N (featurize.device)")
+    g.add_argument("--batch-size", type=int, help="images per batch (preprocess.batch_size)")
+    g.add_argument("--num-workers", type=int, help="decode workers per rank (preprocess.num_workers)")
+    g.add_argument("--k", type=int, help="PCA components (pca.k)")
     add_common_args(parser)
 
 
-def run_command(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace) -> Config:
+    """``--config``, then ``--set``, then the flags that were given."""
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
-    cfg = build_config(args, {"run": {"nproc": args.nproc, "stages": stages, "out": args.out,
-                                      "sources": args.sources or None}})
+    cfg = build_config(args, {
+        "run": {"nproc": args.nproc, "stages": stages, "out": args.out, "sources": args.sources or None},
+        "manifest": {"validation": args.validation},
+        "featurize": {"model": args.model, "weights": args.weights, "weights_path": args.weights_path,
+                      "precision": args.precision, "device": args.device},
+        "preprocess": {"batch_size": args.batch_size, "num_workers": args.num_workers},
+        "pca": {"k": args.k},
+    })
+    if args.k is not None:
+        cfg.pca.variance = 0.0  # an explicit --k wins over a variance from --config, as in `imgfeat pca`
+    return cfg
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``imgfeat run``: every configured stage, then the report; prints where things are."""
+    cfg = config_from_args(args)
     from featurize.pipeline import run_pipeline
 
     report = run_pipeline(cfg, master=args.master, force=args.force)

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any
 
-from metadata.cli_common import add_common_args, build_config, setup_logging
+from metadata.cli_common import add_common_args, build_config, report_errors, setup_logging
 from metadata.config import Config
 
 log = logging.getLogger(__name__)
@@ -79,22 +79,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the stage for parsed ``args``; 0 on success, 2 on a config or input mistake."""
+    """Run the stage for parsed ``args``; expected errors raise ``ValueError`` (one line from the CLI)."""
+    from featurize.preflight import check_manifest
     from featurize.runner import run_featurize
 
-    try:
-        cfg = config_from_args(args)
-        run_featurize(cfg, args.manifest, args.out, split=args.split)
-    except ValueError as exc:
-        log.error("%s", exc)
-        return 2
-    except Exception as exc:
-        from featurize.weights import WeightsUnavailableError
-
-        if isinstance(exc, WeightsUnavailableError):
-            log.error("%s", exc)
-            return 2
-        raise
+    cfg = config_from_args(args)
+    check_manifest(args.manifest)
+    run_featurize(cfg, args.manifest, args.out, split=args.split)
     return 0
 
 
@@ -106,7 +97,7 @@ def _run_with_logging(args: argparse.Namespace) -> int:
         for handler in logging.getLogger().handlers:
             handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s",
                                                    "%H:%M:%S"))
-    return run(args)
+    return report_errors(run, args)
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:

@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 NO_WEIGHTS = ("", "none", "None", "NONE", "random")
 
 
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights are neither in the torch cache nor downloadable."""
+class WeightsUnavailableError(ValueError):
+    """Pretrained weights are neither in the torch cache nor downloadable (an expected, one-line error)."""
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from metadata.cv2_env import import_cv2
+from metadata.cv2_env import import_cv2, quiet_decoder
 from metadata.listing import Entry, rel_path
 from metadata.schema import image_id_for
 from metadata.sniff import DEFAULT_MAX_JPEG_SCANS, parse_header
@@ -202,7 +202,8 @@ def decode_check(data: bytes, max_pixels: int, is_jpeg: bool = False) -> tuple[s
     # A JPEG decoded at 1/8 scale still entropy-decodes every scan (what finds corruption) at ~2x speed.
     flag = cv2.IMREAD_REDUCED_GRAYSCALE_8 if is_jpeg else cv2.IMREAD_UNCHANGED
     try:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+        with quiet_decoder():
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     except cv2.error as exc:
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else "cv2.error"
         if "limit" in msg.lower() or "pixels" in msg.lower():

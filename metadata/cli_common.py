@@ -33,27 +33,38 @@ def _drop_py4j_retry_notice(record: logging.LogRecord) -> bool:
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML config file (configs/*.toml); flags override it")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="set any config key, typed as in TOML (repeatable), e.g. --set pca.k=32 "
+                             "--set featurize.model=resnet18; stage flags win over it")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
 
 def build_config(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> Config:
     """Load ``--config`` and apply flag ``overrides`` (flags left at None are ignored)."""
-    return load_config(getattr(args, "config", None), overrides)
+    return load_config(getattr(args, "config", None), overrides, getattr(args, "settings", None))
+
+
+class StageFailed(RuntimeError):
+    """A stage failed for a reason its message fully explains (e.g. torchrun exited non-zero): exit 1, one line."""
 
 
 def report_errors(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a command; a bad option or a missing/forbidden path prints one clear line and exits 2.
+    """Run a command; an expected error prints one ``imgfeat: error: ...`` line without a traceback.
 
-    The traceback is logged at debug level (``-vv``) for bug reports.
+    Exit 2 for a bad option or a missing/forbidden path, 1 for a stage that failed (``StageFailed``).
+    ``-v`` prints the traceback too, for bug reports.
     """
     try:
         return func(args)
-    except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError) as exc:
-        logging.getLogger("imgfeat").debug("error", exc_info=True)
-        kind = "" if isinstance(exc, ValueError) else f"{type(exc).__name__}: "
+    except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError, StageFailed) as exc:
+        if getattr(args, "verbose", 0):
+            import traceback
+
+            traceback.print_exc()
+        kind = "" if isinstance(exc, (ValueError, StageFailed)) else f"{type(exc).__name__}: "
         print(f"imgfeat: error: {kind}{exc}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(exc, StageFailed) else 2
 
 
 def run_command(prog: str, add_arguments: Callable[[argparse.ArgumentParser], None],

@@ -365,8 +365,44 @@ def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
-    """Load a TOML file (or defaults), apply ``overrides`` (from CLI flags), validate."""
+def parse_setting(item: str, cfg: Config) -> tuple[str, str, Any]:
+    """``section.key=value`` (``--set``) as (section, key, value); the value is read as a TOML value.
+
+    A value that is not valid TOML, or not a string where the key takes one, is taken as the plain
+    string (``--set featurize.model=resnet18``). ``section.key.sub=value`` sets one entry of a table
+    key (``--set spark.conf.spark.executor.memory=4g``) and keeps its other entries."""
+    name, eq, raw = item.partition("=")
+    section, _, key = name.strip().partition(".")
+    if not eq or not section or not key:
+        raise ValueError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. --set pca.k=32")
+    sections = {f.name: f for f in dataclasses.fields(cfg)}
+    if section not in sections:
+        raise ValueError(f"--set {item!r}: unknown config section [{section}]; known sections: {', '.join(sorted(sections))}")
+    target = getattr(cfg, section)
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    key, _, sub = key.partition(".")
+    if key not in fields:
+        raise ValueError(f"--set {item!r}: unknown key {section}.{key}; known keys: {', '.join(sorted(fields))}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    annotation = typing.get_type_hints(type(target))[key]
+    if sub:
+        if typing.get_origin(annotation) is not dict:
+            raise ValueError(f"--set {item!r}: {section}.{key} is not a table")
+        if typing.get_args(annotation)[1] is str and not isinstance(value, str):
+            value = raw.strip()
+        return section, key, {**getattr(target, key), sub: value}
+    if annotation is str and not isinstance(value, str):
+        value = raw.strip()
+    return section, key, value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None,
+                settings: list[str] | None = None) -> Config:
+    """Load a TOML file (or defaults), apply ``settings`` (``--set section.key=value``), then
+    ``overrides`` (from CLI flags; None values are ignored), validate."""
     cfg = Config()
     if path:
         p = Path(path)
@@ -377,6 +413,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"--config {p}: not valid TOML: {exc}") from exc
         cfg = config_from_dict(data, cfg)
+    for item in settings or ():
+        section, key, value = parse_setting(item, cfg)
+        cfg = config_from_dict({section: {key: value}}, cfg)
     if overrides:
         cleaned = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in overrides.items()}
         cfg = config_from_dict({s: kv for s, kv in cleaned.items() if kv}, cfg)

@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 from metadata.config import SparkConfig
+from metadata.cv2_env import DECODER_LOGS_ENV, decoder_logs
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ def get_spark(cfg: SparkConfig, master: str | None = None):
     if "spark.sql.shuffle.partitions" not in cfg.conf:
         # The manifest is small tabular data: Spark's default of 200 shuffle tasks costs seconds per stage.
         builder = builder.config("spark.sql.shuffle.partitions", str(cfg.partitions or 8))
+    if decoder_logs():  # executors on other machines do not inherit the driver's environment
+        builder = builder.config(f"spark.executorEnv.{DECODER_LOGS_ENV}", "1")
     for key, value in cfg.conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from metadata.config import PreprocessConfig
-from metadata.cv2_env import import_cv2
+from metadata.cv2_env import import_cv2, quiet_decoder
 from metadata.sniff import HeaderInfo, parse_header
 
 DECODE_REASONS = ("unreadable", "not_image", "unsupported_format", "truncated", "undecodable", "too_large", "zero_bytes")
@@ -75,10 +75,11 @@ def decode_image(data: bytes, cfg: PreprocessConfig, target: int | None = None) 
     cv2 = cv2_module(cfg.max_pixels)
     buf = np.frombuffer(data, np.uint8)
     try:
-        if info.format == "jpeg":
-            img = _decode_jpeg(cv2, buf, info, cfg, target)
-        else:
-            img = _decode_other(cv2, buf, info, cfg)
+        with quiet_decoder():
+            if info.format == "jpeg":
+                img = _decode_jpeg(cv2, buf, info, cfg, target)
+            else:
+                img = _decode_other(cv2, buf, info, cfg)
     except cv2.error as exc:
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else "cv2.error"
         if "limit" in msg.lower() or "pixels" in msg.lower():

@@ -1,0 +1,131 @@
+"""What a user meets on the first day: errors found before heavy work, in one line; `--set` for any key;
+stage flags on `run`; decoders that do not flood the terminal."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from metadata.config import Config, load_config, parse_setting
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def imgfeat(*args: str, env: dict[str, str] | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "featurize.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_set_is_typed_like_toml() -> None:
+    cfg = load_config(None, settings=["pca.k=32", "featurize.model=resnet18", "manifest.split_ratios={train=0.5, test=0.5}",
+                                      "run.stages=['manifest', 'featurize']", "featurize.compile=true",
+                                      "spark.conf.spark.executor.memory=4g", "featurize.weights=\"none\""])
+    assert cfg.pca.k == 32 and cfg.featurize.model == "resnet18" and cfg.featurize.compile is True
+    assert cfg.manifest.split_ratios == {"train": 0.5, "test": 0.5}
+    assert cfg.run.stages == ["manifest", "featurize"]
+    assert cfg.spark.conf == {"spark.executor.memory": "4g"} and cfg.featurize.weights == "none"
+
+
+def test_set_keeps_other_table_entries_and_flags_win(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text('[spark.conf]\n"spark.a" = "1"\n[pca]\nk = 8\n')
+    cfg = load_config(str(conf), {"pca": {"k": 16}}, ["spark.conf.spark.b=2", "pca.k=12"])
+    assert cfg.spark.conf == {"spark.a": "1", "spark.b": "2"}
+    assert cfg.pca.k == 16  # an explicit stage flag wins over --set, which wins over the file
+
+
+@pytest.mark.parametrize("item, message", [
+    ("pca.kk=3", "unknown key pca.kk"),
+    ("pcaa.k=3", "unknown config section [pcaa]"),
+    ("pca.k", "expected SECTION.KEY=VALUE"),
+    ("pca.k=many", "pca.k must be an integer"),
+    ("featurize.model.x=1", "featurize.model is not a table"),
+])
+def test_set_mistakes_name_the_key(item: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(None, settings=[item])
+
+
+def test_parse_setting_takes_plain_strings() -> None:
+    assert parse_setting("featurize.layer=layer4.2.relu", Config()) == ("featurize", "layer", "layer4.2.relu")
+
+
+def test_run_without_weights_fails_at_once_in_one_line(tmp_path: Path) -> None:
+    """The default model with no cached weights: found before Spark starts, one line, exit 2, nothing written."""
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    (src / "x.jpg").write_bytes(b"\xff\xd8\xff")
+    out = tmp_path / "run"
+    t = time.perf_counter()
+    # The closed proxy port makes the download attempt fail at once on any machine.
+    proc = imgfeat("run", str(tmp_path / "src"), "--out", str(out),
+                   env={"TORCH_HOME": str(tmp_path / "th"), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"})
+    seconds = time.perf_counter() - t
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("imgfeat: error: featurize.weights: resnet50"), proc.stderr
+    assert "Traceback" not in proc.stderr and "--weights-path" in lines[0]
+    assert not (out / "manifest").exists() and not (out / "manifest_summary.json").exists()
+    assert seconds < 60, seconds  # generous: no Spark job ran (that alone takes longer on this machine)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "/no/such/folder", "--out", "{tmp}/r", "--set", "featurize.weights=none"], "SRC '/no/such/folder': no such folder"),
+    (["run", "{tmp}", "--out", "{tmp}/r", "--set", "pca.kk=1"], "unknown key pca.kk"),
+    (["run", "{tmp}", "--out", "{tmp}/r", "--weights-path", "{tmp}/missing.pth"], "featurize.weights_path: no such file"),
+    (["run", "{tmp}", "--out", "{tmp}/r", "--model", "resnet_fifty"], "featurize.model: 'resnet_fifty' is not a torchvision model"),
+    (["featurize", "--manifest", "{tmp}", "--out", "{tmp}/f"], "no manifest_summary.json there"),
+    (["manifest", "{tmp}", "--out", "{tmp}/m", "--set", "manifest.validation=deep"], "manifest.validation must be"),
+])
+def test_expected_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = imgfeat(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("imgfeat: error: "), proc.stderr
+    assert message in lines[0], lines[0]
+
+
+def test_verbose_shows_the_traceback(tmp_path: Path) -> None:
+    proc = imgfeat("run", str(tmp_path), "--out", str(tmp_path / "r"), "--set", "pca.kk=1", "-v")
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and "imgfeat: error: " in proc.stderr
+
+
+def test_run_takes_the_stage_flags() -> None:
+    from featurize.cli import build_parser
+
+    args = build_parser().parse_args(["run", "src", "--out", "o", "--model", "resnet18", "--k", "8", "--batch-size", "16",
+                                      "--precision", "bf16", "--validation", "header", "--weights", "none"])
+    from featurize.run_cli import config_from_args
+
+    cfg = config_from_args(args)
+    assert (cfg.featurize.model, cfg.pca.k, cfg.preprocess.batch_size, cfg.featurize.precision) == ("resnet18", 8, 16, "bf16")
+    assert (cfg.manifest.validation, cfg.featurize.weights) == ("header", "none")
+
+
+def test_decoders_are_quiet_unless_asked(pngsuite_dir: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """libpng writes its warnings to file descriptor 2; the per-file verdict is in the row instead."""
+    from metadata.checks import decode_check
+    from metadata.config import PreprocessConfig
+    from preprocess.decode import DecodeError, decode_image
+
+    broken = sorted(pngsuite_dir.glob("x*.png"))
+    assert broken
+
+    def decode_all() -> None:
+        for path in broken:
+            data = path.read_bytes()
+            decode_check(data, 10**8)
+            try:
+                decode_image(data, PreprocessConfig())
+            except DecodeError:
+                pass
+
+    monkeypatch.delenv("IMGFEAT_DECODER_LOGS", raising=False)
+    decode_all()
+    assert "libpng" not in capfd.readouterr().err
+    monkeypatch.setenv("IMGFEAT_DECODER_LOGS", "1")
+    decode_all()
+    assert "libpng" in capfd.readouterr().err
