@@ -259,7 +259,8 @@ def _reduce_rows(df: Any, folder: str, markers: dict[str, dict[str, Any]], make:
         acc = make()
         with _task_threads():
             for _, x in _shard_groups(batches, folder, stems, markers):
-                acc.add(x)
+                finite = np.isfinite(x).all(axis=1)
+                acc.add(x if finite.all() else x[finite])  # a NaN/inf row is left out, never fails the fit
         ctx = TaskContext.get()
         name = f"part-{ctx.partitionId() if ctx else 0:05d}-{ctx.attemptNumber() if ctx else 0}-{uuid.uuid4().hex[:8]}.npz"
         with fsspec.open(shards.join(scratch, name), "wb") as fh:
@@ -292,7 +293,10 @@ def _drop_scratch(out: str) -> None:
             fs.rm(entry, recursive=True)
 
 
-def _project_task(folder: str, markers: dict[str, dict[str, Any]], model: PcaModel) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+def _project_task(folder: str, markers: dict[str, dict[str, Any]], model: PcaModel,
+                  nonfinite: Any = None) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The writing tasks' transform: rows -> reduced rows. A row whose features hold NaN or inf is left out
+    and counted in the Spark accumulator ``nonfinite``."""
     # ((x - mean) / scale) @ C.T as (x - mean) @ (C.T / scale[:, None]): one pass less over each shard
     mean, proj = model.mean, np.ascontiguousarray(model.components.T / model.scale[:, None])
     stems = _shard_order(markers)
@@ -304,6 +308,11 @@ def _project_task(folder: str, markers: dict[str, dict[str, Any]], model: PcaMod
 
     def project(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for table, x in _shard_groups(batches, folder, stems, markers):
+            finite = np.isfinite(x).all(axis=1)
+            if not finite.all():
+                if nonfinite is not None:
+                    nonfinite.add(int((~finite).sum()))
+                table, x = table.filter(pa.array(finite)), x[finite]
             z = (np.subtract(x, mean, dtype=np.float64) @ proj).astype(np.float32)  # one float64 pass over x
             m = z.shape[0]
             lists = pa.ListArray.from_arrays(pa.array(np.arange(0, m * k + 1, k, dtype=np.int32)), pa.array(z.reshape(-1)))
@@ -442,9 +451,10 @@ def _common_shift(folder: str, markers: dict[str, dict[str, Any]], dim: int, row
     """
     for stem in sorted(markers):
         if int(markers[stem]["rows"]) > 0:
-            head = read_feature_head(folder, stem, markers[stem], rows)
+            head = np.asarray(read_feature_head(folder, stem, markers[stem], rows), dtype=np.float64)
+            head = head[np.isfinite(head).all(axis=1)]  # the fit leaves NaN/inf rows out; so does the shift
             if head.shape[0]:
-                return np.asarray(head, dtype=np.float64).mean(axis=0)
+                return head.mean(axis=0)
     return np.zeros(dim)
 
 
@@ -522,11 +532,17 @@ def _project_and_write(matched: Any, folder: str, markers: dict[str, dict[str, A
     url = shards.join(out, REDUCED_DIR)
     staging = _scratch(out)
     # The writing tasks project their rows themselves: the projected rows never pass through the JVM.
-    written = write_parquet_dataset(matched, staging, REDUCED_SCHEMA, transform=_project_task(folder, markers, model))
-    if written["rows"] != expect_rows:
+    nonfinite = matched.sparkSession.sparkContext.accumulator(0)
+    written = write_parquet_dataset(matched, staging, REDUCED_SCHEMA,
+                                    transform=_project_task(folder, markers, model, nonfinite))
+    left_out = expect_rows - written["rows"]
+    # Retried tasks may count their non-finite rows twice, never less: more rows missing than that is a loss.
+    if left_out < 0 or left_out > nonfinite.value:
         raise RuntimeError(f"{url}: wrote {written['rows']} rows but {expect_rows} were matched")
+    if left_out:
+        log.warning("pca: %d rows with NaN or inf features left out of the fit and %s", left_out, url)
     _publish(staging, url)
-    return {**written, "url": url}
+    return {**written, "url": url, "nonfinite_rows": left_out}
 
 
 def _publish(staging: str, url: str) -> None:
@@ -628,6 +644,7 @@ def run_pca(cfg: Config, manifest: str, features: str, out: str, master: str | N
         "explained_variance_ratio_total": float(model.explained_variance_ratio.sum()),
         "explained_variance": model.explained_variance.tolist(), "total_variance": model.total_variance,
         "rows": acc, "output_rows": written["rows"], "output_files": len(written["files"]),
+        "nonfinite_feature_rows": written["nonfinite_rows"],
         "model": shards.join(out, MODEL_FILE), "plots": plot_files, "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "fingerprint": cfg.fingerprint("pca"), "config_fingerprint": cfg.fingerprint(), "partitions": parts,
         "model_info": model.info,

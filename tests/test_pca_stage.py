@@ -273,3 +273,28 @@ def test_cli(spark, tmp_path) -> None:
                  "--out", str(tmp_path / "app")]) == 0
     assert main(["pca", "--features", data["features"], "--out", str(tmp_path / "x"), "--k", "0",
                  "--manifest", data["manifest"]]) == 2
+
+
+def test_rows_with_nan_or_inf_features_are_left_out_and_counted(spark, tmp_path) -> None:
+    """A feature row that cannot be used (NaN, inf) is counted and left out; it never fails the fit."""
+    from metadata.pca import run_pca
+
+    clean = make_data(tmp_path / "clean", n=80, per_shard=20)
+    bad = make_data(tmp_path / "bad", n=80, per_shard=20)
+    x = bad["x"].copy()
+    poisoned = [3, 41, 77]
+    x[3, 0], x[41, 5], x[77, :] = np.nan, np.inf, -np.inf
+    for s, start in enumerate(range(0, 80, 20)):
+        write_feature_shard(bad["features"], s, bad["ids"][start:start + 20], x[start:start + 20], [], "npy", "test")
+    summary = run_pca(cfg(k=3, fit_split=""), bad["manifest"], bad["features"], str(tmp_path / "red"), spark=spark,
+                      plots=False)
+    assert summary["nonfinite_feature_rows"] == 3 and summary["output_rows"] == 77
+    reduced = read_reduced(tmp_path / "red")
+    assert set(reduced) == set(bad["ids"]) - {bad["ids"][i] for i in poisoned}
+    assert all(np.isfinite(v).all() for v in reduced.values())
+    # The fit equals a fit on the finite rows alone.
+    keep = [i for i in range(80) if i not in poisoned]
+    model = PcaModel.load(str(tmp_path / "red" / "pca_model.npz"))
+    centred = clean["x"][keep] - clean["x"][keep].mean(axis=0)
+    _, _, vt = np.linalg.svd(centred.astype(np.float64), full_matrices=False)
+    assert np.max(principal_angles(model.components, vt[:3])) < 1e-3
