@@ -17,9 +17,16 @@ import tempfile
 import time
 from typing import Any
 
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from featurize.preflight import preflight_run
+from metadata.cli_common import StageFailed
 from metadata.config import Config, dump_toml
-from metadata.schema import SUMMARY_FILE
-from metadata.shards import join, read_json, write_bytes_atomic, write_json_atomic
+from metadata.schema import STATUS_OK, SUMMARY_FILE, read_manifest
+from metadata.shards import (FEATURES_SUMMARY, MARKER_SUFFIX, join, read_json, remove_shard, shard_stem,
+                             write_bytes_atomic, write_json_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +51,18 @@ def run_pipeline(cfg: Config, out: str | None = None, sources: list[str] | None 
         raise ValueError("run.out (or --out) is required: the folder the run is written to")
     if "manifest" in cfg.run.stages and not srcs:
         raise ValueError("run.sources (or SRC arguments) is required for the manifest stage")
+    preflight_run(cfg, run_dir, srcs)  # sources, run folder, weights: before any Spark or torch work
     paths = run_paths(run_dir)
     state = read_json(join(run_dir, RUN_STATE)) or {"stages": {}}
+    state["started_at"] = time.time()  # the report tells this run's stages from earlier runs' records
     write_bytes_atomic(join(run_dir, "config.resolved.toml"), dump_toml(cfg).encode())
     t_run = time.perf_counter()
 
-    def record(stage: str, digest: str, seconds: float, skipped: bool) -> None:
+    def record(stage: str, digest: str, seconds: float, skipped: bool, **extra: Any) -> None:
+        # "seconds" stays the time of the stage's last real run (the report's bottleneck); "this_run_s" is now.
         prev = state["stages"].get(stage, {})
         state["stages"][stage] = {"digest": digest, "seconds": prev.get("seconds", seconds) if skipped else round(seconds, 3),
-                                  "skipped": skipped, "finished_at": time.time()}
+                                  "this_run_s": round(seconds, 3), "skipped": skipped, "finished_at": time.time(), **extra}
         write_json_atomic(join(run_dir, RUN_STATE), state)
 
     def done(stage: str, digest: str) -> bool:
@@ -61,35 +71,79 @@ def run_pipeline(cfg: Config, out: str | None = None, sources: list[str] | None 
     for stage in cfg.run.stages:
         t = time.perf_counter()
         if stage == "manifest":
-            digest = _digest(cfg.fingerprint("manifest"), sorted(srcs))
-            if done(stage, digest) and read_json(join(run_dir, SUMMARY_FILE)):
-                log.info("manifest: up to date (same sources and config), skipped")
-                record(stage, digest, 0, True)
-                continue
             from metadata.manifest_job import run_manifest
 
-            summary = run_manifest(cfg, srcs, paths["manifest"], master=master)
-            record(stage, digest, time.perf_counter() - t, False)
-            log.info("manifest: %d files, %s", summary["total"], summary["by_status"])
+            digest = _digest(cfg.fingerprint("manifest"), sorted(srcs))
+            previous = read_json(join(run_dir, SUMMARY_FILE))
+            incremental = not force and previous is not None and previous.get("fingerprint") == cfg.fingerprint("manifest")
+            before = None
+            pending = state.pop("rebuild_pending", False)
+            if incremental and not pending:
+                # Before new shard numbers are dealt: a number freed earlier must not meet its old features.
+                dropped = remove_orphan_features(run_dir, paths["features"])
+            elif force or pending or previous is None:
+                # --force recomputes everything. Otherwise the manifest the features were made from is gone (a
+                # rebuild stopped before its comparison below), so no shard can be shown to hold current bytes.
+                dropped = clear_features(paths["features"])
+            else:  # a full rebuild ([manifest] config changed): keep the shards whose files did not change
+                dropped = []
+                if _part_files(paths["features"]):
+                    before = read_manifest(run_dir, columns=["image_id", "content_hash"],
+                                           filters=pc.field("status") == STATUS_OK)
+                    state["rebuild_pending"] = True
+                    write_json_atomic(join(run_dir, RUN_STATE), state)
+            summary = run_manifest(cfg, srcs, paths["manifest"], master=master, incremental=incremental)
+            if before is not None:
+                dropped = remove_changed_features(run_dir, paths["features"], before)
+                state.pop("rebuild_pending", None)
+            unchanged = incremental and not summary.get("published", True)
+            record(stage, digest, time.perf_counter() - t, unchanged, mode="incremental" if incremental else "full",
+                   version=summary["version"], published=not unchanged, changes=summary["incremental"],
+                   feature_shards_dropped=len(dropped))
+            changes = summary["incremental"]
+            if changes is None:
+                log.info("manifest v%d: %d files, %s", summary["version"], summary["total"], summary["by_status"])
+            else:
+                log.info("manifest v%d%s: %d new, %d changed, %d removed, %d unchanged files", summary["version"],
+                         " (kept: nothing changed)" if unchanged else "", changes["new"], changes["changed"],
+                         changes["removed"], changes["unchanged"])
         elif stage == "prep":
             from preprocess.export import run_prep
 
             run_prep(cfg, paths["manifest"], paths["prep"])
             record(stage, _digest(cfg.fingerprint("prep", "preprocess")), time.perf_counter() - t, False)
         elif stage == "featurize":
+            digest = _digest(cfg.fingerprint("featurize", "preprocess"))
+            manifest_id = _manifest_identity(read_json(join(run_dir, SUMMARY_FILE)))
+            last = read_json(join(paths["features"], FEATURES_SUMMARY))
+            if (done(stage, digest) and state["stages"][stage].get("manifest") == manifest_id and last is not None
+                    and _marker_count(paths["features"]) == last.get("shards")):
+                # Starting the model only to find every shard committed costs seconds; nothing it reads changed.
+                log.info("featurize: up to date (same manifest, config and shards), skipped")
+                record(stage, digest, time.perf_counter() - t, True, manifest=manifest_id, shards_computed=0,
+                       shards_dropped=0)
+                continue
+            dropped = remove_orphan_features(run_dir, paths["features"])
             _featurize(cfg, paths)
-            record(stage, _digest(cfg.fingerprint("featurize", "preprocess")), time.perf_counter() - t, False)
+            after = read_json(join(paths["features"], FEATURES_SUMMARY)) or {}
+            fresh = last is None or after.get("written_at") != last.get("written_at")
+            computed = (after.get("this_run") or {}).get("shards", 0) if fresh else 0
+            record(stage, digest, time.perf_counter() - t, False, manifest=manifest_id, shards_computed=computed,
+                   shards_dropped=len(dropped))
+            log.info("featurize: %d shards computed, %d of %s committed shards reused", computed,
+                     (after.get("shards") or 0) - computed, after.get("shards"))
         elif stage == "pca":
-            feat = read_json(join(paths["features"], "featurize_summary.json")) or {}
+            feat = read_json(join(paths["features"], FEATURES_SUMMARY)) or {}
             manifest = read_json(join(run_dir, SUMMARY_FILE)) or {}
             digest = _digest(cfg.fingerprint("pca"), manifest.get("version"), manifest.get("fingerprint"),
                              feat.get("fingerprint"), feat.get("rows"), feat.get("shards"))
             if done(stage, digest) and read_json(join(paths["pca"], "pca_summary.json")):
                 log.info("pca: up to date (same features and config), skipped")
-                record(stage, digest, 0, True)
+                record(stage, digest, time.perf_counter() - t, True)
                 continue
             from metadata.pca import run_pca
 
+            # A refit, not a projection with the previous model: see README, `imgfeat run`.
             run_pca(cfg, paths["manifest"], paths["features"], paths["pca"], master=master)
             record(stage, digest, time.perf_counter() - t, False)
     state["total_s"] = round(time.perf_counter() - t_run, 3)
@@ -97,6 +151,76 @@ def run_pipeline(cfg: Config, out: str | None = None, sources: list[str] | None 
     from featurize.report import write_report
 
     return write_report(run_dir, cfg)
+
+
+def _manifest_identity(summary: dict[str, Any] | None) -> str:
+    """Names one manifest version of a run folder (an unchanged rerun keeps it; a publish changes it)."""
+    s = summary or {}
+    return _digest(s.get("version"), s.get("fingerprint"), s.get("total"), s.get("num_shards"), s.get("by_status"))
+
+
+def _part_files(features: str) -> list[str]:
+    """Names of the shard files (``part-*``) in the feature folder; empty when there is none."""
+    fs, path = fsspec.core.url_to_fs(features)
+    fs.invalidate_cache()
+    if not fs.exists(path):
+        return []
+    return [e.rsplit("/", 1)[-1] for e in fs.ls(path, detail=False) if e.rsplit("/", 1)[-1].startswith("part-")]
+
+
+def _marker_count(features: str) -> int:
+    return sum(name.endswith(MARKER_SUFFIX) for name in _part_files(features))
+
+
+def _drop(features: str, stems: set[str]) -> list[str]:
+    for stem in sorted(stems):
+        remove_shard(features, stem)
+    return sorted(stems)
+
+
+def remove_orphan_features(run: str, features: str) -> list[str]:
+    """Remove the feature shards whose number has no usable row in the run's manifest; return their stems.
+
+    They hold removed (or moved) files: ``read_features`` and pca would include them and ``imgfeat verify``
+    rejects them."""
+    files = _part_files(features)
+    if not files:
+        return []
+    table = read_manifest(run, columns=["shard"], filters=pc.field("status") == STATUS_OK)
+    wanted = {shard_stem(s) for s in pc.unique(table["shard"].drop_null()).to_pylist()}
+    orphans = _drop(features, {name.split(".", 1)[0] for name in files} - wanted)
+    if orphans:
+        log.info("featurize: removed %d feature shards no longer in the manifest (%s)", len(orphans), orphans[0])
+    return orphans
+
+
+def remove_changed_features(run: str, features: str, before: pa.Table) -> list[str]:
+    """After a full manifest rebuild: remove the feature shards not in the new manifest, and those holding a
+    file whose bytes differ from ``before`` (``image_id``, ``content_hash`` of the previous ok rows).
+
+    A shard whose members are the same ids as before passes the marker's members check, so its features
+    are reused only when every member still has the content they were computed from."""
+    orphans = remove_orphan_features(run, features)
+    after = read_manifest(run, columns=["image_id", "content_hash", "shard"], filters=pc.field("status") == STATUS_OK)
+    both = after.join(before, "image_id", join_type="inner", right_suffix="_before")
+    changed = both.filter(pc.not_equal(both["content_hash"], both["content_hash_before"]))
+    stems = {shard_stem(s) for s in pc.unique(changed["shard"].drop_null()).to_pylist()}
+    stale = _drop(features, stems & {name.split(".", 1)[0] for name in _part_files(features)})
+    if stale:
+        log.info("featurize: removed %d feature shards whose files changed since they were computed", len(stale))
+    return orphans + stale
+
+
+def clear_features(features: str) -> list[str]:
+    """Remove every feature shard and the featurize summary; return the removed stems."""
+    stems = _drop(features, {name.split(".", 1)[0] for name in _part_files(features)})
+    summary = join(features, FEATURES_SUMMARY)
+    fs, path = fsspec.core.url_to_fs(summary)
+    if fs.exists(path):
+        fs.rm(path)
+    if stems:
+        log.info("featurize: full manifest rebuild, removed %d feature shards to recompute", len(stems))
+    return stems
 
 
 def _featurize(cfg: Config, paths: dict[str, str]) -> None:
@@ -116,4 +240,4 @@ def _featurize(cfg: Config, paths: dict[str, str]) -> None:
         log.info("featurize: %s", " ".join(cmd))
         proc = subprocess.run(cmd, env=dict(os.environ, IMGFEAT_NO_PROGRESS=os.environ.get("IMGFEAT_NO_PROGRESS", "")))
     if proc.returncode != 0:
-        raise RuntimeError(f"featurize under torchrun failed with exit code {proc.returncode}; rerun to resume")
+        raise StageFailed(f"featurize under torchrun failed with exit code {proc.returncode}; rerun to resume")

@@ -120,7 +120,40 @@ def build_report(run: str, cfg: Config | None = None) -> dict[str, Any]:
         report["featurize_stages"] = t.get("stage_seconds", {})
         report["featurize_bottleneck"] = t.get("slowest_stage")
     report["accounting"] = _accounting(manifest, feats, pca)
+    report["changes"] = changes(manifest, state)
     return report
+
+
+def changes(manifest: dict | None, state: dict[str, Any]) -> dict[str, Any]:
+    """What this run found changed since the previous one and what each stage did about it.
+
+    File counts come from the manifest summary's ``incremental`` field (None on a first or full build:
+    every file counts as added); stage outcomes from ``run.json``: ``ran``, ``skipped`` (up to date) or
+    ``not run`` (not a stage of this run)."""
+    if not manifest:
+        return {}
+    inc = manifest.get("incremental")
+    started = state.get("started_at")
+    stages = {}
+    for name, rec in (state.get("stages") or {}).items():
+        if started is not None and (rec.get("finished_at") or 0) < started:
+            stages[name] = "not run"
+        else:
+            stages[name] = "skipped" if rec.get("skipped") else "ran"
+    this_run = {k: v for k, v in (state.get("stages") or {}).items() if stages[k] != "not run"}
+    feat, man = this_run.get("featurize", {}), this_run.get("manifest", {})
+    return {
+        "first_build": inc is None,
+        "added": manifest["total"] if inc is None else inc["new"],
+        "changed": 0 if inc is None else inc["changed"],
+        "removed": 0 if inc is None else inc["removed"],
+        "unchanged": 0 if inc is None else inc["unchanged"],
+        "manifest_version": manifest.get("version"),
+        "manifest_published": manifest.get("published", True),
+        "stages": stages,
+        "feature_shards_computed": feat.get("shards_computed"),
+        "feature_shards_dropped": (feat.get("shards_dropped") or 0) + (man.get("feature_shards_dropped") or 0),
+    }
 
 
 def _accounting(manifest: dict | None, feats: dict | None, pca: dict | None) -> dict[str, Any]:
@@ -202,11 +235,27 @@ def render_html(report: dict[str, Any], flagged: list[dict[str, Any]], plots: di
                      + (f"; {acc.get('feature_rows', 0):,} feature rows, {acc.get('featurize_rejects', 0):,} rejected while decoding" if f else "")
                      + (f"; PCA to {p['k']} dimensions kept {p['explained_variance_ratio_total']:.1%} of the variance" if p else "")
                      + f". {verdict}</p>")
+    ch = report.get("changes") or {}
+    if ch:
+        notes = [f"manifest version {_e(ch.get('manifest_version'))} "
+                 + ("kept (nothing changed)" if not ch.get("manifest_published", True) else "written")]
+        if ch.get("feature_shards_computed") is not None:
+            notes.append(f"{ch['feature_shards_computed']:,} feature shard(s) computed")
+        if ch.get("feature_shards_dropped"):
+            notes.append(f"{ch['feature_shards_dropped']:,} stale feature shard(s) removed")
+        notes += [f"{_e(k)} {_e(v)}" for k, v in ch.get("stages", {}).items()]
+        parts.append("<h2 id='changes'>Changes since the previous run</h2>"
+                     + ("<p>Full build (a first run, <code>--force</code> or a changed [manifest] config): every file counts as added.</p>" if ch.get("first_build") else "")
+                     + _table(["added", "changed", "removed", "unchanged"],
+                              [[ch["added"], ch["changed"], ch["removed"], ch["unchanged"]]])
+                     + "<p>" + "; ".join(notes) + ".</p>")
     stages = report.get("stages") or {}
     if stages:
-        rows = [[_e(k), round(v.get("seconds") or 0, 2), "skipped (up to date)" if v.get("skipped") else "ran"]
-                for k, v in stages.items()]
-        parts.append("<h2 id='time'>Time per stage</h2>" + _table(["stage", "seconds", ""], rows)
+        label = {"ran": "ran", "skipped": "skipped (up to date)", "not run": "not run"}
+        outcome = ch.get("stages", {})
+        rows = [[_e(k), round(v.get("seconds") or 0, 2), round(v.get("this_run_s") or 0, 2),
+                 label[outcome.get(k) or ("skipped" if v.get("skipped") else "ran")]] for k, v in stages.items()]
+        parts.append("<h2 id='time'>Time per stage</h2>" + _table(["stage", "seconds (last run)", "this run", ""], rows)
                      + f"<p>Bottleneck stage: <b>{_e(report.get('bottleneck_stage'))}</b></p>")
     if f:
         t = f.get("this_run", {})

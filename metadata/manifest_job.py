@@ -33,7 +33,8 @@ from metadata import organize as org
 from metadata.checks import check_entry, prefetched
 from metadata.config import Config, ManifestConfig, dump_toml
 from metadata.listing import Entry, Unit, check_source, list_unit, slice_of
-from metadata.manifest_store import previous_manifest, publish_manifest, remove_folder, staging_url
+from metadata.manifest_store import (current_version, labels_digest, listing_digest, previous_manifest,
+                                     publish_manifest, remove_folder, same_rows, staging_url)
 from metadata.parquet_io import dataset_files, write_parquet_dataset
 from metadata.row_guard import failed_row, to_record_batch
 from metadata.schema import CONFIG_FILE, MANIFEST_SCHEMA, SUMMARY_FILE
@@ -135,7 +136,10 @@ def _make_checker(cfg: Config):
                 row = dict(failed_row(entry, exc), folder_split=None)
             p = prev.get(row["path"])
             row["_kept"], row["_prev"] = False, p is not None
-            same_file = p is not None and p["status"] == "ok" and p["size_bytes"] == row["size_bytes"]
+            # Only the same bytes keep the previous shard: a file changed in place (even at the same size)
+            # leaves it, so that feature shard's members change and it is recomputed.
+            same_file = (p is not None and p["status"] == "ok" and row["status"] == "ok"
+                         and p["content_hash"] == row.get("content_hash"))
             row["_pshard"] = p["shard"] if same_file else None
             yield row
             while kept:
@@ -260,6 +264,12 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
                 raise ValueError(f"SRC {a!r} is inside SRC {b!r}: give each folder once")
     if cfg.manifest.label_from == "csv":
         _check_labels_csv(cfg.manifest.labels_csv)
+    labels_sha = labels_digest(cfg.manifest.labels_csv) if cfg.manifest.label_from == "csv" else None
+    listing = listing_digest(roots)  # before the check job: a file changed while it runs changes the next listing
+    if incremental and listing is not None:
+        kept = _kept_summary(cfg, out, roots, listing, labels_sha, t0)
+        if kept is not None:
+            return kept
     spark = get_spark(cfg.spark, master)
     timings["spark_start_s"] = time.perf_counter() - t0
     previous, previous_rows = previous_manifest(out, cfg.fingerprint("manifest")) if incremental else (None, 0)
@@ -295,7 +305,12 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
         timings["organize_s"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
-        version = publish_manifest(out, staging, keep_history=incremental)
+        published = previous is None or not _same_as_previous(out, previous, staging, files, counts, labels_sha)
+        if published:
+            version = publish_manifest(out, staging, keep_history=incremental)
+        else:  # a new version would only make the later stages redo their work on the same rows
+            version = current_version(out)
+            log.info("manifest: no file added, changed or removed; version %d kept", version)
         timings["write_s"] = time.perf_counter() - t3
     finally:
         remove_folder(work)
@@ -317,6 +332,9 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "files_per_s": round(total / timings["total_s"], 1) if timings["total_s"] else None,
         "incremental": changes,
+        "published": published,
+        "labels_csv_sha256": labels_sha,
+        "listing_digest": listing,
         "master": spark.sparkContext.master,
     }
     write_json_atomic(out.rstrip("/") + "/" + SUMMARY_FILE, summary)
@@ -324,6 +342,48 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
     log.info("manifest v%d: %d files, %d ok, %d shards in %.1fs -> %s", version, total,
              counts["by_status"].get("ok", 0), counts["num_shards"], timings["total_s"], out)
     return summary
+
+
+def _kept_summary(cfg: Config, out: str, roots: list[str], listing: str, labels_sha: str | None,
+                  t0: float) -> dict[str, Any] | None:
+    """The previous summary, rewritten as this run's, when the sources list exactly as they did before the
+    previous run (paths, sizes, mtimes, listing errors), with the same config and labels CSV: the check job
+    would keep every row, so it does not start (no Spark at all). None otherwise."""
+    prev = read_json(out.rstrip("/") + "/" + SUMMARY_FILE)
+    if (not prev or prev.get("listing_digest") != listing or prev.get("fingerprint") != cfg.fingerprint("manifest")
+            or prev.get("labels_csv_sha256") != labels_sha or prev.get("sources") != roots):
+        return None
+    seconds = time.perf_counter() - t0
+    summary = dict(prev, incremental={"unchanged": prev["total"], "new": 0, "changed": 0, "removed": 0},
+                   published=False, timings={"list_s": round(seconds, 3), "total_s": round(seconds, 3)},
+                   files_per_s=round(prev["total"] / seconds, 1) if seconds else None)
+    write_json_atomic(out.rstrip("/") + "/" + SUMMARY_FILE, summary)
+    write_bytes_atomic(out.rstrip("/") + "/" + CONFIG_FILE, dump_toml(cfg).encode())
+    log.info("manifest: the %d files list as before (%.1fs); version %d kept, nothing checked", prev["total"],
+             seconds, prev["version"])
+    return summary
+
+
+def _same_as_previous(out: str, previous: str, staging: str, files: list[str], counts: dict[str, Any],
+                      labels_sha: str | None) -> bool:
+    """Whether the staged manifest has exactly the previous manifest's rows (an incremental run).
+
+    Free in the common case (the counts say every file was kept, same labels CSV). Files that were
+    checked again without a change of outcome (an unreadable file has no size or mtime to compare)
+    are compared row by row with their previous rows."""
+    changes = counts["incremental"]
+    if changes["new"] or changes["removed"]:
+        return False
+    if (read_json(out.rstrip("/") + "/" + SUMMARY_FILE) or {}).get("labels_csv_sha256") != labels_sha:
+        return False
+    if not changes["changed"]:
+        return True
+    import pyarrow.dataset as ds
+
+    fs, _ = fsspec.core.url_to_fs(files[0])
+    checked = ds.dataset([fsspec.core.url_to_fs(f)[1] for f in files], filesystem=fs, format="parquet")
+    paths = checked.to_table(columns=["path"], filter=~pc.field("_kept"))["path"].to_pylist()
+    return bool(paths) and same_rows(previous, staging, paths)
 
 
 def _check_labels_csv(url: str) -> None:

@@ -54,6 +54,66 @@ def remove_folder(url: str) -> None:
         fs.rm(path, recursive=True)
 
 
+def labels_digest(url: str) -> str:
+    """sha256 of the labels CSV at ``url``: unchanged files keep their rows, but their labels come from it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with fsspec.open(url, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+DRIVER_LISTING_MAX = 100_000
+"""Up to this many files the driver lists local sources itself to tell a no-change rerun without Spark."""
+
+
+def listing_digest(roots: list[str], limit: int = DRIVER_LISTING_MAX) -> str | None:
+    """An order-free digest of what listing local ``roots`` finds: each path with its size and mtime, or its
+    listing error. None when a root is on an object store or the sources hold more than ``limit`` files:
+    listing at scale belongs to the check tasks, never to the driver.
+
+    Streams the walk: memory stays flat, and the cost is bounded by ``limit`` stat calls (about a second
+    per 100,000 local files)."""
+    import hashlib
+
+    from metadata.listing import Unit, list_unit
+
+    if not all(r.startswith("file://") for r in roots):
+        return None
+    total, n = 0, 0
+    for root in roots:
+        for e in list_unit(Unit(root, root, True)):
+            if n >= limit:
+                return None
+            h = hashlib.blake2b(repr((e.path, e.size, e.mtime, e.error)).encode("utf-8", "surrogateescape"),
+                                digest_size=16).digest()
+            total = (total + int.from_bytes(h, "big")) % (1 << 128)
+            n += 1
+    return f"{n}-{total:032x}"
+
+
+def same_rows(a: str, b: str, paths: list[str]) -> bool:
+    """Whether the manifest datasets at ``a`` and ``b`` hold the same rows (every column) for ``paths``.
+
+    Reads only those rows (a filter pushed into the Parquet scan), so memory follows ``len(paths)``."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    from metadata.parquet_io import dataset_files
+
+    def rows(url: str):
+        fs, _ = fsspec.core.url_to_fs(url)
+        fs.invalidate_cache()
+        files = [fsspec.core.url_to_fs(f)[1] for f in dataset_files(url)]
+        table = ds.dataset(files, filesystem=fs, format="parquet").to_table(filter=pc.field("path").isin(paths))
+        return table.sort_by("path")
+
+    left, right = rows(a), rows(b)
+    return left.schema.equals(right.schema) and left.equals(right)
+
+
 def previous_manifest(out: str, fingerprint: str) -> tuple[str, int]:
     """The URL and row count of the current manifest at ``out``, for ``--incremental``."""
     summary = read_json(out.rstrip("/") + "/" + SUMMARY_FILE)
