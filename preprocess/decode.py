@@ -11,12 +11,16 @@ from typing import Any
 
 import numpy as np
 
-from metadata.config import PreprocessConfig
+from metadata.config import REDUCED_DECODE_MODES, PreprocessConfig
 from metadata.cv2_env import import_cv2, quiet_decoder
 from metadata.sniff import HeaderInfo, parse_header
 
 DECODE_REASONS = ("unreadable", "not_image", "unsupported_format", "truncated", "undecodable", "too_large", "zero_bytes")
 _REDUCED_SCALES = (8, 4, 2)
+SAFE_MARGIN = 4
+"""``reduced_decode = "safe"`` decodes at a reduced scale only while the result's shorter side stays at
+least this many times the resize target (chosen from measurements: bench/RESULTS.md, "Decode modes on
+real-size photos")."""
 
 
 class DecodeError(Exception):
@@ -54,13 +58,27 @@ def check_header(data: bytes, cfg: PreprocessConfig) -> HeaderInfo:
     return info
 
 
-def reduced_scale(width: int, height: int, target: int | None) -> int:
-    """The largest JPEG DCT scale (8, 4, 2 or 1) that keeps the shorter side at or above ``target``."""
-    if not target or target < 1:
+def reduced_scale(width: int, height: int, target: int | None, mode: str = "safe") -> int:
+    """The JPEG DCT scale (8, 4, 2 or 1) to decode a ``width`` x ``height`` JPEG at, for ``target``.
+
+    ``target`` is the smallest shorter side the resize needs; ``mode`` is ``preprocess.reduced_decode``:
+
+    - ``off``: always 1 (full decode).
+    - ``safe``: the largest scale that divides both sides (a reduced decode of a ragged size covers
+      a few more source pixels than the image, which shifts the resize grid) and keeps the decoded
+      shorter side at least ``SAFE_MARGIN`` x ``target`` (the DCT-scaled decode is not the
+      antialiased resize; the margin lets the exact resize that follows wash the difference out).
+    - ``fast``: the largest scale that keeps the decoded shorter side at or above ``target``.
+    """
+    if mode not in REDUCED_DECODE_MODES:
+        raise ValueError(f"preprocess.reduced_decode must be one of {REDUCED_DECODE_MODES}, got {mode!r}")
+    if mode == "off" or not target or target < 1:
         return 1
     shorter = min(width, height)
     for scale in _REDUCED_SCALES:
-        if shorter // scale >= target:
+        if mode == "fast" and shorter // scale >= target:
+            return scale
+        if mode == "safe" and width % scale == 0 and height % scale == 0 and shorter >= SAFE_MARGIN * target * scale:
             return scale
     return 1
 
@@ -68,8 +86,9 @@ def reduced_scale(width: int, height: int, target: int | None) -> int:
 def decode_image(data: bytes, cfg: PreprocessConfig, target: int | None = None) -> np.ndarray:
     """Decode ``data`` to an HxWx3 RGB uint8 array; raises DecodeError with a manifest reason code.
 
-    ``target`` is the smallest shorter side the caller needs; a JPEG at least twice that size is
-    decoded at 1/2, 1/4 or 1/8 scale (OpenCV's IMREAD_REDUCED_*), much faster than a full decode.
+    ``target`` is the smallest shorter side the caller needs; a JPEG large enough for it is decoded at
+    1/2, 1/4 or 1/8 scale (OpenCV's IMREAD_REDUCED_*, much faster than a full decode) as
+    ``cfg.reduced_decode`` allows (see ``reduced_scale``).
     """
     info = check_header(data, cfg)
     cv2 = cv2_module(cfg.max_pixels)
@@ -92,7 +111,7 @@ def decode_image(data: bytes, cfg: PreprocessConfig, target: int | None = None) 
 
 def _decode_jpeg(cv2: Any, buf: np.ndarray, info: HeaderInfo, cfg: PreprocessConfig, target: int | None) -> np.ndarray:
     # IMREAD_COLOR (and its reduced forms) converts grey and CMYK to BGR and applies the EXIF orientation.
-    scale = reduced_scale(info.width or 0, info.height or 0, target) if cfg.reduced_decode else 1
+    scale = reduced_scale(info.width or 0, info.height or 0, target, cfg.reduced_decode)
     flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
             8: cv2.IMREAD_REDUCED_COLOR_8}[scale]
     if not cfg.exif_orientation:

@@ -12,7 +12,7 @@ from PIL import Image, ImageOps
 from helpers import gradient_image, write_image
 from metadata.config import PreprocessConfig
 from preprocess import decode as decode_mod
-from preprocess.decode import DecodeError, decode_image, exif_orientation, reduced_scale
+from preprocess.decode import SAFE_MARGIN, DecodeError, decode_image, exif_orientation, reduced_scale
 
 
 def pil_bytes(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -260,20 +260,60 @@ def test_decode_error_pickles():
     assert (err.reason, err.detail) == ("truncated", "cut short")
 
 
-def test_reduced_decode():
-    assert reduced_scale(1000, 800, 224) == 2
-    assert reduced_scale(4000, 3000, 224) == 8
-    assert reduced_scale(1000, 800, 500) == 1
-    assert reduced_scale(100, 100, None) == 1
-    rgb = gradient_image(480, 640, seed=2)
-    data = pil_bytes(Image.fromarray(rgb), "JPEG", quality=95)
-    small = decode_image(data, CFG, target=100)
-    check_rgb(small, 120, 160)  # 1/4 scale
-    full = decode_image(data, PreprocessConfig(reduced_decode=False), target=100)
-    check_rgb(full, 480, 640)
+def test_reduced_scale_by_mode():
+    # fast: the largest scale that keeps the shorter side >= the target (the old default).
+    assert reduced_scale(1000, 800, 224, "fast") == 2
+    assert reduced_scale(4000, 3000, 224, "fast") == 8
+    assert reduced_scale(1000, 800, 500, "fast") == 1
+    # safe: the decoded shorter side stays >= SAFE_MARGIN x target, and the scale divides both sides.
+    t = 256
+    side = SAFE_MARGIN * t
+    assert reduced_scale(2 * side, 2 * side + 8, t) == 2
+    assert reduced_scale(2 * side - 2, 4 * side, t) == 1  # one scale step short of the margin
+    assert reduced_scale(8 * side, 9 * side, t) == 8
+    assert reduced_scale(8 * side + 4, 9 * side, t) == 4  # 4 divides both sides, 8 does not
+    assert reduced_scale(8 * side + 2, 9 * side, t) == 2
+    assert reduced_scale(8 * side + 1, 9 * side, t) == 1  # a ragged side: a reduced decode shifts the grid
+    assert reduced_scale(4000, 3000, 224, "safe") == reduced_scale(4000, 3000, 224) < 8
+    assert reduced_scale(8 * side, 8 * side, t, "off") == 1
+    assert reduced_scale(100, 100, None, "fast") == 1
+    with pytest.raises(ValueError, match=r"preprocess\.reduced_decode"):
+        reduced_scale(1000, 1000, 100, "yes")
+
+
+def test_reduced_decode_modes():
     import cv2
 
-    assert mad(small, cv2.resize(full, (160, 120), interpolation=cv2.INTER_AREA)) < 3.0
+    rgb = gradient_image(480, 640, seed=2)
+    data = pil_bytes(Image.fromarray(rgb), "JPEG", quality=95)
+    full = decode_image(data, PreprocessConfig(reduced_decode="off"), target=60)
+    check_rgb(full, 480, 640)
+    fast = decode_image(data, PreprocessConfig(reduced_decode="fast"), target=100)
+    check_rgb(fast, 120, 160)  # 1/4 scale: 120 >= 100
+    assert mad(fast, cv2.resize(full, (160, 120), interpolation=cv2.INTER_AREA)) < 3.0
+    assert SAFE_MARGIN * 60 * 2 <= 480 < SAFE_MARGIN * 60 * 4
+    safe = decode_image(data, CFG, target=60)
+    check_rgb(safe, 240, 320)  # 1/2 scale: 240 >= SAFE_MARGIN x 60, 1/4 would not be
+    assert mad(safe, cv2.resize(full, (320, 240), interpolation=cv2.INTER_AREA)) < 3.0
+    check_rgb(decode_image(data, CFG, target=100), 480, 640)  # 1/2 scale would be under the margin
+
+
+def test_reduced_decode_config_values(tmp_path):
+    from metadata.config import load_config
+
+    assert PreprocessConfig().reduced_decode == "safe"
+    assert PreprocessConfig(reduced_decode=True).reduced_decode == "safe"  # legacy booleans
+    assert PreprocessConfig(reduced_decode=False).reduced_decode == "off"
+    for text, want in (("true", "safe"), ("false", "off"), ('"fast"', "fast"), ('"off"', "off"), ('"safe"', "safe")):
+        path = tmp_path / "c.toml"
+        path.write_text(f"[preprocess]\nreduced_decode = {text}\n")
+        assert load_config(path).preprocess.reduced_decode == want, text
+    for text in ('"yes"', '"Safe"', "1"):
+        path.write_text(f"[preprocess]\nreduced_decode = {text}\n")
+        with pytest.raises(ValueError, match=r"preprocess\.reduced_decode"):
+            load_config(path)
+    with pytest.raises(ValueError, match=r"preprocess\.reduced_decode"):
+        PreprocessConfig(reduced_decode="quick").validate()
 
 
 def test_baseline_jpegs_match_pil(fruits_dir):
