@@ -174,7 +174,7 @@ def test_disk_full_fails_the_shard_cleanly_and_rerun_succeeds(setup, clean, tmp_
     assert verify_run(str(manifest), str(feat)).ok
 
 
-def test_config_drift_is_refused_until_overwrite_or_new_folder(setup, clean, tmp_path, caplog) -> None:
+def test_config_drift_is_refused_until_overwrite_or_new_folder(setup, clean, tmp_path, capsys) -> None:
     """Rerunning into a folder of another model, size or precision is refused with a message naming it."""
     import shutil
 
@@ -192,9 +192,10 @@ def test_config_drift_is_refused_until_overwrite_or_new_folder(setup, clean, tmp
     drifts = {"preprocess.size": ["--size", "40"], "precision": ["--precision", "bf16"],
               "weights_sha256": ["--model-path", str(other)]}
     for key, flags in drifts.items():
-        caplog.clear()
+        capsys.readouterr()
         assert featurize_main([*args, "--out", str(feat), *flags]) == 2, key
-        assert "--overwrite" in caplog.text and key in caplog.text, (key, caplog.text[-800:])
+        err = capsys.readouterr().err
+        assert err.startswith("imgfeat: error: ") and "--overwrite" in err and key in err, (key, err[-800:])
         assert not (feat / "part-00002.done.json").exists()  # refused before touching anything
         assert featurize_main([*args, "--out", str(tmp_path / f"new-{key}"), *flags]) == 0  # a new folder works
     assert featurize_main([*args, "--out", str(feat), "--size", "40", "--overwrite"]) == 0
