@@ -13,8 +13,8 @@ import json
 import logging
 from typing import Any
 
-from metadata import shards
-from metadata.config import Config
+from imgfeat.metadata.contracts import shards
+from imgfeat.metadata.config import Config
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,11 @@ import time
 from collections import Counter
 from typing import Any
 
-from featurize import assign as assign_mod
-from featurize.distributed import DistContext
-from metadata import feature_store, shards
-from metadata.config import Config
+from imgfeat.featurize import assign as assign_mod
+from imgfeat.featurize.distributed import DistContext
+from imgfeat.metadata.contracts import feature_store
+from imgfeat.metadata.contracts import shards
+from imgfeat.metadata.config import Config
 
 log = logging.getLogger(__name__)
 

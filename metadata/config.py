@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metadata.sniff import DEFAULT_MAX_JPEG_SCANS
+from imgfeat.metadata.contracts.sniff import DEFAULT_MAX_JPEG_SCANS
 
 RESIZE_POLICIES = ("resize_shorter+center_crop", "resize", "letterbox")
 INTERPOLATIONS = ("nearest", "linear", "area", "cubic", "lanczos")
@@ -102,7 +102,7 @@ class ManifestConfig:
             raise ValueError("manifest.max_bytes and manifest.max_pixels must be >= 1")
         if self.max_jpeg_scans < 0:
             raise ValueError(f"manifest.max_jpeg_scans must be >= 0 (0 = no limit), got {self.max_jpeg_scans}")
-        from metadata.sniff import KNOWN_IMAGE_FORMATS
+        from imgfeat.metadata.contracts.sniff import KNOWN_IMAGE_FORMATS
 
         for fmt in self.formats:
             if fmt not in KNOWN_IMAGE_FORMATS:

@@ -1,15 +1,15 @@
-"""``python -m preprocess --manifest OUT --out PREP ...``: the same as ``imgfeat prep``."""
+"""``python -m imgfeat.preprocess --manifest OUT --out PREP ...``: the same as ``imgfeat prep``."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from metadata.cli_common import setup_logging
-from preprocess.cli import add_prep_args, run_command
+from imgfeat.metadata.cli_common import setup_logging
+from imgfeat.preprocess.cli import add_prep_args, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m preprocess", description="Export resized uint8 training arrays.")
+    parser = argparse.ArgumentParser(prog="python -m imgfeat.preprocess", description="Export resized uint8 training arrays.")
     add_prep_args(parser)
     args = parser.parse_args(argv)
     setup_logging(args.verbose, args.quiet)

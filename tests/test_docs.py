@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from metadata.config_doc import END, START, reference_markdown
+from imgfeat.metadata.config_doc import END, START, reference_markdown
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_readme_config_reference_is_in_sync():
     text = (REPO / "README.md").read_text()
     inside = text.split(START, 1)[1].split(END, 1)[0]
-    assert inside.strip() == reference_markdown().strip(), "run: python -m metadata.config_doc --write-readme"
+    assert inside.strip() == reference_markdown().strip(), "run: python -m imgfeat.metadata.config_doc --write-readme"
 
 
 def test_readme_commands_exist():

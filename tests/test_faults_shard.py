@@ -1,20 +1,22 @@
-"""Faults while writing feature shards: kill -9 at every point of a shard's life (``featurize.faults``), a full
+"""Faults while writing feature shards: kill -9 at every point of a shard's life (``tests/faults_driver.py``), a full
 disk, and configuration drift. No reader ever sees a partial shard, and a rerun leaves shard files
 byte-identical to an uninterrupted run (CPU, fp32)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from featurize.faults import SHARD_POINTS
-from featurize.stage_cli import main as featurize_main
-from featurize.testing import run_module
-from featurize.verify import verify_run
+from faults_driver import SHARD_POINTS
+from imgfeat.featurize.stage_cli import main as featurize_main
+from run_helpers import run_module
+from imgfeat.verify import verify_run
 from helpers import gradient_image, write_image, write_manifest
-from metadata import feature_store, shards
+from imgfeat.metadata.contracts import feature_store
+from imgfeat.metadata.contracts import hooks, shards
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.(jit|export):FutureWarning")
 
@@ -125,19 +127,34 @@ def test_native_decoder_crash_is_recorded_and_the_run_completes(setup, clean, tm
 
 
 def test_unknown_fault_is_refused() -> None:
-    from featurize.faults import Faults
+    from faults_driver import Faults
 
     with pytest.raises(ValueError, match="IMGFEAT_FAULT"):
         Faults(0, "kill_somewhere:1")
     with pytest.raises(ValueError, match="file=PATH"):
         Faults(0, "segv_decode")
-    assert Faults(0, "kill_mid_data:1,rank=1").kind == ""  # armed on another rank only
+    assert Faults(0, "kill_mid_data:1,rank=1").observer is None  # armed on another rank only
+    assert Faults(0, "kill_before_marker:3").point == "after_rename"  # the older name
+    assert Faults(0, "kill_before_marker:3").observer is not None
+    assert Faults(0, "").observer is None
+
+
+def test_the_hook_is_installed_from_the_environment(monkeypatch) -> None:
+    from imgfeat.metadata.contracts import hooks
+
+    seen: list[tuple[str, str]] = []
+    monkeypatch.setattr(sys.modules[__name__], "make_observer", lambda rank: lambda e, s: seen.append((e, s)),
+                        raising=False)
+    monkeypatch.setenv(hooks.HOOK_ENV, f"{__name__}:make_observer")
     try:
-        assert Faults(0, "kill_before_marker:3").point == "after_rename"  # the older name
-        assert shards.get_fault_hook() is not None
+        hooks.install_from_env(0)
+        hooks.fault_point("decode", "file:///x.jpg")
     finally:
-        assert Faults(0, "").point == ""
-    assert shards.get_fault_hook() is None  # an inactive fault removes the earlier one's hook
+        hooks.set_observer(None)
+    assert seen == [("decode", "file:///x.jpg")]
+    monkeypatch.setenv(hooks.HOOK_ENV, "no_function_named")
+    with pytest.raises(ValueError, match="module:function"):
+        hooks.install_from_env(0)
 
 
 @pytest.mark.parametrize("victim", ["features.npy", "done.json"])
@@ -157,12 +174,12 @@ def test_disk_full_fails_the_shard_cleanly_and_rerun_succeeds(setup, clean, tmp_
         if event == "shard_start" and path.endswith("part-00001"):
             os.symlink("/dev/full", feat / f".part-00001.{victim}{shards.TMP_TAG}{os.getpid()}-00000000")
 
-    shards.set_fault_hook(disk_full)
+    hooks.set_observer(disk_full)
     try:
         with pytest.raises(RuntimeError, match="part-00001: failed 3 times") as err:  # each attempt hits it
             featurize_main([*args, "--out", str(feat)])
     finally:
-        shards.set_fault_hook(None)
+        hooks.set_observer(None)
     cause = err.value.__cause__
     assert isinstance(cause, OSError) and cause.errno == errno.ENOSPC, repr(cause)
     assert not (feat / "part-00001.done.json").exists()  # no marker: the shard does not exist for readers

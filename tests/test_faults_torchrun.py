@@ -7,11 +7,11 @@ import subprocess
 
 import pytest
 
-from featurize.stage_cli import main as featurize_main
-from featurize.testing import REPO, subprocess_env, torchrun_cmd
-from featurize.verify import verify_run
+from imgfeat.featurize.stage_cli import main as featurize_main
+from run_helpers import REPO, subprocess_env, torchrun_cmd
+from imgfeat.verify import verify_run
 from helpers import gradient_image, write_image, write_manifest
-from metadata import shards
+from imgfeat.metadata.contracts import shards
 from test_faults_shard import shard_files, tiny_model
 
 pytestmark = [pytest.mark.torchrun,

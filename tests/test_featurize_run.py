@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featurize.stage_cli import main as featurize_main
-from featurize.testing import features_by_id, pick_images, run_module
+from imgfeat.featurize.stage_cli import main as featurize_main
+from run_helpers import features_by_id, pick_images, run_module
 from helpers import write_manifest
-from metadata import feature_store, shards
-from metadata.schema import read_manifest
+from imgfeat.metadata.contracts import feature_store
+from imgfeat.metadata.contracts import shards
+from imgfeat.metadata.contracts.schema import read_manifest
 
 BASE = ["--model", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--size", "64", "--batch-size", "16", "-q"]
 
@@ -153,8 +154,8 @@ def test_matches_torchvision_pil_reference(tmp_path, fruits_dir, torch_home) -> 
     from PIL import Image
     from torchvision.models import MobileNet_V2_Weights
 
-    from featurize.model import reference_model
-    from metadata.config import FeaturizeConfig
+    from imgfeat.featurize.model import reference_model
+    from imgfeat.metadata.config import FeaturizeConfig
 
     files = pick_images(fruits_dir, split="Test", per_class=1)
     manifest = write_manifest(tmp_path / "m", files, rows_per_shard=16)

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featurize.stage_cli import main as featurize_main
-from featurize.testing import REPO, features_by_id, free_port, pick_images, subprocess_env, torchrun_cmd
+from imgfeat.featurize.stage_cli import main as featurize_main
+from run_helpers import REPO, features_by_id, free_port, pick_images, subprocess_env, torchrun_cmd
 from helpers import write_manifest
-from metadata import feature_store, shards
+from imgfeat.metadata.contracts import feature_store
+from imgfeat.metadata.contracts import shards
 
 pytestmark = pytest.mark.torchrun
 

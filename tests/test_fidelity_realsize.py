@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metadata.config import PreprocessConfig
-from preprocess.decode import reduced_scale
-from preprocess.transforms import needed_shorter_side
+from imgfeat.metadata.config import PreprocessConfig
+from imgfeat.preprocess.decode import reduced_scale
+from imgfeat.preprocess.transforms import needed_shorter_side
 
 pytestmark = pytest.mark.slow
 
@@ -66,8 +66,8 @@ def imgfeat_features(photos: list[str], cfg: PreprocessConfig, model) -> "torch.
     """Features through the DataLoader batch path of featurize: ManifestDataset.__getitems__ + normalize_batch."""
     import torch
 
-    from preprocess.dataset import ManifestDataset
-    from preprocess.transforms import normalize_batch
+    from imgfeat.preprocess.dataset import ManifestDataset
+    from imgfeat.preprocess.transforms import normalize_batch
 
     rows = [{"image_id": f"{i:032x}", "path": p} for i, p in enumerate(photos)]
     ds = ManifestDataset(rows, cfg)

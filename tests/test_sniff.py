@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import gradient_image
-from metadata.sniff import parse_header
+from imgfeat.metadata.contracts.sniff import parse_header
 
 STATUSES = {"ok", "zero_bytes", "not_image", "unsupported_format", "truncated", "undecodable", "too_large"}
 

@@ -11,9 +11,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from metadata import feature_store, shards
-from metadata.cli_common import add_common_args
-from metadata.schema import read_manifest, read_summary
+from imgfeat.metadata.contracts import feature_store
+from imgfeat.metadata.contracts import shards
+from imgfeat.metadata.cli_common import add_common_args
+from imgfeat.metadata.contracts.schema import read_manifest, read_summary
 
 
 @dataclass

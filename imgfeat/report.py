@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from metadata.config import Config
-from metadata.schema import STATUS_CODES, SUMMARY_FILE, read_manifest
-from metadata.shards import join, read_json, write_bytes_atomic, write_json_atomic
+from imgfeat.metadata.config import Config
+from imgfeat.metadata.contracts.schema import STATUS_CODES, SUMMARY_FILE, read_manifest
+from imgfeat.metadata.contracts.shards import join, read_json, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _png_b64(rgb: np.ndarray) -> str:
 
 def thumbnail(url: str, side: int = 96) -> str:
     """A base64 PNG of the file as far as it decodes, or a grey tile when nothing decodes."""
-    from metadata.cv2_env import import_cv2
+    from imgfeat.metadata.contracts.cv2_env import import_cv2
 
     cv2 = import_cv2()
     img = None

@@ -6,8 +6,8 @@ import uuid
 
 import fsspec
 
-from metadata.schema import HISTORY_DIR, MANIFEST_DIR, SUMMARY_FILE
-from metadata.shards import move_folder, read_json
+from imgfeat.metadata.contracts.schema import HISTORY_DIR, MANIFEST_DIR, SUMMARY_FILE
+from imgfeat.metadata.contracts.shards import move_folder, read_json
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def listing_digest(roots: list[str], limit: int = DRIVER_LISTING_MAX) -> str | N
     per 100,000 local files)."""
     import hashlib
 
-    from metadata.listing import Unit, list_unit
+    from imgfeat.metadata.manifest.listing import Unit, list_unit
 
     if not all(r.startswith("file://") for r in roots):
         return None
@@ -101,7 +101,7 @@ def same_rows(a: str, b: str, paths: list[str]) -> bool:
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
-    from metadata.parquet_io import dataset_files
+    from imgfeat.metadata.spark.parquet import dataset_files
 
     def rows(url: str):
         fs, _ = fsspec.core.url_to_fs(url)

@@ -22,6 +22,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from imgfeat.metadata.contracts.hooks import fault_point
+
 MARKER_SUFFIX = ".done.json"
 REJECTS_SUFFIX = ".rejects.json"
 TMP_TAG = ".tmp-"
@@ -38,27 +40,6 @@ PREP_IMAGES_NPY = "{stem}.images.npy"
 PREP_LABELS_NPY = "{stem}.labels.npy"
 PREP_H5 = "{stem}.h5"
 PREP_SUMMARY = "prep_summary.json"
-
-
-_fault_hook: Callable[[str, str], None] | None = None
-
-
-def set_fault_hook(hook: Callable[[str, str], None] | None) -> None:
-    """Install (or with None remove) the fault-injection hook; see ``featurize.faults``. Tests only."""
-    global _fault_hook
-    _fault_hook = hook
-
-
-def get_fault_hook() -> Callable[[str, str], None] | None:
-    """The installed fault-injection hook, if any."""
-    return _fault_hook
-
-
-def fault_point(event: str, path: str) -> None:
-    """A point of a shard's life: ``shard_start``, ``staged`` (a temporary written, not yet committed),
-    ``marker_next`` (data committed, marker not written) and ``marker_done``. A no-op without a hook."""
-    if _fault_hook is not None:
-        _fault_hook(event, path)
 
 
 def shard_stem(shard: int) -> str:

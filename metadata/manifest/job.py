@@ -8,7 +8,7 @@ cost, which dominated the run at 60k files):
    header sniff, optional decode), labels it and writes its rows as Parquet to a work folder; only
    file names and row counts come back.
 2. organize: one task reads the checked rows (narrow columns only, never bytes), finds duplicates,
-   splits and shards (``metadata.organize``), writes the summary counts, and writes the manifest as
+   splits and shards (``imgfeat.metadata.manifest.organize``), writes the summary counts, and writes the manifest as
    one file sorted by path. Above ``ONE_TASK_ROWS`` rows it writes per-file plans instead and a third
    job writes one manifest file per checked file in parallel.
 
@@ -28,18 +28,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from metadata import labels as labels_mod
-from metadata import organize as org
-from metadata.checks import check_entry, prefetched
-from metadata.config import Config, ManifestConfig, dump_toml
-from metadata.listing import Entry, Unit, check_source, list_unit, slice_of
-from metadata.manifest_store import (current_version, labels_digest, listing_digest, previous_manifest,
+from imgfeat.metadata.manifest import labels as labels_mod
+from imgfeat.metadata.manifest import organize as org
+from imgfeat.metadata.manifest.checks import check_entry, prefetched
+from imgfeat.metadata.config import Config, ManifestConfig, dump_toml
+from imgfeat.metadata.manifest.listing import Entry, Unit, check_source, list_unit, slice_of
+from imgfeat.metadata.manifest.store import (current_version, labels_digest, listing_digest, previous_manifest,
                                      publish_manifest, remove_folder, same_rows, staging_url)
-from metadata.parquet_io import dataset_files, write_parquet_dataset
-from metadata.row_guard import failed_row, to_record_batch
-from metadata.schema import CONFIG_FILE, MANIFEST_SCHEMA, SUMMARY_FILE
-from metadata.shards import join, read_json, staged_file, write_bytes_atomic, write_json_atomic
-from metadata.spark_session import get_spark, num_tasks
+from imgfeat.metadata.spark.parquet import dataset_files, write_parquet_dataset
+from imgfeat.metadata.manifest.row_guard import failed_row, to_record_batch
+from imgfeat.metadata.contracts.schema import CONFIG_FILE, MANIFEST_SCHEMA, SUMMARY_FILE
+from imgfeat.metadata.contracts.shards import join, read_json, staged_file, write_bytes_atomic, write_json_atomic
+from imgfeat.metadata.spark.session import get_spark, num_tasks
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +405,7 @@ def _load_labels_csv(url: str) -> tuple[dict[str, str], dict[str, str]]:
     import csv
     import io
 
-    from metadata.schema import normalize_uri
+    from imgfeat.metadata.contracts.schema import normalize_uri
 
     by_uri: dict[str, str] = {}
     by_rel: dict[str, str] = {}

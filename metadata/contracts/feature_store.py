@@ -7,7 +7,7 @@ The layout, readable with numpy/h5py alone, for shard ``part-NNNNN`` in folder F
 * ``hdf5``: ``part-NNNNN.h5`` with datasets ``features`` [n, d] and ``image_id`` [n] (``S32``),
   and the run fingerprint in its attributes;
 * always ``part-NNNNN.rejects.json``: ``{"rejects": [{"image_id", "path", "reason", "detail"}]}``;
-* last, the marker ``part-NNNNN.done.json`` (see ``metadata.shards``) with ``kind = "features"``,
+* last, the marker ``part-NNNNN.done.json`` (see ``imgfeat.metadata.contracts.shards``) with ``kind = "features"``,
   ``rows``, ``rejects``, ``dim``, ``dtype``, ``format``, ``fingerprint``, ``members`` and file checksums.
 
 Pure Python + numpy/h5py; used by featurize (writer), pca (reader on executors) and library users.
@@ -23,7 +23,7 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from metadata import shards
+from imgfeat.metadata.contracts import shards
 
 ID_DTYPE = "<U32"
 

@@ -25,7 +25,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from metadata import shards
+from imgfeat.metadata.contracts import shards
 
 log = logging.getLogger(__name__)
 

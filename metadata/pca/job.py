@@ -39,13 +39,13 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
-from metadata import shards
-from metadata.config import Config, dump_toml
-from metadata.feature_store import ID_DTYPE, committed_shards, read_feature_head, read_feature_shard, read_rejects
-from metadata.pca_fit import (CovProduct, Moments, PcaModel, dump_accumulator, fit_exact, fit_randomized, load_accumulator,
+from imgfeat.metadata.contracts import shards
+from imgfeat.metadata.config import Config, dump_toml
+from imgfeat.metadata.contracts.feature_store import ID_DTYPE, committed_shards, read_feature_head, read_feature_shard, read_rejects
+from imgfeat.metadata.pca.fit import (CovProduct, Moments, PcaModel, dump_accumulator, fit_exact, fit_randomized, load_accumulator,
                               merge_moments, merge_products)
-from metadata.parquet_io import conform_batch, read_parquet_dataset, write_parquet_dataset
-from metadata.schema import CONFIG_FILE, manifest_path
+from imgfeat.metadata.spark.parquet import conform_batch, read_parquet_dataset, write_parquet_dataset
+from imgfeat.metadata.contracts.schema import CONFIG_FILE, manifest_path
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,7 @@ def _project_task(folder: str, markers: dict[str, dict[str, Any]], model: PcaMod
 
 
 def _read_manifest_df(spark: Any, manifest: str) -> Any:
-    from metadata.schema import read_summary
+    from imgfeat.metadata.contracts.schema import read_summary
 
     read_summary(manifest)  # a clear error when OUT holds no manifest
     return read_parquet_dataset(spark, manifest_path(manifest), columns=MANIFEST_KEEP)
@@ -551,7 +551,7 @@ def _publish(staging: str, url: str) -> None:
     Locally two renames (the old copy is removed after). On object stores the old ``_SUCCESS`` goes
     first and the new one is copied last, so readers that trust ``_SUCCESS`` never see a mix.
     """
-    from metadata.parquet_io import SUCCESS_FILE
+    from imgfeat.metadata.spark.parquet import SUCCESS_FILE
 
     fs, src = fsspec.core.url_to_fs(staging)
     dst = fsspec.core.url_to_fs(url)[1]
@@ -589,7 +589,7 @@ def run_pca(cfg: Config, manifest: str, features: str, out: str, master: str | N
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     if spark is None:
-        from metadata.spark_session import get_spark
+        from imgfeat.metadata.spark.session import get_spark
 
         spark = get_spark(cfg.spark, master)
     markers = _markers(features)
@@ -657,7 +657,7 @@ def run_pca(cfg: Config, manifest: str, features: str, out: str, master: str | N
 
 def _plots(spark: Any, model: PcaModel, reduced_url: str, out: str, rows: int) -> list[str]:
     try:
-        from metadata.pca_plots import save_scatter, save_variance
+        from imgfeat.metadata.pca.plots import save_scatter, save_variance
     except ImportError as exc:  # matplotlib is an optional extra
         log.warning("plots skipped: %s", exc)
         return []
