@@ -218,9 +218,10 @@ def main() -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from helpers import write_manifest
     from imgfeat.metadata.contracts.cv2_env import import_cv2
     from imgfeat.preprocess.decode import SAFE_MARGIN, reduced_scale
+
+    from helpers import write_manifest
 
     import_cv2(threads=1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-decode-modes-"))
@@ -323,7 +324,8 @@ def main() -> int:
         by = {r["spec"]: r for r in study}
         notes = []
         if "2" in by:
-            notes.append(f"a 2x margin gave min cosine {by['2']['min']:.5f} ({by['2']['under']} photo{'s' if by['2']['under'] != 1 else ''} under 0.999)")
+            under = by["2"]["under"]
+            notes.append(f"a 2x margin gave min cosine {by['2']['min']:.5f} ({under} photo{'s' if under != 1 else ''} under 0.999)")
         chosen = next((r for r in study if r["margin"] == SAFE_MARGIN and not r["ragged"]), None)
         if chosen:
             notes.append(f"the chosen {SAFE_MARGIN:g}x gave {chosen['min']:.5f}")

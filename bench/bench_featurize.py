@@ -51,8 +51,8 @@ def weights_for(model: str) -> str:
 
 
 def make_manifest(tmp: Path, n: int, rows_per_shard: int) -> Path:
-    from run_helpers import pick_images
     from helpers import write_manifest
+    from run_helpers import pick_images
 
     files = pick_images(FRUITS, "Training", per_class=10**6)
     step = max(1, len(files) // n)

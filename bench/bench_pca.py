@@ -128,9 +128,9 @@ def sparkml(spark, man: str, feat: str, out: str, k: int) -> dict:
     from pyspark.ml.functions import array_to_vector, vector_to_array
     from pyspark.sql import functions as F
 
+    from imgfeat.metadata.contracts.schema import manifest_path
     from imgfeat.metadata.pca.job import REDUCED_SCHEMA, features_dataframe
     from imgfeat.metadata.spark.parquet import read_parquet_dataset, write_parquet_dataset
-    from imgfeat.metadata.contracts.schema import manifest_path
 
     t0 = time.perf_counter()
     feats = features_dataframe(spark, feat)

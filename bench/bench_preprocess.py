@@ -219,10 +219,13 @@ def main() -> int:
     for p in files:  # page cache warm for every contender
         Path(p).read_bytes()
     # Import everything before timing: the first pass must not pay for importing torch.
-    import h5py, torch, torchvision  # noqa: F401,E401
+    import h5py  # noqa: F401,E401
+    import torch
+    import torchvision
     from PIL import Image  # noqa: F401
 
-    import imgfeat.preprocess.export, imgfeat.preprocess.loader  # noqa: F401,E401
+    import imgfeat.preprocess.export  # noqa: F401,E401
+    import imgfeat.preprocess.loader
     load_start = os.getloadavg()[0]
     results: list[tuple[str, Rate, str]] = []
 
@@ -506,7 +509,9 @@ def realsize_main(args) -> int:
     for p in files:
         kind = Path(p).stem.split("_")[1] if Path(p).stem.count("_") >= 2 else "?"
         kinds[kind] = kinds.get(kind, 0) + 1
-    import h5py, torch, torchvision  # noqa: F401,E401
+    import h5py  # noqa: F401,E401
+    import torch
+    import torchvision
     from PIL import Image  # noqa: F401
 
     import imgfeat.preprocess.loader  # noqa: F401

@@ -13,8 +13,8 @@ import json
 import logging
 from typing import Any
 
-from imgfeat.metadata.contracts import shards
 from imgfeat.metadata.config import Config
+from imgfeat.metadata.contracts import shards
 
 log = logging.getLogger(__name__)
 

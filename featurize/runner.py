@@ -31,9 +31,8 @@ from imgfeat.featurize import assign as assign_mod
 from imgfeat.featurize import fingerprint as fp_mod
 from imgfeat.featurize.distributed import DistContext, init_distributed, set_threads, shutdown
 from imgfeat.featurize.model import autocast, build_model, resolve_device
-from imgfeat.metadata.contracts import feature_store
-from imgfeat.metadata.contracts import hooks, shards
 from imgfeat.metadata.config import Config, dump_toml
+from imgfeat.metadata.contracts import feature_store, hooks, shards
 from imgfeat.metadata.contracts.schema import CONFIG_FILE
 
 log = logging.getLogger(__name__)

@@ -80,8 +80,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def run(args: argparse.Namespace) -> int:
     """Run the stage for parsed ``args``; expected errors raise ``ValueError`` (one line from the CLI)."""
-    from imgfeat.preflight import check_manifest
     from imgfeat.featurize.runner import run_featurize
+    from imgfeat.preflight import check_manifest
 
     cfg = config_from_args(args)
     check_manifest(args.manifest)

@@ -15,9 +15,8 @@ from typing import Any
 
 from imgfeat.featurize import assign as assign_mod
 from imgfeat.featurize.distributed import DistContext
-from imgfeat.metadata.contracts import feature_store
-from imgfeat.metadata.contracts import shards
 from imgfeat.metadata.config import Config
+from imgfeat.metadata.contracts import feature_store, shards
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imgfeat import run_cli
-from imgfeat import verify
+from imgfeat import run_cli, verify
 from imgfeat.featurize import stage_cli as featurize_cli
+from imgfeat.metadata.cli_common import report_errors, setup_logging
 from imgfeat.metadata.manifest import cli as manifest_cli
 from imgfeat.metadata.pca import cli as pca_cli
-from imgfeat.metadata.cli_common import report_errors, setup_logging
 from imgfeat.preprocess import cli as prep_cli
 
 _STAGES = (manifest_cli, prep_cli, featurize_cli, pca_cli, run_cli, verify)

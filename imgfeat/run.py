@@ -21,12 +21,20 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from imgfeat.preflight import preflight_run
 from imgfeat.metadata.cli_common import StageFailed
 from imgfeat.metadata.config import Config, dump_toml
 from imgfeat.metadata.contracts.schema import STATUS_OK, SUMMARY_FILE, read_manifest
-from imgfeat.metadata.contracts.shards import (FEATURES_SUMMARY, MARKER_SUFFIX, join, read_json, remove_shard, shard_stem,
-                             write_bytes_atomic, write_json_atomic)
+from imgfeat.metadata.contracts.shards import (
+    FEATURES_SUMMARY,
+    MARKER_SUFFIX,
+    join,
+    read_json,
+    remove_shard,
+    shard_stem,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+from imgfeat.preflight import preflight_run
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from imgfeat.metadata.contracts import feature_store
-from imgfeat.metadata.contracts import shards
 from imgfeat.metadata.cli_common import add_common_args
+from imgfeat.metadata.contracts import feature_store, shards
 from imgfeat.metadata.contracts.schema import read_manifest, read_summary
 
 

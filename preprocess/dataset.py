@@ -20,9 +20,9 @@ import pyarrow as pa
 import torch
 from torch.utils.data import Dataset
 
-from imgfeat.metadata.manifest.checks import read_bytes
 from imgfeat.metadata.config import RESIZE_POLICIES, PreprocessConfig
 from imgfeat.metadata.contracts.hooks import fault_point
+from imgfeat.metadata.manifest.checks import read_bytes
 from imgfeat.preprocess.decode import DecodeError, decode_image
 from imgfeat.preprocess.transforms import needed_shorter_side, resize_image, resize_images
 

@@ -23,9 +23,20 @@ from tqdm import tqdm
 
 from imgfeat.metadata.config import Config, dump_toml
 from imgfeat.metadata.contracts.schema import CONFIG_FILE
-from imgfeat.metadata.contracts.shards import (PREP_SUMMARY, ShardVerificationError, clean_stale_temporaries, join, list_markers,
-                             members_digest, remove_shard, shard_stem, verify_shard, write_bytes_atomic,
-                             write_json_atomic, write_marker)
+from imgfeat.metadata.contracts.shards import (
+    PREP_SUMMARY,
+    ShardVerificationError,
+    clean_stale_temporaries,
+    join,
+    list_markers,
+    members_digest,
+    remove_shard,
+    shard_stem,
+    verify_shard,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_marker,
+)
 from imgfeat.preprocess.dataset import ManifestDataset, read_ok_rows
 from imgfeat.preprocess.loader import iter_batches_contained, resolve_workers
 from imgfeat.preprocess.prep_io import write_shard

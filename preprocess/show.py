@@ -51,8 +51,8 @@ def _name(classes: list[str], label: int) -> str:
 
 def contact_sheet_png(dataset: PrepDataset, classes: list[str], per_class: int = 8) -> bytes:
     """PNG bytes of a grid: one row per class, the first ``per_class`` images of that class."""
-    from imgfeat.preprocess.decode import cv2_module
     from imgfeat.metadata.contracts.cv2_env import DEFAULT_MAX_PIXELS
+    from imgfeat.preprocess.decode import cv2_module
 
     cv2 = cv2_module(DEFAULT_MAX_PIXELS)
     labels = sorted(set(int(v) for v in dataset.labels))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset

@@ -26,7 +26,6 @@ import os
 import signal
 import time
 
-from imgfeat.metadata.contracts import hooks
 from imgfeat.metadata.contracts.hooks import Observer
 
 log = logging.getLogger(__name__)

@@ -176,8 +176,8 @@ def test_corpus_covers_the_listed_inputs(corpus) -> None:
 @pytest.mark.spark
 def test_every_input_is_one_manifest_row_with_the_right_status(spark, corpus, tmp_path) -> None:
     from imgfeat.metadata.config import load_config
-    from imgfeat.metadata.manifest.job import run_manifest
     from imgfeat.metadata.contracts.schema import read_manifest
+    from imgfeat.metadata.manifest.job import run_manifest
 
     root, cases = corpus
     summary = run_manifest(load_config(None, {"manifest": {"rows_per_shard": 50}}), [str(root)], str(tmp_path / "m"))
@@ -243,8 +243,8 @@ def test_unreadable_permissions(spark, tmp_path) -> None:
     if os.geteuid() == 0:
         pytest.skip("running as root: file permissions do not stop root from reading, so nothing to test")
     from imgfeat.metadata.config import load_config
-    from imgfeat.metadata.manifest.job import run_manifest
     from imgfeat.metadata.contracts.schema import read_manifest
+    from imgfeat.metadata.manifest.job import run_manifest
 
     src = tmp_path / "src" / "a"
     write_image(src / "ok.jpg", gradient_image(seed=1))

@@ -107,8 +107,8 @@ def test_run_takes_the_stage_flags() -> None:
 
 def test_decoders_are_quiet_unless_asked(pngsuite_dir: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """libpng writes its warnings to file descriptor 2; the per-file verdict is in the row instead."""
-    from imgfeat.metadata.manifest.checks import decode_check
     from imgfeat.metadata.config import PreprocessConfig
+    from imgfeat.metadata.manifest.checks import decode_check
     from imgfeat.preprocess.decode import DecodeError, decode_image
 
     broken = sorted(pngsuite_dir.glob("x*.png"))

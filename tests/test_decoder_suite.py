@@ -12,6 +12,7 @@ import pytest
 
 from helpers import gradient_image
 
+
 def _bases(rng: np.random.Generator) -> list[tuple[str, bytes]]:
     """Whole files of every format: colour, grey, alpha, progressive JPEG, 16-bit PNG, a GIF from Pillow."""
     from PIL import Image
@@ -79,8 +80,8 @@ def test_decoder_gives_an_image_or_a_reason_for_every_file(suite: Path) -> None:
 @pytest.mark.parametrize("validation", ["full", "header"])
 def test_manifest_gives_one_row_per_fuzzed_file(spark, suite: Path, tmp_path: Path, validation: str) -> None:
     from imgfeat.metadata.config import load_config
-    from imgfeat.metadata.manifest.job import run_manifest
     from imgfeat.metadata.contracts.schema import read_manifest
+    from imgfeat.metadata.manifest.job import run_manifest
 
     files = {p.relative_to(suite).as_posix() for p in suite.rglob("*") if p.is_file()}
     summary = run_manifest(load_config(None, {"manifest": {"validation": validation}}), [str(suite)], str(tmp_path / "m"))

@@ -19,8 +19,9 @@ import pytest
 
 import imgfeat.cli
 from imgfeat.featurize.stage_cli import main as featurize_main
-from run_helpers import features_by_id
 from imgfeat.metadata.contracts.schema import read_manifest, read_summary
+
+from run_helpers import features_by_id
 from spark_cluster import standalone_cluster
 
 REPO = Path(__file__).resolve().parent.parent

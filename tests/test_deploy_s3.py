@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from imgfeat.cli import main as imgfeat
-from run_helpers import features_by_id
 from imgfeat.metadata.contracts.schema import read_manifest
+
+from run_helpers import features_by_id
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "sample"))

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from faults_driver import SHARD_POINTS
 from imgfeat.featurize.stage_cli import main as featurize_main
-from run_helpers import run_module
+from imgfeat.metadata.contracts import feature_store, hooks, shards
 from imgfeat.verify import verify_run
+
+from faults_driver import SHARD_POINTS
 from helpers import gradient_image, write_image, write_manifest
-from imgfeat.metadata.contracts import feature_store
-from imgfeat.metadata.contracts import hooks, shards
+from run_helpers import run_module
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.(jit|export):FutureWarning")
 

@@ -6,13 +6,14 @@ import re
 import subprocess
 
 import pytest
+from test_faults_shard import shard_files, tiny_model
 
 from imgfeat.featurize.stage_cli import main as featurize_main
-from run_helpers import REPO, subprocess_env, torchrun_cmd
-from imgfeat.verify import verify_run
-from helpers import gradient_image, write_image, write_manifest
 from imgfeat.metadata.contracts import shards
-from test_faults_shard import shard_files, tiny_model
+from imgfeat.verify import verify_run
+
+from helpers import gradient_image, write_image, write_manifest
+from run_helpers import REPO, subprocess_env, torchrun_cmd
 
 pytestmark = [pytest.mark.torchrun,
               pytest.mark.filterwarnings("ignore:.*torch.(jit|export):FutureWarning")]

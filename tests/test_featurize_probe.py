@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from imgfeat.featurize.stage_cli import main as featurize_main
-from run_helpers import pick_images
-from helpers import write_manifest
 from imgfeat.metadata.contracts.feature_store import read_features
 from imgfeat.metadata.contracts.schema import read_manifest
+
+from helpers import write_manifest
+from run_helpers import pick_images
 
 PROBE_SIZE = int(os.environ.get("IMGFEAT_PROBE_SIZE", "128"))
 

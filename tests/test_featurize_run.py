@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from imgfeat.featurize.stage_cli import main as featurize_main
-from run_helpers import features_by_id, pick_images, run_module
-from helpers import write_manifest
-from imgfeat.metadata.contracts import feature_store
-from imgfeat.metadata.contracts import shards
+from imgfeat.metadata.contracts import feature_store, shards
 from imgfeat.metadata.contracts.schema import read_manifest
+
+from helpers import write_manifest
+from run_helpers import features_by_id, pick_images, run_module
 
 BASE = ["--model", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--size", "64", "--batch-size", "16", "-q"]
 

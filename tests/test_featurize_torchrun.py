@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from imgfeat.featurize.stage_cli import main as featurize_main
-from run_helpers import REPO, features_by_id, free_port, pick_images, subprocess_env, torchrun_cmd
+from imgfeat.metadata.contracts import feature_store, shards
+
 from helpers import write_manifest
-from imgfeat.metadata.contracts import feature_store
-from imgfeat.metadata.contracts import shards
+from run_helpers import REPO, features_by_id, free_port, pick_images, subprocess_env, torchrun_cmd
 
 pytestmark = pytest.mark.torchrun
 

@@ -11,6 +11,7 @@ weights. The default config must reach cosine >= 0.999 on every photo. ``reduced
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def reference(photos, model):
         return model(torch.stack(batch))
 
 
-def imgfeat_features(photos: list[str], cfg: PreprocessConfig, model) -> "torch.Tensor":
+def imgfeat_features(photos: list[str], cfg: PreprocessConfig, model: Any) -> Any:
     """Features through the DataLoader batch path of featurize: ManifestDataset.__getitems__ + normalize_batch."""
     import torch
 

@@ -11,10 +11,11 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from helpers import gradient_image, write_image
 from imgfeat.metadata.config import load_config
-from imgfeat.metadata.manifest.cli import format_summary
 from imgfeat.metadata.contracts.schema import MANIFEST_COLUMNS, image_id_for, read_manifest, read_summary
+from imgfeat.metadata.manifest.cli import format_summary
+
+from helpers import gradient_image, write_image
 
 pytestmark = pytest.mark.spark
 
@@ -289,8 +290,8 @@ def test_labels_from_csv_and_regex(spark, tmp_path):
 
 
 def test_slices_split_the_listing_exactly(messy_tree):
-    from imgfeat.metadata.manifest.listing import Unit, list_unit, slice_of
     from imgfeat.metadata.contracts.schema import normalize_uri
+    from imgfeat.metadata.manifest.listing import Unit, list_unit, slice_of
 
     root = normalize_uri(str(messy_tree[0]))
     unit = Unit(root, root, True)
@@ -319,9 +320,9 @@ def test_parallel_write_path_gives_the_same_rows(spark, messy_tree, messy_manife
 
 @pytest.mark.parametrize("window,budget", [(1024, 64 << 20), (3, 1), (2, 10_000)])
 def test_prefetched_reads_every_entry_in_order(messy_tree, window, budget):
+    from imgfeat.metadata.contracts.schema import normalize_uri
     from imgfeat.metadata.manifest.checks import prefetched, read_or_error
     from imgfeat.metadata.manifest.listing import Unit, list_unit
-    from imgfeat.metadata.contracts.schema import normalize_uri
 
     root = normalize_uri(str(messy_tree[0]))
     entries = list(list_unit(Unit(root, root, True)))

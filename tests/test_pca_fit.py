@@ -4,8 +4,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imgfeat.metadata.pca.fit import (CovProduct, Moments, PcaModel, choose_k, dump_accumulator, fit_exact, fit_randomized,
-                              load_accumulator, pack_upper, principal_angles, unpack_upper)
+from imgfeat.metadata.pca.fit import (
+    CovProduct,
+    Moments,
+    PcaModel,
+    choose_k,
+    dump_accumulator,
+    fit_exact,
+    fit_randomized,
+    load_accumulator,
+    pack_upper,
+    principal_angles,
+    unpack_upper,
+)
 
 
 def low_rank(n: int, d: int, spectrum: list[float], seed: int = 0, noise: float = 0.05, offset: float = 3.0) -> np.ndarray:

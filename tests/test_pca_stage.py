@@ -8,11 +8,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import write_manifest
 from imgfeat.metadata.config import Config
 from imgfeat.metadata.contracts import feature_store
-from imgfeat.metadata.pca.fit import PcaModel, principal_angles
 from imgfeat.metadata.contracts.schema import image_id_for, normalize_uri
+from imgfeat.metadata.pca.fit import PcaModel, principal_angles
+
+from helpers import write_manifest
 
 pytestmark = pytest.mark.spark
 
@@ -148,8 +149,8 @@ def test_duplicate_feature_rows_detected(spark, tmp_path) -> None:
 
 
 def test_corrupted_shard_is_refused_by_name(spark, tmp_path) -> None:
-    from imgfeat.metadata.pca.job import run_pca
     from imgfeat.metadata.contracts.shards import ShardVerificationError
+    from imgfeat.metadata.pca.job import run_pca
 
     data = make_data(tmp_path, n=40, per_shard=20)
     victim = Path(data["features"]) / "part-00001.features.npy"

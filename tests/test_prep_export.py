@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import gradient_image, write_image, write_manifest
 from imgfeat.metadata.config import Config, load_config
 from imgfeat.metadata.contracts.shards import PREP_SUMMARY, list_markers, verify_shard
 from imgfeat.preprocess.dataset import ManifestDataset
 from imgfeat.preprocess.export import prep_preprocess_config, run_prep
 from imgfeat.preprocess.show import show_prep
 from imgfeat.preprocess.train_dataset import PrepDataset
+
+from helpers import gradient_image, write_image, write_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from helpers import gradient_image, write_image
 from imgfeat.metadata.config import PreprocessConfig
 from imgfeat.preprocess import decode as decode_mod
 from imgfeat.preprocess.decode import SAFE_MARGIN, DecodeError, decode_image, exif_orientation, reduced_scale
+
+from helpers import gradient_image, write_image
 
 
 def pil_bytes(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -56,8 +56,8 @@ def _bump_mtime(path: Path) -> None:
 @pytest.fixture(scope="module")
 def history(spark, torch_home, tmp_path_factory) -> dict[str, Any]:
     """A first run, a rerun with nothing changed, then files added, changed in place and removed, and a rerun."""
-    from imgfeat.run import run_pipeline
     from imgfeat.metadata.config import load_config
+    from imgfeat.run import run_pipeline
 
     root = tmp_path_factory.mktemp("incremental")
     src = root / "src"
@@ -206,8 +206,8 @@ def test_manifest_rechecks_without_a_new_version_when_outcomes_repeat(spark, tmp
     the job checks a broken link again (no size or mtime to compare): same row, so the same version. A file
     rewritten with the same bytes keeps its shard, so its features are kept."""
     from imgfeat.metadata.config import load_config
-    from imgfeat.metadata.manifest.job import run_manifest
     from imgfeat.metadata.contracts.schema import read_manifest
+    from imgfeat.metadata.manifest.job import run_manifest
 
     src = tmp_path / "src"
     for i in range(6):

@@ -20,8 +20,8 @@ pytestmark = [pytest.mark.spark, pytest.mark.slow]
 def demo_run(spark, torch_home, tmp_path_factory):
     from make_sample import make
 
-    from imgfeat.run import run_pipeline
     from imgfeat.metadata.config import load_config
+    from imgfeat.run import run_pipeline
 
     root = tmp_path_factory.mktemp("demo")
     broken = make(root / "shapes", per_class=6)

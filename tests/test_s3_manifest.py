@@ -4,9 +4,10 @@ from __future__ import annotations
 import fsspec
 import pytest
 
-from helpers import gradient_image, write_image
 from imgfeat.metadata.config import load_config
 from imgfeat.metadata.contracts.schema import read_manifest, read_summary
+
+from helpers import gradient_image, write_image
 
 pytestmark = [pytest.mark.spark, pytest.mark.s3]
 

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from imgfeat.cli import main
-from imgfeat.verify import verify_run
-from helpers import gradient_image, write_image, write_manifest
 from imgfeat.metadata.contracts.feature_store import write_feature_shard
 from imgfeat.metadata.contracts.schema import read_manifest
+from imgfeat.verify import verify_run
+
+from helpers import gradient_image, write_image, write_manifest
 
 
 @pytest.fixture()

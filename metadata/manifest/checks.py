@@ -14,9 +14,9 @@ import fsspec
 import numpy as np
 
 from imgfeat.metadata.contracts.cv2_env import import_cv2, quiet_decoder
-from imgfeat.metadata.manifest.listing import Entry, rel_path
 from imgfeat.metadata.contracts.schema import image_id_for
 from imgfeat.metadata.contracts.sniff import DEFAULT_MAX_JPEG_SCANS, parse_header
+from imgfeat.metadata.manifest.listing import Entry, rel_path
 
 
 def read_bytes(uri: str, max_bytes: int | None = None, size: int | None = None) -> bytes:

@@ -28,17 +28,25 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from imgfeat.metadata.config import Config, ManifestConfig, dump_toml
+from imgfeat.metadata.contracts.schema import CONFIG_FILE, MANIFEST_SCHEMA, SUMMARY_FILE
+from imgfeat.metadata.contracts.shards import join, read_json, staged_file, write_bytes_atomic, write_json_atomic
 from imgfeat.metadata.manifest import labels as labels_mod
 from imgfeat.metadata.manifest import organize as org
 from imgfeat.metadata.manifest.checks import check_entry, prefetched
-from imgfeat.metadata.config import Config, ManifestConfig, dump_toml
 from imgfeat.metadata.manifest.listing import Entry, Unit, check_source, list_unit, slice_of
-from imgfeat.metadata.manifest.store import (current_version, labels_digest, listing_digest, previous_manifest,
-                                     publish_manifest, remove_folder, same_rows, staging_url)
-from imgfeat.metadata.spark.parquet import dataset_files, write_parquet_dataset
 from imgfeat.metadata.manifest.row_guard import failed_row, to_record_batch
-from imgfeat.metadata.contracts.schema import CONFIG_FILE, MANIFEST_SCHEMA, SUMMARY_FILE
-from imgfeat.metadata.contracts.shards import join, read_json, staged_file, write_bytes_atomic, write_json_atomic
+from imgfeat.metadata.manifest.store import (
+    current_version,
+    labels_digest,
+    listing_digest,
+    previous_manifest,
+    publish_manifest,
+    remove_folder,
+    same_rows,
+    staging_url,
+)
+from imgfeat.metadata.spark.parquet import dataset_files, write_parquet_dataset
 from imgfeat.metadata.spark.session import get_spark, num_tasks
 
 log = logging.getLogger(__name__)

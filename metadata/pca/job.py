@@ -39,13 +39,22 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
-from imgfeat.metadata.contracts import shards
 from imgfeat.metadata.config import Config, dump_toml
+from imgfeat.metadata.contracts import shards
 from imgfeat.metadata.contracts.feature_store import ID_DTYPE, committed_shards, read_feature_head, read_feature_shard, read_rejects
-from imgfeat.metadata.pca.fit import (CovProduct, Moments, PcaModel, dump_accumulator, fit_exact, fit_randomized, load_accumulator,
-                              merge_moments, merge_products)
-from imgfeat.metadata.spark.parquet import conform_batch, read_parquet_dataset, write_parquet_dataset
 from imgfeat.metadata.contracts.schema import CONFIG_FILE, manifest_path
+from imgfeat.metadata.pca.fit import (
+    CovProduct,
+    Moments,
+    PcaModel,
+    dump_accumulator,
+    fit_exact,
+    fit_randomized,
+    load_accumulator,
+    merge_moments,
+    merge_products,
+)
+from imgfeat.metadata.spark.parquet import conform_batch, read_parquet_dataset, write_parquet_dataset
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +124,8 @@ def _stems_df(spark: Any, stems: list[str], num_partitions: int) -> Any:
     return spark.sparkContext.parallelize(rows, n).toDF("shard string, shard_idx int")
 
 
-def _ids_task(folder: str, markers: dict[str, dict[str, Any]], checksums: bool) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+def _ids_task(folder: str, markers: dict[str, dict[str, Any]],
+              checksums: bool) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             for stem, idx in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
