@@ -31,6 +31,7 @@ from imgfeat.featurize import assign as assign_mod
 from imgfeat.featurize import fingerprint as fp_mod
 from imgfeat.featurize.distributed import DistContext, init_distributed, set_threads, shutdown
 from imgfeat.featurize.model import autocast, build_model, resolve_device
+from imgfeat.metadata import storage
 from imgfeat.metadata.config import Config, dump_toml
 from imgfeat.metadata.contracts import feature_store, hooks, shards
 from imgfeat.metadata.contracts.schema import CONFIG_FILE
@@ -368,7 +369,7 @@ def _prepare_folder(cfg: Config, out: str, fields: dict[str, Any], work: dict[in
         )
     from imgfeat.featurize.summary import STATS_DIR
 
-    stats_dir = fsspec.core.url_to_fs(shards.join(out, STATS_DIR))[1]
+    stats_dir = fsspec.core.url_to_fs(storage.join(out, STATS_DIR))[1]
     if fs.exists(stats_dir):  # per-rank stats of earlier attempts (no rank of this attempt has written yet)
         fs.rm(stats_dir, recursive=True)
     removed = shards.clean_stale_temporaries(out)
@@ -379,12 +380,12 @@ def _prepare_folder(cfg: Config, out: str, fields: dict[str, Any], work: dict[in
             shards.remove_shard(out, stem)
         log.warning("--overwrite: removed %d shards of another run", len(foreign))
     if state != "same" or foreign:
-        summary = shards.join(out, shards.FEATURES_SUMMARY)
+        summary = storage.join(out, shards.FEATURES_SUMMARY)
         if fs.exists(fsspec.core.url_to_fs(summary)[1]):
             fs.rm(fsspec.core.url_to_fs(summary)[1])
     if state != "same":
         fp_mod.write_run_file(out, fields)
-    shards.write_bytes_atomic(shards.join(out, CONFIG_FILE), dump_toml(cfg).encode())
+    storage.write_bytes_atomic(storage.join(out, CONFIG_FILE), dump_toml(cfg).encode())
     orphans = assign_mod.orphan_shards(out, work)
     if orphans:
         log.warning("%s: %d committed shards are not in the manifest (%s...); read_features will include them",

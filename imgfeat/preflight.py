@@ -13,7 +13,7 @@ import fsspec
 
 from imgfeat.metadata.config import Config, FeaturizeConfig
 from imgfeat.metadata.contracts.schema import SUMMARY_FILE
-from imgfeat.metadata.contracts.shards import join
+from imgfeat.metadata.storage import join
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from imgfeat.metadata.config import Config
 from imgfeat.metadata.contracts.schema import STATUS_CODES, SUMMARY_FILE, read_manifest
-from imgfeat.metadata.contracts.shards import join, read_json, write_bytes_atomic, write_json_atomic
+from imgfeat.metadata.storage import join, read_json, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,6 @@ skipped; featurize and prep always resume shard by shard.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import subprocess
@@ -24,16 +22,8 @@ import pyarrow.compute as pc
 from imgfeat.metadata.cli_common import StageFailed
 from imgfeat.metadata.config import Config, dump_toml
 from imgfeat.metadata.contracts.schema import STATUS_OK, SUMMARY_FILE, read_manifest
-from imgfeat.metadata.contracts.shards import (
-    FEATURES_SUMMARY,
-    MARKER_SUFFIX,
-    join,
-    read_json,
-    remove_shard,
-    shard_stem,
-    write_bytes_atomic,
-    write_json_atomic,
-)
+from imgfeat.metadata.contracts.shards import FEATURES_SUMMARY, MARKER_SUFFIX, remove_shard, shard_stem
+from imgfeat.metadata.storage import canonical_digest, join, read_json, write_bytes_atomic, write_json_atomic
 from imgfeat.preflight import preflight_run
 
 log = logging.getLogger(__name__)
@@ -47,7 +37,7 @@ def run_paths(run: str) -> dict[str, str]:
 
 
 def _digest(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return canonical_digest(list(parts))
 
 
 def run_pipeline(cfg: Config, out: str | None = None, sources: list[str] | None = None, master: str | None = None,

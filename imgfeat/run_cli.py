@@ -7,7 +7,7 @@ from typing import Any
 
 from imgfeat.metadata.cli_common import add_common_args, build_config
 from imgfeat.metadata.config import Config
-from imgfeat.metadata.contracts.shards import join
+from imgfeat.metadata.storage import join
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ Pure Python (no Spark import): every stage and both engines read it. Mistakes ra
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import tomllib
 import types
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from imgfeat.metadata.contracts.sniff import DEFAULT_MAX_JPEG_SCANS
+from imgfeat.metadata.storage import canonical_digest
 
 RESIZE_POLICIES = ("resize_shorter+center_crop", "resize", "letterbox")
 INTERPOLATIONS = ("nearest", "linear", "area", "cubic", "lanczos")
@@ -324,8 +324,7 @@ class Config:
         """A short sha256 of the named sections (all when none are named)."""
         data = self.to_dict()
         chosen = {s: data[s] for s in (sections or data.keys())}
-        blob = json.dumps(chosen, sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return canonical_digest(chosen)
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:

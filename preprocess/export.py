@@ -9,8 +9,6 @@ are rejects, recorded in the marker: written + rejected = selected, always.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import time
@@ -27,16 +25,14 @@ from imgfeat.metadata.contracts.shards import (
     PREP_SUMMARY,
     ShardVerificationError,
     clean_stale_temporaries,
-    join,
     list_markers,
     members_digest,
     remove_shard,
     shard_stem,
     verify_shard,
-    write_bytes_atomic,
-    write_json_atomic,
     write_marker,
 )
+from imgfeat.metadata.storage import canonical_digest, join, write_bytes_atomic, write_json_atomic
 from imgfeat.preprocess.dataset import ManifestDataset, read_ok_rows
 from imgfeat.preprocess.loader import iter_batches_contained, resolve_workers
 from imgfeat.preprocess.prep_io import write_shard
@@ -55,7 +51,7 @@ def prep_fingerprint(cfg: Config) -> str:
     pre = dataclasses.asdict(cfg.preprocess)
     data = {"prep": dataclasses.asdict(cfg.prep), "preprocess": {k: pre[k] for k in _DECODE_KEYS},
             "code_version": PREP_CODE_VERSION}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return canonical_digest(data)
 
 
 def prep_preprocess_config(cfg: Config):

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from imgfeat.metadata.contracts.shards import IDS_NPY, PREP_H5, PREP_IMAGES_NPY, PREP_LABELS_NPY, is_local, join, staged_file
+from imgfeat.metadata.contracts.shards import IDS_NPY, PREP_H5, PREP_IMAGES_NPY, PREP_LABELS_NPY
+from imgfeat.metadata.storage import is_local, join, staged_file
 
 CHUNK_BYTES = 64 * 1024
 """Target HDF5 chunk size: a few small images per chunk, so random access decompresses little."""

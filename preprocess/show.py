@@ -5,7 +5,8 @@ from collections import Counter
 
 import numpy as np
 
-from imgfeat.metadata.contracts.shards import PREP_SUMMARY, join, list_markers, read_json, write_bytes_atomic
+from imgfeat.metadata.contracts.shards import PREP_SUMMARY, list_markers
+from imgfeat.metadata.storage import join, read_json, write_bytes_atomic
 from imgfeat.preprocess.train_dataset import PrepDataset
 
 MIN_CELL = 64

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from imgfeat.featurize.stage_cli import main as featurize_main
+from imgfeat.metadata import storage
 from imgfeat.metadata.contracts import feature_store, hooks, shards
 from imgfeat.verify import verify_run
 
@@ -80,7 +81,7 @@ def test_kill9_at_each_point_then_rerun_is_byte_identical(setup, clean, tmp_path
     committed = sorted(feature_store.committed_shards(str(feat)))
     # The second shard dies at `point`: committed only once its marker is written.
     assert committed == (["part-00000", "part-00001"] if point == "after_marker" else ["part-00000"])
-    temps = [(feat / n).stat().st_size for n in names if shards.TMP_TAG in n and "part-00001.features" in n]
+    temps = [(feat / n).stat().st_size for n in names if storage.TMP_TAG in n and "part-00001.features" in n]
     full = (clean / "part-00001.features.npy").stat().st_size
     on_disk = {
         "before_write": not any("part-00001" in n for n in names),
@@ -97,7 +98,7 @@ def test_kill9_at_each_point_then_rerun_is_byte_identical(setup, clean, tmp_path
     assert not (feat / shards.FEATURES_SUMMARY).exists()
 
     assert featurize_main([*args, "--out", str(feat)]) == 0
-    assert not [n for n in (p.name for p in feat.iterdir()) if shards.TMP_TAG in n]  # stale temporaries cleaned
+    assert not [n for n in (p.name for p in feat.iterdir()) if storage.TMP_TAG in n]  # stale temporaries cleaned
     assert shard_files(feat) == shard_files(clean)  # byte-identical to the uninterrupted run
     v = verify_run(str(manifest), str(feat))
     assert v.ok and (v.feature_rows, v.rejected) == (ROWS - 1, 1), v.problems
@@ -172,7 +173,7 @@ def test_disk_full_fails_the_shard_cleanly_and_rerun_succeeds(setup, clean, tmp_
 
     def disk_full(event: str, path: str) -> None:
         if event == "shard_start" and path.endswith("part-00001"):
-            os.symlink("/dev/full", feat / f".part-00001.{victim}{shards.TMP_TAG}{os.getpid()}-00000000")
+            os.symlink("/dev/full", feat / f".part-00001.{victim}{storage.TMP_TAG}{os.getpid()}-00000000")
 
     hooks.set_observer(disk_full)
     try:
@@ -183,7 +184,7 @@ def test_disk_full_fails_the_shard_cleanly_and_rerun_succeeds(setup, clean, tmp_
     cause = err.value.__cause__
     assert isinstance(cause, OSError) and cause.errno == errno.ENOSPC, repr(cause)
     assert not (feat / "part-00001.done.json").exists()  # no marker: the shard does not exist for readers
-    assert not [p.name for p in feat.iterdir() if shards.TMP_TAG in p.name]  # failed writes left nothing
+    assert not [p.name for p in feat.iterdir() if storage.TMP_TAG in p.name]  # failed writes left nothing
     assert sorted(feature_store.committed_shards(str(feat))) == ["part-00000"]
     monkeypatch.undo()
     assert featurize_main([*args, "--out", str(feat)]) == 0  # space again: the rerun finishes the job

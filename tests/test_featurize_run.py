@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from imgfeat.featurize.stage_cli import main as featurize_main
+from imgfeat.metadata import storage
 from imgfeat.metadata.contracts import feature_store, shards
 from imgfeat.metadata.contracts.schema import read_manifest
 
@@ -140,7 +141,7 @@ def test_kill_and_rerun_equals_clean(tmp_path, manifest, clean, fault) -> None:
         assert (feat / "part-00001.h5").exists()  # data renamed, marker missing: not a committed shard
     rerun = run_module(args)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert not [p for p in feat.iterdir() if shards.TMP_TAG in p.name]
+    assert not [p for p in feat.iterdir() if storage.TMP_TAG in p.name]
     a, b = features_by_id(str(clean)), features_by_id(str(feat))
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[k], b[k]) for k in a)  # byte-identical to the uninterrupted run
@@ -188,4 +189,4 @@ def test_s3_output_without_rename(s3_bucket, manifest, clean) -> None:
     assert len(before) == 3
     assert featurize_main(args) == 0
     assert {s: m["committed_at"] for s, m in shards.list_markers(feat).items()} == before
-    assert shards.read_json(shards.join(feat, shards.FEATURES_SUMMARY))["rows"] == 40
+    assert storage.read_json(storage.join(feat, shards.FEATURES_SUMMARY))["rows"] == 40

@@ -30,7 +30,6 @@ import pyarrow.parquet as pq
 
 from imgfeat.metadata.config import Config, ManifestConfig, dump_toml
 from imgfeat.metadata.contracts.schema import CONFIG_FILE, MANIFEST_SCHEMA, SUMMARY_FILE
-from imgfeat.metadata.contracts.shards import join, read_json, staged_file, write_bytes_atomic, write_json_atomic
 from imgfeat.metadata.manifest import labels as labels_mod
 from imgfeat.metadata.manifest import organize as org
 from imgfeat.metadata.manifest.checks import check_entry, prefetched
@@ -42,12 +41,12 @@ from imgfeat.metadata.manifest.store import (
     listing_digest,
     previous_manifest,
     publish_manifest,
-    remove_folder,
     same_rows,
     staging_url,
 )
 from imgfeat.metadata.spark.parquet import dataset_files, write_parquet_dataset
 from imgfeat.metadata.spark.session import get_spark, num_tasks
+from imgfeat.metadata.storage import join, read_json, remove_folder, staged_file, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -345,8 +344,8 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
         "listing_digest": listing,
         "master": spark.sparkContext.master,
     }
-    write_json_atomic(out.rstrip("/") + "/" + SUMMARY_FILE, summary)
-    write_bytes_atomic(out.rstrip("/") + "/" + CONFIG_FILE, dump_toml(cfg).encode())
+    write_json_atomic(join(out, SUMMARY_FILE), summary)
+    write_bytes_atomic(join(out, CONFIG_FILE), dump_toml(cfg).encode())
     log.info("manifest v%d: %d files, %d ok, %d shards in %.1fs -> %s", version, total,
              counts["by_status"].get("ok", 0), counts["num_shards"], timings["total_s"], out)
     return summary
@@ -357,7 +356,7 @@ def _kept_summary(cfg: Config, out: str, roots: list[str], listing: str, labels_
     """The previous summary, rewritten as this run's, when the sources list exactly as they did before the
     previous run (paths, sizes, mtimes, listing errors), with the same config and labels CSV: the check job
     would keep every row, so it does not start (no Spark at all). None otherwise."""
-    prev = read_json(out.rstrip("/") + "/" + SUMMARY_FILE)
+    prev = read_json(join(out, SUMMARY_FILE))
     if (not prev or prev.get("listing_digest") != listing or prev.get("fingerprint") != cfg.fingerprint("manifest")
             or prev.get("labels_csv_sha256") != labels_sha or prev.get("sources") != roots):
         return None
@@ -365,8 +364,8 @@ def _kept_summary(cfg: Config, out: str, roots: list[str], listing: str, labels_
     summary = dict(prev, incremental={"unchanged": prev["total"], "new": 0, "changed": 0, "removed": 0},
                    published=False, timings={"list_s": round(seconds, 3), "total_s": round(seconds, 3)},
                    files_per_s=round(prev["total"] / seconds, 1) if seconds else None)
-    write_json_atomic(out.rstrip("/") + "/" + SUMMARY_FILE, summary)
-    write_bytes_atomic(out.rstrip("/") + "/" + CONFIG_FILE, dump_toml(cfg).encode())
+    write_json_atomic(join(out, SUMMARY_FILE), summary)
+    write_bytes_atomic(join(out, CONFIG_FILE), dump_toml(cfg).encode())
     log.info("manifest: the %d files list as before (%.1fs); version %d kept, nothing checked", prev["total"],
              seconds, prev["version"])
     return summary
@@ -382,7 +381,7 @@ def _same_as_previous(out: str, previous: str, staging: str, files: list[str], c
     changes = counts["incremental"]
     if changes["new"] or changes["removed"]:
         return False
-    if (read_json(out.rstrip("/") + "/" + SUMMARY_FILE) or {}).get("labels_csv_sha256") != labels_sha:
+    if (read_json(join(out, SUMMARY_FILE)) or {}).get("labels_csv_sha256") != labels_sha:
         return False
     if not changes["changed"]:
         return True

@@ -358,7 +358,7 @@ class PcaModel:
             standardize=np.bool_(self.standardize),
             method=np.str_(self.method),
         )
-        from imgfeat.metadata.contracts.shards import write_bytes_atomic
+        from imgfeat.metadata.storage import write_bytes_atomic
 
         write_bytes_atomic(url, buf.getvalue())
 
