@@ -19,7 +19,8 @@ def add_prep_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("hdf5", "npy"), default=None, help="shard format (prep.format)")
     parser.add_argument("--split", default=None, help="export only this split (prep.split; default all)")
     parser.add_argument("--rows-per-shard", type=int, default=None, help="images per shard (prep.rows_per_shard)")
-    parser.add_argument("--workers", type=int, default=None, help="decode processes (preprocess.num_workers; -1 = cores)")
+    parser.add_argument("--num-workers", "--workers", dest="workers", type=int, default=None,
+                        help="decode processes (preprocess.num_workers, as in featurize; -1 = cores)")
     parser.add_argument("--overwrite", action="store_true", help="remove existing shards first")
     parser.add_argument("--show", metavar="PREP", help="print counts of an existing prep folder instead")
     parser.add_argument("--contact-sheet", metavar="FILE", help="with --show: write a PNG grid of samples per class")
