@@ -113,8 +113,8 @@ def test_pca_survives_failed_task_attempts(spark, tmp_path, monkeypatch):
     def flaky_groups(batches, folder, stems, markers):  # the fit's tasks come first: this one fails
         return dies_once(fit_flag, real_groups(batches, folder, stems, markers))
 
-    def flaky_project(folder, markers, model):
-        run = real_project(folder, markers, model)
+    def flaky_project(folder, markers, model, *rest):
+        run = real_project(folder, markers, model, *rest)
         return lambda batches: dies_once(write_flag, run(batches))
 
     monkeypatch.setattr(pca, "_shard_groups", flaky_groups)
@@ -142,7 +142,7 @@ def test_failed_pca_rerun_keeps_previous_output(spark, tmp_path, monkeypatch):
     model = (out / "pca_model.npz").read_bytes()
     rows = _reduced_rows(out)
 
-    def always_fails(folder, markers, model):
+    def always_fails(folder, markers, model, *rest):
         def run(batches):
             raise RuntimeError("injected write failure")
             yield  # pragma: no cover
