@@ -94,8 +94,8 @@ def reference(files: list[str], batch: int) -> dict[str, Any]:
 
 def decode_only(files: list[str], mode: str, batch: int) -> float:
     """Images/s of ManifestDataset.__getitems__ (decode + resize to 224) in this process, 1 thread."""
-    from metadata.config import PreprocessConfig
-    from preprocess.dataset import ManifestDataset
+    from imgfeat.metadata.config import PreprocessConfig
+    from imgfeat.preprocess.dataset import ManifestDataset
 
     ds = ManifestDataset([{"image_id": str(i), "path": p} for i, p in enumerate(files)],
                          PreprocessConfig(reduced_decode=mode))
@@ -114,10 +114,10 @@ def decode_only(files: list[str], mode: str, batch: int) -> float:
 
 def end_to_end(files: list[str], manifest: Path, tmp: Path, mode: str, tag: str) -> dict[str, Any]:
     """run_featurize with mobilenet_v2 fp32 on the CPU: images/s over the shard loop, features by path."""
-    from featurize.runner import run_featurize
-    from metadata.config import Config
-    from metadata.feature_store import read_features
-    from metadata.schema import image_id_for, normalize_uri
+    from imgfeat.featurize.runner import run_featurize
+    from imgfeat.metadata.config import Config
+    from imgfeat.metadata.contracts.feature_store import read_features
+    from imgfeat.metadata.contracts.schema import image_id_for, normalize_uri
 
     cfg = Config()
     cfg.featurize.model, cfg.featurize.weights, cfg.featurize.device = "mobilenet_v2", "IMAGENET1K_V1", "cpu"
@@ -137,9 +137,9 @@ def end_to_end(files: list[str], manifest: Path, tmp: Path, mode: str, tag: str)
 
 def plain_features(files: list[str], net: torch.nn.Module, batch: int) -> np.ndarray:
     """Features of ``files`` through ManifestDataset with the default config (as patched by the caller)."""
-    from metadata.config import PreprocessConfig
-    from preprocess.dataset import ManifestDataset
-    from preprocess.transforms import normalize_batch
+    from imgfeat.metadata.config import PreprocessConfig
+    from imgfeat.preprocess.dataset import ManifestDataset
+    from imgfeat.preprocess.transforms import normalize_batch
 
     ds = ManifestDataset([{"image_id": str(i), "path": p} for i, p in enumerate(files)], PreprocessConfig())
     out = []
@@ -159,7 +159,7 @@ def margin_study(files: list[str], dims: list[tuple[int, int]], ref: np.ndarray,
     ManifestDataset with ``preprocess.decode.reduced_scale`` patched to the spec's rule, so the
     figures come from the same decode + resize path as the default.
     """
-    import preprocess.decode as dec
+    import imgfeat.preprocess.decode as dec
 
     def rule(margin: float, ragged: bool) -> Any:
         def scale(width: int, height: int, target: int | None, mode: str = "safe") -> int:
@@ -218,9 +218,10 @@ def main() -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
+    from imgfeat.metadata.contracts.cv2_env import import_cv2
+    from imgfeat.preprocess.decode import SAFE_MARGIN, reduced_scale
+
     from helpers import write_manifest
-    from metadata.cv2_env import import_cv2
-    from preprocess.decode import SAFE_MARGIN, reduced_scale
 
     import_cv2(threads=1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-decode-modes-"))
@@ -323,7 +324,8 @@ def main() -> int:
         by = {r["spec"]: r for r in study}
         notes = []
         if "2" in by:
-            notes.append(f"a 2x margin gave min cosine {by['2']['min']:.5f} ({by['2']['under']} photo{'s' if by['2']['under'] != 1 else ''} under 0.999)")
+            under = by["2"]["under"]
+            notes.append(f"a 2x margin gave min cosine {by['2']['min']:.5f} ({under} photo{'s' if under != 1 else ''} under 0.999)")
         chosen = next((r for r in study if r["margin"] == SAFE_MARGIN and not r["ragged"]), None)
         if chosen:
             notes.append(f"the chosen {SAFE_MARGIN:g}x gave {chosen['min']:.5f}")

@@ -51,8 +51,8 @@ def weights_for(model: str) -> str:
 
 
 def make_manifest(tmp: Path, n: int, rows_per_shard: int) -> Path:
-    from featurize.testing import pick_images
     from helpers import write_manifest
+    from run_helpers import pick_images
 
     files = pick_images(FRUITS, "Training", per_class=10**6)
     step = max(1, len(files) // n)
@@ -63,7 +63,7 @@ def make_manifest(tmp: Path, n: int, rows_per_shard: int) -> Path:
 
 
 def config(model: str, args: argparse.Namespace) -> Any:
-    from metadata.config import Config
+    from imgfeat.metadata.config import Config
 
     cfg = Config()
     f, p = cfg.featurize, cfg.preprocess
@@ -104,8 +104,8 @@ class GpuSampler:
 
 
 def end_to_end(cfg: Any, manifest: Path, tmp: Path, tag: str) -> dict[str, Any]:
-    from featurize.model import resolve_device
-    from featurize.runner import run_featurize
+    from imgfeat.featurize.model import resolve_device
+    from imgfeat.featurize.runner import run_featurize
 
     out = tmp / f"feat-{tag}"
     shutil.rmtree(out, ignore_errors=True)
@@ -120,8 +120,8 @@ def end_to_end(cfg: Any, manifest: Path, tmp: Path, tag: str) -> dict[str, Any]:
 
 def model_only(cfg: Any, n_images: int) -> dict[str, Any]:
     """The same optimised model on synthetic normalized batches already in memory (on the device)."""
-    from featurize.distributed import DistContext, set_threads
-    from featurize.model import autocast, build_model, resolve_device
+    from imgfeat.featurize.distributed import DistContext, set_threads
+    from imgfeat.featurize.model import autocast, build_model, resolve_device
 
     device = resolve_device(cfg.featurize.device)
     set_threads(DistContext(), device)
@@ -151,7 +151,7 @@ def spark_baseline(manifest: Path, size: int, batch: int) -> dict[str, Any]:
     from pyspark.sql.functions import col, pandas_udf
     from pyspark.sql.types import ArrayType, FloatType
 
-    from metadata.schema import read_manifest
+    from imgfeat.metadata.contracts.schema import read_manifest
 
     paths = [p.removeprefix("file://") for p in read_manifest(str(manifest)).column("path").to_pylist()]
     os.environ["PYSPARK_PYTHON"] = os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
@@ -206,8 +206,8 @@ def spark_baseline(manifest: Path, size: int, batch: int) -> dict[str, Any]:
 
 
 def cosine_vs_ours(baseline: dict[str, np.ndarray], out: Path) -> tuple[float, float]:
-    from metadata.feature_store import read_features
-    from metadata.schema import image_id_for
+    from imgfeat.metadata.contracts.feature_store import read_features
+    from imgfeat.metadata.contracts.schema import image_id_for
 
     ids, feats = read_features(str(out))
     ours = dict(zip(ids.tolist(), feats))

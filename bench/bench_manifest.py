@@ -387,9 +387,9 @@ def main() -> None:
         realsize_main(args)
         return
     sys.path.insert(0, str(REPO))
-    from metadata.config import load_config
-    from metadata.manifest_job import run_manifest
-    from metadata.spark_session import get_spark
+    from imgfeat.metadata.config import load_config
+    from imgfeat.metadata.manifest.job import run_manifest
+    from imgfeat.metadata.spark.session import get_spark
 
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench-manifest-"))
     small, big = work / "x1", work / f"x{args.copies}"

@@ -10,7 +10,7 @@ Generates float32 feature shards (``--rows-per-shard`` rows each, low-rank signa
 manifest under ``--workdir`` (reused when present), then times, end to end (read the shards, join the
 manifest, fit, transform, write Parquet) and for the fit alone:
 
-* ours: ``metadata.pca.run_pca`` (moments on executors, one eigh on the driver), plots off;
+* ours: ``imgfeat.metadata.pca.job.run_pca`` (moments on executors, one eigh on the driver), plots off;
 * Spark ML: the same shard reader (``features_dataframe``), join, ``array_to_vector``, cache,
   ``PCA.fit`` on the training split, ``transform``, ``vector_to_array``, Parquet written by our writer;
 * ours again at ``--scale`` times the rows.
@@ -37,8 +37,8 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from metadata import feature_store  # noqa: E402
-from metadata.schema import MANIFEST_DIR, MANIFEST_SCHEMA, SUMMARY_FILE, image_id_for  # noqa: E402
+from imgfeat.metadata.contracts import feature_store  # noqa: E402
+from imgfeat.metadata.contracts.schema import MANIFEST_DIR, MANIFEST_SCHEMA, SUMMARY_FILE, image_id_for  # noqa: E402
 
 
 def _save_exact(real, file, arr, *args, **kwargs):
@@ -113,7 +113,7 @@ def jvm_peak_mb(spark) -> float:
 
 
 def ours(spark, cfg, man: str, feat: str, out: str) -> dict:
-    from metadata.pca import run_pca
+    from imgfeat.metadata.pca.job import run_pca
 
     t = time.perf_counter()
     s = run_pca(cfg, man, feat, out, spark=spark, plots=False)
@@ -128,9 +128,9 @@ def sparkml(spark, man: str, feat: str, out: str, k: int) -> dict:
     from pyspark.ml.functions import array_to_vector, vector_to_array
     from pyspark.sql import functions as F
 
-    from metadata.pca import REDUCED_SCHEMA, features_dataframe
-    from metadata.parquet_io import read_parquet_dataset, write_parquet_dataset
-    from metadata.schema import manifest_path
+    from imgfeat.metadata.contracts.schema import manifest_path
+    from imgfeat.metadata.pca.job import REDUCED_SCHEMA, features_dataframe
+    from imgfeat.metadata.spark.parquet import read_parquet_dataset, write_parquet_dataset
 
     t0 = time.perf_counter()
     feats = features_dataframe(spark, feat)
@@ -155,8 +155,8 @@ def sparkml(spark, man: str, feat: str, out: str, k: int) -> dict:
 
 
 def make_session(master: str, driver_memory: str, native_blas: str | None):
-    from metadata.config import SparkConfig
-    from metadata.spark_session import get_spark
+    from imgfeat.metadata.config import SparkConfig
+    from imgfeat.metadata.spark.session import get_spark
 
     conf = {}
     if native_blas:
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(r), flush=True)
         return 0
 
-    from metadata.config import Config
+    from imgfeat.metadata.config import Config
 
     cfg = Config()
     cfg.spark.master = args.master

@@ -88,7 +88,7 @@ def interleaved(fns: dict, n: int, repeat: int) -> dict[str, Rate]:
 def raw_decode(paths: list[str]) -> int:
     import numpy as np
 
-    from metadata.cv2_env import import_cv2
+    from imgfeat.metadata.contracts.cv2_env import import_cv2
 
     cv2 = import_cv2()
     for p in paths:
@@ -99,9 +99,9 @@ def raw_decode(paths: list[str]) -> int:
 
 
 def our_loader(rows: list[dict], size: int, workers: int, batch: int) -> int:
-    from metadata.config import PreprocessConfig
-    from preprocess.dataset import ManifestDataset
-    from preprocess.loader import make_loader
+    from imgfeat.metadata.config import PreprocessConfig
+    from imgfeat.preprocess.dataset import ManifestDataset
+    from imgfeat.preprocess.loader import make_loader
 
     cfg = PreprocessConfig(batch_size=batch)
     ds = ManifestDataset(rows, cfg, size=size, resize_shorter=256 if size == 224 else size)
@@ -170,8 +170,8 @@ def pil_export(files: list[str], out: str, size: int, workers: int, batch: int, 
 
 
 def our_prep(manifest: str, out: str, size: int, workers: int) -> int:
-    from metadata.config import Config
-    from preprocess.export import run_prep
+    from imgfeat.metadata.config import Config
+    from imgfeat.preprocess.export import run_prep
 
     cfg = Config()
     cfg.prep.size = size
@@ -219,10 +219,13 @@ def main() -> int:
     for p in files:  # page cache warm for every contender
         Path(p).read_bytes()
     # Import everything before timing: the first pass must not pay for importing torch.
-    import h5py, torch, torchvision  # noqa: F401,E401
+    import h5py  # noqa: F401,E401
+    import torch
+    import torchvision
     from PIL import Image  # noqa: F401
 
-    import preprocess.export, preprocess.loader  # noqa: F401,E401
+    import imgfeat.preprocess.export  # noqa: F401,E401
+    import imgfeat.preprocess.loader
     load_start = os.getloadavg()[0]
     results: list[tuple[str, Rate, str]] = []
 
@@ -340,7 +343,7 @@ def reduced_decode_modes() -> tuple[list, object]:
     (a mode string such as off/safe/fast, or the older bool)."""
     import dataclasses
 
-    import metadata.config as mc
+    import imgfeat.metadata.config as mc
 
     default = {f.name: f for f in dataclasses.fields(mc.PreprocessConfig)}["reduced_decode"].default
     if isinstance(default, bool):
@@ -381,9 +384,9 @@ def _pass_rates(fn, n: int) -> tuple[float, float]:
 
 
 def our_loader_mode(rows: list[dict], size: int, workers: int, batch: int, mode) -> int:
-    from metadata.config import PreprocessConfig
-    from preprocess.dataset import ManifestDataset
-    from preprocess.loader import make_loader
+    from imgfeat.metadata.config import PreprocessConfig
+    from imgfeat.preprocess.dataset import ManifestDataset
+    from imgfeat.preprocess.loader import make_loader
 
     cfg = PreprocessConfig(batch_size=batch, reduced_decode=mode)
     ds = ManifestDataset(rows, cfg, size=size, resize_shorter=256 if size == 224 else size)
@@ -405,17 +408,17 @@ def breakdown(files: list[str], sizes: list[int], modes: list) -> dict:
     from PIL import Image
     from torchvision import transforms as T
 
-    from metadata.config import PreprocessConfig
-    from metadata.cv2_env import import_cv2
-    from preprocess.dataset import decode_rgb
-    from preprocess.transforms import resize_images
+    from imgfeat.metadata.config import PreprocessConfig
+    from imgfeat.metadata.contracts.cv2_env import import_cv2
+    from imgfeat.preprocess.dataset import decode_rgb
+    from imgfeat.preprocess.transforms import resize_images
 
     torch.set_num_threads(1)
     import_cv2(threads=1)
     clock = time.process_time
     out: dict = {}
-    from metadata.checks import read_bytes
-    from preprocess.decode import check_header
+    from imgfeat.metadata.manifest.checks import read_bytes
+    from imgfeat.preprocess.decode import check_header
 
     cfg, guard = PreprocessConfig(), 0.0
     for p in files:  # the part of ours' decode that is not OpenCV: read through fsspec + the header guards
@@ -506,10 +509,12 @@ def realsize_main(args) -> int:
     for p in files:
         kind = Path(p).stem.split("_")[1] if Path(p).stem.count("_") >= 2 else "?"
         kinds[kind] = kinds.get(kind, 0) + 1
-    import h5py, torch, torchvision  # noqa: F401,E401
+    import h5py  # noqa: F401,E401
+    import torch
+    import torchvision
     from PIL import Image  # noqa: F401
 
-    import preprocess.loader  # noqa: F401
+    import imgfeat.preprocess.loader  # noqa: F401
 
     def load_now() -> str:
         return "/".join(f"{v:.1f}" for v in os.getloadavg())

@@ -42,10 +42,11 @@ def rss_mb() -> float:
 
 def measure_corpus(root: Path) -> dict:
     """Sniff and decode every readable corpus input; times, outcomes and memory."""
-    from metadata.config import PreprocessConfig
-    from metadata.sniff import parse_header
-    from preprocess.decode import DecodeError, decode_image
     from test_bad_input import build_corpus
+
+    from imgfeat.metadata.config import PreprocessConfig
+    from imgfeat.metadata.contracts.sniff import parse_header
+    from imgfeat.preprocess.decode import DecodeError, decode_image
 
     cases = build_corpus(root, PNGSUITE if PNGSUITE.is_dir() else None)
     cfg = PreprocessConfig()

@@ -1,7 +1,7 @@
-"""``python -m featurize --manifest OUT --out FEAT [--config FILE] [flags]``: the entry point torchrun starts."""
+"""``python -m imgfeat.featurize --manifest OUT --out FEAT [--config FILE] [flags]``: the entry point torchrun starts."""
 import sys
 
-from featurize.stage_cli import main
+from imgfeat.featurize.stage_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

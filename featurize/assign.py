@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from metadata import shards
-from metadata.schema import STATUS_OK, read_manifest
+from imgfeat.metadata.contracts import shards
+from imgfeat.metadata.contracts.schema import STATUS_OK, read_manifest
 
 log = logging.getLogger(__name__)
 

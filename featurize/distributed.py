@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from imgfeat.preprocess.loader import available_cores
+
 log = logging.getLogger(__name__)
 
 
@@ -68,13 +70,6 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def init_distributed(timeout_s: float | None = None) -> DistContext:

@@ -8,13 +8,13 @@ change the features (device, batch size, workers, channels_last, compile) are le
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 from typing import Any
 
-from metadata import shards
-from metadata.config import Config
+from imgfeat.metadata import storage
+from imgfeat.metadata.config import Config
+from imgfeat.metadata.contracts import shards
+from imgfeat.metadata.storage import canonical_digest
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,7 @@ def run_fingerprint(cfg: Config, info: Any) -> dict[str, Any]:
 
 def digest(fields: dict[str, Any]) -> str:
     """A short sha256 of the canonical JSON of the fingerprint fields."""
-    blob = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return canonical_digest(fields)
 
 
 def differing_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -71,7 +70,7 @@ def differing_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
 
 
 def read_run_file(folder: str) -> dict[str, Any] | None:
-    return shards.read_json(shards.join(folder, shards.RUN_FILE))
+    return storage.read_json(storage.join(folder, shards.RUN_FILE))
 
 
 def check_run_file(folder: str, fields: dict[str, Any], overwrite: bool) -> str:
@@ -105,5 +104,5 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
 
 def write_run_file(folder: str, fields: dict[str, Any]) -> None:
     """Write ``FEAT/_run.json`` atomically (identical content from any rank)."""
-    shards.write_json_atomic(shards.join(folder, shards.RUN_FILE),
+    storage.write_json_atomic(storage.join(folder, shards.RUN_FILE),
                              {"fingerprint": digest(fields), "fields": fields, "imgfeat_version": package_version()})

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from featurize.weights import ResolvedWeights, file_sha256, resolve_weights
-from metadata.config import FeaturizeConfig
+from imgfeat.featurize.weights import ResolvedWeights, file_sha256, resolve_weights
+from imgfeat.metadata.config import FeaturizeConfig
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ Run by every rank (or the single process). Order of work:
 3. per shard: its rows in a fixed order, batches of ``batch_size`` that never cross shards (so a
    shard's features do not depend on the rank or world size), decode in DataLoader workers
    (crash-contained), uint8 to the device, normalize there, forward under inference_mode + autocast,
-   then ``metadata.feature_store.write_feature_shard`` (data files atomic, marker last). Rows that fail
+   then ``imgfeat.metadata.contracts.feature_store.write_feature_shard`` (data files atomic, marker last). Rows that fail
    to decode go to the shard's rejects list. A shard that fails is retried up to
    ``featurize.max_shard_attempts`` times;
 4. each rank records its stats; the one that finds every shard committed writes ``featurize_summary.json``.
@@ -27,14 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from featurize import assign as assign_mod
-from featurize import fingerprint as fp_mod
-from featurize.distributed import DistContext, init_distributed, set_threads, shutdown
-from featurize.faults import Faults as _Faults  # the IMGFEAT_FAULT test hook
-from featurize.model import autocast, build_model, resolve_device
-from metadata import feature_store, shards
-from metadata.config import Config, dump_toml
-from metadata.schema import CONFIG_FILE
+from imgfeat.featurize import assign as assign_mod
+from imgfeat.featurize import fingerprint as fp_mod
+from imgfeat.featurize.distributed import DistContext, init_distributed, set_threads, shutdown
+from imgfeat.featurize.model import autocast, build_model, resolve_device
+from imgfeat.metadata import storage
+from imgfeat.metadata.config import Config, dump_toml
+from imgfeat.metadata.contracts import feature_store, hooks, shards
+from imgfeat.metadata.contracts.schema import CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def loader_workers(cfg: Config, ctx: DistContext, device: torch.device) -> int:
       preempted thread stalls the whole operator. So one worker per ``CORES_PER_CPU_WORKER`` cores, at
       least one (which keeps decoder crashes contained; 0 would decode in the main process, uncontained).
     """
-    from featurize.distributed import available_cores
+    from imgfeat.featurize.distributed import available_cores
 
     if cfg.preprocess.num_workers >= 0:
         return cfg.preprocess.num_workers
@@ -89,7 +89,7 @@ def loader_workers(cfg: Config, ctx: DistContext, device: torch.device) -> int:
 
 
 def _batches(dataset: Any, cfg: Config, num_workers: int) -> Iterator[Any]:
-    from preprocess.loader import iter_batches_contained
+    from imgfeat.preprocess.loader import iter_batches_contained
 
     return iter_batches_contained(dataset, cfg.preprocess, batch_size=cfg.preprocess.batch_size, num_workers=num_workers)
 
@@ -172,7 +172,7 @@ class DeviceNormalizer:
     costs about as much as the arithmetic itself."""
 
     def __init__(self, device: torch.device, channels_last: bool) -> None:
-        from preprocess.transforms import IMAGENET_MEAN, IMAGENET_STD
+        from imgfeat.preprocess.transforms import IMAGENET_MEAN, IMAGENET_STD
 
         self.device, self.channels_last = device, channels_last
         self.shift = torch.tensor([255.0 * m for m in IMAGENET_MEAN], device=device, dtype=torch.float32).view(1, 3, 1, 1)
@@ -194,10 +194,9 @@ class ShardComputer:
     """Compute and commit shards with one model on one device."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device, out: str, fingerprint: str,
-                 stats: RankStats, num_workers: int, faults: _Faults | None = None, progress: Any = None) -> None:
+                 stats: RankStats, num_workers: int, progress: Any = None) -> None:
         self.cfg, self.model, self.device, self.out, self.fingerprint = cfg, model, device, out, fingerprint
         self.stats, self.num_workers, self.progress = stats, num_workers, progress
-        self.faults = faults or _Faults(-1)
         self.out_dtype = np.float16 if cfg.featurize.dtype == "float16" else np.float32
         self.channels_last = cfg.featurize.channels_last
         self.normalize = DeviceNormalizer(device, self.channels_last)
@@ -259,14 +258,14 @@ class ShardComputer:
                 self.stats.batches += 1
                 if self.progress is not None:
                     self.progress.update(len(idx))
-                self.faults.batch_done()
+                hooks.fault_point("batch_done", "")
                 t0 = time.perf_counter()
         if feats is None:
             feats = np.zeros((0, 0), dtype=self.out_dtype)
         return feats, ok_all, reasons
 
     def dataset(self, work: assign_mod.ShardWork) -> Any:
-        from preprocess.dataset import ManifestDataset
+        from imgfeat.preprocess.dataset import ManifestDataset
 
         return ManifestDataset(work.rows, self.cfg.preprocess)
 
@@ -368,9 +367,9 @@ def _prepare_folder(cfg: Config, out: str, fields: dict[str, Any], work: dict[in
             f"{out}: shards {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''} carry another fingerprint "
             f"than this run ({digest}); use another --out, or --overwrite to replace them"
         )
-    from featurize.summary import STATS_DIR
+    from imgfeat.featurize.summary import STATS_DIR
 
-    stats_dir = fsspec.core.url_to_fs(shards.join(out, STATS_DIR))[1]
+    stats_dir = fsspec.core.url_to_fs(storage.join(out, STATS_DIR))[1]
     if fs.exists(stats_dir):  # per-rank stats of earlier attempts (no rank of this attempt has written yet)
         fs.rm(stats_dir, recursive=True)
     removed = shards.clean_stale_temporaries(out)
@@ -381,12 +380,12 @@ def _prepare_folder(cfg: Config, out: str, fields: dict[str, Any], work: dict[in
             shards.remove_shard(out, stem)
         log.warning("--overwrite: removed %d shards of another run", len(foreign))
     if state != "same" or foreign:
-        summary = shards.join(out, shards.FEATURES_SUMMARY)
+        summary = storage.join(out, shards.FEATURES_SUMMARY)
         if fs.exists(fsspec.core.url_to_fs(summary)[1]):
             fs.rm(fsspec.core.url_to_fs(summary)[1])
     if state != "same":
         fp_mod.write_run_file(out, fields)
-    shards.write_bytes_atomic(shards.join(out, CONFIG_FILE), dump_toml(cfg).encode())
+    storage.write_bytes_atomic(storage.join(out, CONFIG_FILE), dump_toml(cfg).encode())
     orphans = assign_mod.orphan_shards(out, work)
     if orphans:
         log.warning("%s: %d committed shards are not in the manifest (%s...); read_features will include them",
@@ -396,10 +395,11 @@ def _prepare_folder(cfg: Config, out: str, fields: dict[str, Any], work: dict[in
 
 def run_featurize(cfg: Config, manifest: str, out: str, split: str | None = None) -> dict[str, Any] | None:
     """Featurize the manifest at ``manifest`` into ``out`` on this rank; returns the summary on rank 0."""
-    from featurize.summary import finish_run
+    from imgfeat.featurize.summary import finish_run
 
     t_start = time.perf_counter()
     ctx = init_distributed()
+    hooks.install_from_env(ctx.rank)  # the test hook (IMGFEAT_HOOK); nothing without it
     try:
         device = resolve_device(cfg.featurize.device, ctx.local_rank)
         if device.type == "cuda":
@@ -439,7 +439,7 @@ def run_featurize(cfg: Config, manifest: str, out: str, split: str | None = None
                             disable=not log.isEnabledFor(logging.INFO))
         stats.workers = loader_workers(cfg, ctx, device)
         log.info("rank %d: %d decode workers", ctx.rank, stats.workers)
-        computer = ShardComputer(cfg, model, device, out, digest, stats, stats.workers, _Faults(ctx.rank), progress)
+        computer = ShardComputer(cfg, model, device, out, digest, stats, stats.workers, progress)
         my_work = [work[s] for s in mine]
         if my_work:
             computer.start(my_work)  # the first batches decode while the model warms up

@@ -1,4 +1,4 @@
-"""The featurize command line, shared by ``imgfeat featurize`` and ``python -m featurize`` (torchrun).
+"""The featurize command line, shared by ``imgfeat featurize`` and ``python -m imgfeat.featurize`` (torchrun).
 
 ``register(subparsers)`` adds the subcommand to the ``imgfeat`` CLI; ``main(argv)`` is the standalone
 entry point. Both use ``add_featurize_args``, so the flags exist in one place.
@@ -11,14 +11,14 @@ import os
 import sys
 from typing import Any
 
-from metadata.cli_common import add_common_args, build_config, report_errors, setup_logging
-from metadata.config import Config
+from imgfeat.metadata.cli_common import add_common_args, build_config, report_errors, setup_logging
+from imgfeat.metadata.config import Config
 
 log = logging.getLogger(__name__)
 
 HELP = "model features for every manifest row, as resumable shards (one process, or every rank under torchrun)"
 EPILOG = """\
-Several GPUs or nodes: torchrun --nproc-per-node=N -m featurize --manifest OUT --out FEAT
+Several GPUs or nodes: torchrun --nproc-per-node=N -m imgfeat.featurize --manifest OUT --out FEAT
 (add --nnodes/--node-rank/--rdzv-endpoint for several nodes). Rerun the same command to resume.
 Weights are read from the torch cache ($TORCH_HOME/hub/checkpoints); nothing is downloaded here:
 seed the cache or pass --weights-path FILE.
@@ -80,8 +80,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def run(args: argparse.Namespace) -> int:
     """Run the stage for parsed ``args``; expected errors raise ``ValueError`` (one line from the CLI)."""
-    from featurize.preflight import check_manifest
-    from featurize.runner import run_featurize
+    from imgfeat.featurize.runner import run_featurize
+    from imgfeat.preflight import check_manifest
 
     cfg = config_from_args(args)
     check_manifest(args.manifest)
@@ -110,14 +110,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m featurize", description=HELP, epilog=EPILOG,
+    parser = argparse.ArgumentParser(prog="python -m imgfeat.featurize", description=HELP, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_featurize_args(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m featurize`` (what torchrun starts on every rank)."""
+    """``python -m imgfeat.featurize`` (what torchrun starts on every rank)."""
     args = build_parser().parse_args(argv)
     return _run_with_logging(args)
 

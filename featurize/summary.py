@@ -13,17 +13,18 @@ import time
 from collections import Counter
 from typing import Any
 
-from featurize import assign as assign_mod
-from featurize.distributed import DistContext
-from metadata import feature_store, shards
-from metadata.config import Config
+from imgfeat.featurize import assign as assign_mod
+from imgfeat.featurize.distributed import DistContext
+from imgfeat.metadata import storage
+from imgfeat.metadata.config import Config
+from imgfeat.metadata.contracts import feature_store, shards
 
 log = logging.getLogger(__name__)
 
 
 def read_summary(folder: str) -> dict[str, Any] | None:
     """The summary of a finished run, or None."""
-    return shards.read_json(shards.join(folder, shards.FEATURES_SUMMARY))
+    return storage.read_json(storage.join(folder, shards.FEATURES_SUMMARY))
 
 
 def build_summary(cfg: Config, folder: str, work: dict[int, assign_mod.ShardWork], fingerprint: str, info: Any,
@@ -94,8 +95,8 @@ def finish_run(ctx: DistContext, cfg: Config, folder: str, work: dict[int, assig
                info: Any, stats: Any, computed: bool, attempt: str) -> dict[str, Any] | None:
     """Record this rank's stats; whichever rank finds every shard committed writes the summary (no collective:
     ranks that finish early do not wait on the slow ones). Returns the summary when this rank wrote or kept it."""
-    stats_dir = shards.join(folder, STATS_DIR)
-    shards.write_json_atomic(shards.join(stats_dir, f"{attempt}-rank{ctx.rank:05d}.json"), dataclasses.asdict(stats))
+    stats_dir = storage.join(folder, STATS_DIR)
+    storage.write_json_atomic(storage.join(stats_dir, f"{attempt}-rank{ctx.rank:05d}.json"), dataclasses.asdict(stats))
     if not _all_committed(folder, work, fingerprint):
         if ctx.world_size == 1:
             log.warning("some shards are not committed: no summary; rerun the same command")
@@ -111,13 +112,13 @@ def finish_run(ctx: DistContext, cfg: Config, folder: str, work: dict[int, assig
     for entry in sorted(fs.ls(path, detail=False)):
         name = entry.rsplit("/", 1)[-1]
         if name.startswith(attempt + "-rank") and name.endswith(".json"):
-            data = shards.read_json(shards.join(stats_dir, name))
+            data = storage.read_json(storage.join(stats_dir, name))
             if data is not None:
                 per_rank.append(data)
     per_rank.sort(key=lambda r: r["rank"])
     summary = build_summary(cfg, folder, work, fingerprint, info, per_rank)
     summary["world_size"] = ctx.world_size
-    shards.write_json_atomic(shards.join(folder, shards.FEATURES_SUMMARY), summary)
+    storage.write_json_atomic(storage.join(folder, shards.FEATURES_SUMMARY), summary)
     t = summary["this_run"]
     log.info("featurize done: %d rows, %d rejects in %d shards; this run %d images in %.1f s (%.1f img/s), slowest "
              "stage %s", summary["rows"], summary["rejects"], summary["shards"], t["images"], t["wall_s"],

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from metadata.config import Config, load_config
+from imgfeat.metadata.config import Config, load_config
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:

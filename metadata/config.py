@@ -6,7 +6,6 @@ Pure Python (no Spark import): every stage and both engines read it. Mistakes ra
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import tomllib
 import types
@@ -15,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metadata.sniff import DEFAULT_MAX_JPEG_SCANS
+from imgfeat.metadata.contracts.sniff import DEFAULT_MAX_JPEG_SCANS
+from imgfeat.metadata.storage import canonical_digest
 
 RESIZE_POLICIES = ("resize_shorter+center_crop", "resize", "letterbox")
 INTERPOLATIONS = ("nearest", "linear", "area", "cubic", "lanczos")
@@ -102,7 +102,7 @@ class ManifestConfig:
             raise ValueError("manifest.max_bytes and manifest.max_pixels must be >= 1")
         if self.max_jpeg_scans < 0:
             raise ValueError(f"manifest.max_jpeg_scans must be >= 0 (0 = no limit), got {self.max_jpeg_scans}")
-        from metadata.sniff import KNOWN_IMAGE_FORMATS
+        from imgfeat.metadata.contracts.sniff import KNOWN_IMAGE_FORMATS
 
         for fmt in self.formats:
             if fmt not in KNOWN_IMAGE_FORMATS:
@@ -324,8 +324,7 @@ class Config:
         """A short sha256 of the named sections (all when none are named)."""
         data = self.to_dict()
         chosen = {s: data[s] for s in (sections or data.keys())}
-        blob = json.dumps(chosen, sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return canonical_digest(chosen)
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:

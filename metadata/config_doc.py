@@ -1,7 +1,7 @@
 """The configuration reference, generated from the dataclasses in ``metadata/config.py``.
 
 Each field's help is the string literal written under it (read with ``ast``, so the docs live next
-to the code). ``python -m metadata.config_doc`` prints the Markdown; a test keeps README.md in sync.
+to the code). ``python -m imgfeat.metadata.config_doc`` prints the Markdown; a test keeps README.md in sync.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import dataclasses
 import inspect
 import json
 
-from metadata import config as config_mod
+from imgfeat.metadata import config as config_mod
 
 START = "<!-- config-reference:start -->"
 END = "<!-- config-reference:end -->"

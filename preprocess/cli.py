@@ -6,20 +6,21 @@ import json
 import logging
 from typing import Any
 
-from metadata.cli_common import add_common_args, build_config
+from imgfeat.metadata.cli_common import add_common_args, build_config
 
 log = logging.getLogger(__name__)
 
 
 def add_prep_args(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``prep`` (shared by ``imgfeat prep`` and ``python -m preprocess``)."""
+    """The flags of ``prep`` (shared by ``imgfeat prep`` and ``python -m imgfeat.preprocess``)."""
     parser.add_argument("--manifest", metavar="OUT", help="the manifest output folder (local path or URL)")
     parser.add_argument("--out", metavar="PREP", help="folder for the prep shards")
     parser.add_argument("--size", type=int, default=None, help="output side in pixels (prep.size, default 64)")
     parser.add_argument("--format", choices=("hdf5", "npy"), default=None, help="shard format (prep.format)")
     parser.add_argument("--split", default=None, help="export only this split (prep.split; default all)")
     parser.add_argument("--rows-per-shard", type=int, default=None, help="images per shard (prep.rows_per_shard)")
-    parser.add_argument("--workers", type=int, default=None, help="decode processes (preprocess.num_workers; -1 = cores)")
+    parser.add_argument("--num-workers", "--workers", dest="workers", type=int, default=None,
+                        help="decode processes (preprocess.num_workers, as in featurize; -1 = cores)")
     parser.add_argument("--overwrite", action="store_true", help="remove existing shards first")
     parser.add_argument("--show", metavar="PREP", help="print counts of an existing prep folder instead")
     parser.add_argument("--contact-sheet", metavar="FILE", help="with --show: write a PNG grid of samples per class")
@@ -36,8 +37,8 @@ def register(subparsers: Any) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run ``prep`` from parsed flags; returns the exit code. Config mistakes raise ValueError."""
-    from preprocess.export import run_prep
-    from preprocess.show import show_prep
+    from imgfeat.preprocess.export import run_prep
+    from imgfeat.preprocess.show import show_prep
 
     if args.show:
         print(show_prep(args.show, args.contact_sheet))

@@ -20,10 +20,11 @@ import pyarrow as pa
 import torch
 from torch.utils.data import Dataset
 
-from metadata.checks import read_bytes
-from metadata.config import RESIZE_POLICIES, PreprocessConfig
-from preprocess.decode import DecodeError, decode_image
-from preprocess.transforms import needed_shorter_side, resize_image, resize_images
+from imgfeat.metadata.config import RESIZE_POLICIES, PreprocessConfig
+from imgfeat.metadata.contracts.hooks import fault_point
+from imgfeat.metadata.manifest.checks import read_bytes
+from imgfeat.preprocess.decode import DecodeError, decode_image
+from imgfeat.preprocess.transforms import needed_shorter_side, resize_image, resize_images
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ Batch = LoadedBatch
 def decode_rgb(uri: str, cfg: PreprocessConfig, size: int, policy: str, resize_shorter: int) -> np.ndarray:
     """Read, guard and decode one file to HxWx3 RGB uint8 (JPEGs at a reduced scale where that is
     enough for ``size``); raises DecodeError."""
+    fault_point("decode", uri)
     try:
         data = read_bytes(uri, cfg.max_bytes)
     except (OSError, ValueError) as exc:
@@ -168,7 +170,7 @@ def read_ok_rows(out: str, split: str | None = None, labels: Iterable[str] | Non
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    from metadata.schema import read_manifest
+    from imgfeat.metadata.contracts.schema import read_manifest
 
     cols = list(columns or ("image_id", "path", "label", "label_index", "split", "shard", "width", "height"))
     expr = pads.field("status") == "ok"

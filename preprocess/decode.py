@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from metadata.config import REDUCED_DECODE_MODES, PreprocessConfig
-from metadata.cv2_env import import_cv2, quiet_decoder
-from metadata.sniff import HeaderInfo, parse_header
+from imgfeat.metadata.config import REDUCED_DECODE_MODES, PreprocessConfig
+from imgfeat.metadata.contracts.cv2_env import import_cv2, quiet_decoder
+from imgfeat.metadata.contracts.sniff import HeaderInfo, parse_header
 
 DECODE_REASONS = ("unreadable", "not_image", "unsupported_format", "truncated", "undecodable", "too_large", "zero_bytes")
 _REDUCED_SCALES = (8, 4, 2)

@@ -9,8 +9,6 @@ are rejects, recorded in the marker: written + rejected = selected, always.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import time
@@ -21,14 +19,23 @@ import fsspec
 import numpy as np
 from tqdm import tqdm
 
-from metadata.config import Config, dump_toml
-from metadata.schema import CONFIG_FILE
-from metadata.shards import (PREP_SUMMARY, ShardVerificationError, clean_stale_temporaries, join, list_markers,
-                             members_digest, remove_shard, shard_stem, verify_shard, write_bytes_atomic,
-                             write_json_atomic, write_marker)
-from preprocess.dataset import ManifestDataset, read_ok_rows
-from preprocess.loader import iter_batches_contained, resolve_workers
-from preprocess.prep_io import write_shard
+from imgfeat.metadata.config import Config, dump_toml
+from imgfeat.metadata.contracts.schema import CONFIG_FILE
+from imgfeat.metadata.contracts.shards import (
+    PREP_SUMMARY,
+    ShardVerificationError,
+    clean_stale_temporaries,
+    list_markers,
+    members_digest,
+    remove_shard,
+    shard_stem,
+    verify_shard,
+    write_marker,
+)
+from imgfeat.metadata.storage import canonical_digest, join, write_bytes_atomic, write_json_atomic
+from imgfeat.preprocess.dataset import ManifestDataset, read_ok_rows
+from imgfeat.preprocess.loader import iter_batches_contained, resolve_workers
+from imgfeat.preprocess.prep_io import write_shard
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +51,7 @@ def prep_fingerprint(cfg: Config) -> str:
     pre = dataclasses.asdict(cfg.preprocess)
     data = {"prep": dataclasses.asdict(cfg.prep), "preprocess": {k: pre[k] for k in _DECODE_KEYS},
             "code_version": PREP_CODE_VERSION}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return canonical_digest(data)
 
 
 def prep_preprocess_config(cfg: Config):

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from metadata.config import PreprocessConfig
-from metadata.cv2_env import import_cv2
-from preprocess.dataset import Batch, Item, collate
+from imgfeat.metadata.config import PreprocessConfig
+from imgfeat.metadata.contracts.cv2_env import import_cv2
+from imgfeat.preprocess.dataset import Batch, Item, collate
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Layout of shard ``part-NNNNN`` in the prep folder:
 - hdf5: ``part-NNNNN.h5`` with ``images`` [n,H,W,3] uint8 (chunked, compressed), ``labels`` int32
   [n] (-1 = no label), ``image_id`` S32 [n], and attributes (config JSON, fingerprint, size).
 - npy: ``part-NNNNN.images.npy``, ``part-NNNNN.labels.npy``, ``part-NNNNN.ids.npy`` (same content).
-The marker ``part-NNNNN.done.json`` (metadata.shards) is written after these, by the caller.
+The marker ``part-NNNNN.done.json`` (imgfeat.metadata.contracts.shards) is written after these, by the caller.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from metadata.shards import IDS_NPY, PREP_H5, PREP_IMAGES_NPY, PREP_LABELS_NPY, is_local, join, staged_file
+from imgfeat.metadata.contracts.shards import IDS_NPY, PREP_H5, PREP_IMAGES_NPY, PREP_LABELS_NPY
+from imgfeat.metadata.storage import is_local, join, staged_file
 
 CHUNK_BYTES = 64 * 1024
 """Target HDF5 chunk size: a few small images per chunk, so random access decompresses little."""

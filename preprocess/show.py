@@ -5,8 +5,9 @@ from collections import Counter
 
 import numpy as np
 
-from metadata.shards import PREP_SUMMARY, join, list_markers, read_json, write_bytes_atomic
-from preprocess.train_dataset import PrepDataset
+from imgfeat.metadata.contracts.shards import PREP_SUMMARY, list_markers
+from imgfeat.metadata.storage import join, read_json, write_bytes_atomic
+from imgfeat.preprocess.train_dataset import PrepDataset
 
 MIN_CELL = 64
 LABEL_WIDTH = 140
@@ -51,8 +52,8 @@ def _name(classes: list[str], label: int) -> str:
 
 def contact_sheet_png(dataset: PrepDataset, classes: list[str], per_class: int = 8) -> bytes:
     """PNG bytes of a grid: one row per class, the first ``per_class`` images of that class."""
-    from preprocess.decode import cv2_module
-    from metadata.cv2_env import DEFAULT_MAX_PIXELS
+    from imgfeat.metadata.contracts.cv2_env import DEFAULT_MAX_PIXELS
+    from imgfeat.preprocess.decode import cv2_module
 
     cv2 = cv2_module(DEFAULT_MAX_PIXELS)
     labels = sorted(set(int(v) for v in dataset.labels))

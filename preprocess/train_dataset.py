@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import bisect
 import logging
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from metadata.shards import ShardVerificationError, list_markers, verify_shard
-from preprocess.prep_io import ShardReader
+from imgfeat.metadata.contracts.shards import ShardVerificationError, list_markers, verify_shard
+from imgfeat.preprocess.prep_io import ShardReader
 
 log = logging.getLogger(__name__)
 

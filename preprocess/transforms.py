@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from metadata.config import INTERPOLATIONS, RESIZE_POLICIES
+from imgfeat.metadata.config import INTERPOLATIONS, RESIZE_POLICIES
 
 if TYPE_CHECKING:
     import torch
@@ -24,8 +24,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _cv2() -> Any:
-    from preprocess.decode import cv2_module
-    from metadata.cv2_env import DEFAULT_MAX_PIXELS
+    from imgfeat.metadata.contracts.cv2_env import DEFAULT_MAX_PIXELS
+    from imgfeat.preprocess.decode import cv2_module
 
     return cv2_module(DEFAULT_MAX_PIXELS)
 

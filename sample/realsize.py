@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from metadata.cv2_env import import_cv2
+from imgfeat.metadata.contracts.cv2_env import import_cv2
 
 SOURCE_SUFFIXES = (".jpg", ".jpeg", ".png")
 ASPECTS = (1.0, 5 / 4, 4 / 3, 3 / 2, 16 / 9, 2.0)

@@ -72,8 +72,8 @@ def torch_home(tmp_path_factory, mobilenet_weights) -> Path:
 @pytest.fixture(scope="session")
 def spark():
     """The one local Spark session of the test run (local[2,3]: two cores, task retries on)."""
-    from metadata.config import SparkConfig
-    from metadata.spark_session import get_spark
+    from imgfeat.metadata.config import SparkConfig
+    from imgfeat.metadata.spark.session import get_spark
 
     session = get_spark(SparkConfig(master="local[2,3]", driver_memory="2g", partitions=4))
     yield session

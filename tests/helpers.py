@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from metadata.schema import MANIFEST_DIR, MANIFEST_SCHEMA, SUMMARY_FILE, image_id_for, normalize_uri
+from imgfeat.metadata.contracts.schema import MANIFEST_DIR, MANIFEST_SCHEMA, SUMMARY_FILE, image_id_for, normalize_uri
 
 
 def write_image(path: Path, rgb: np.ndarray, ext: str = ".jpg", **params: int) -> Path:

@@ -175,9 +175,9 @@ def test_corpus_covers_the_listed_inputs(corpus) -> None:
 
 @pytest.mark.spark
 def test_every_input_is_one_manifest_row_with_the_right_status(spark, corpus, tmp_path) -> None:
-    from metadata.config import load_config
-    from metadata.manifest_job import run_manifest
-    from metadata.schema import read_manifest
+    from imgfeat.metadata.config import load_config
+    from imgfeat.metadata.contracts.schema import read_manifest
+    from imgfeat.metadata.manifest.job import run_manifest
 
     root, cases = corpus
     summary = run_manifest(load_config(None, {"manifest": {"rows_per_shard": 50}}), [str(root)], str(tmp_path / "m"))
@@ -196,8 +196,8 @@ def test_every_input_is_one_manifest_row_with_the_right_status(spark, corpus, tm
 def test_decode_wrapper_agrees_within_the_time_bound(corpus) -> None:
     """Every readable input through ``decode_image``: an image for ``ok``, else DecodeError with the manifest
     status; none takes longer than DECODE_SECONDS."""
-    from metadata.config import PreprocessConfig
-    from preprocess.decode import DecodeError, decode_image
+    from imgfeat.metadata.config import PreprocessConfig
+    from imgfeat.preprocess.decode import DecodeError, decode_image
 
     root, cases = corpus
     cfg = PreprocessConfig()
@@ -222,8 +222,8 @@ def test_decode_wrapper_agrees_within_the_time_bound(corpus) -> None:
 
 
 def test_scan_cap_is_configurable() -> None:
-    from metadata.config import PreprocessConfig, load_config
-    from preprocess.decode import DecodeError, decode_image
+    from imgfeat.metadata.config import PreprocessConfig, load_config
+    from imgfeat.preprocess.decode import DecodeError, decode_image
 
     data = scan_bomb_jpeg(32, 150)
     with pytest.raises(DecodeError, match="155 scans > max 100"):
@@ -242,9 +242,9 @@ def test_scan_cap_is_configurable() -> None:
 def test_unreadable_permissions(spark, tmp_path) -> None:
     if os.geteuid() == 0:
         pytest.skip("running as root: file permissions do not stop root from reading, so nothing to test")
-    from metadata.config import load_config
-    from metadata.manifest_job import run_manifest
-    from metadata.schema import read_manifest
+    from imgfeat.metadata.config import load_config
+    from imgfeat.metadata.contracts.schema import read_manifest
+    from imgfeat.metadata.manifest.job import run_manifest
 
     src = tmp_path / "src" / "a"
     write_image(src / "ok.jpg", gradient_image(seed=1))

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from metadata.config import Config, load_config, parse_setting
+from imgfeat.metadata.config import Config, load_config, parse_setting
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def imgfeat(*args: str, env: dict[str, str] | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "featurize.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "imgfeat", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -94,11 +94,11 @@ def test_verbose_shows_the_traceback(tmp_path: Path) -> None:
 
 
 def test_run_takes_the_stage_flags() -> None:
-    from featurize.cli import build_parser
+    from imgfeat.cli import build_parser
 
     args = build_parser().parse_args(["run", "src", "--out", "o", "--model", "resnet18", "--k", "8", "--batch-size", "16",
                                       "--precision", "bf16", "--validation", "header", "--weights", "none"])
-    from featurize.run_cli import config_from_args
+    from imgfeat.run_cli import config_from_args
 
     cfg = config_from_args(args)
     assert (cfg.featurize.model, cfg.pca.k, cfg.preprocess.batch_size, cfg.featurize.precision) == ("resnet18", 8, 16, "bf16")
@@ -107,9 +107,9 @@ def test_run_takes_the_stage_flags() -> None:
 
 def test_decoders_are_quiet_unless_asked(pngsuite_dir: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """libpng writes its warnings to file descriptor 2; the per-file verdict is in the row instead."""
-    from metadata.checks import decode_check
-    from metadata.config import PreprocessConfig
-    from preprocess.decode import DecodeError, decode_image
+    from imgfeat.metadata.config import PreprocessConfig
+    from imgfeat.metadata.manifest.checks import decode_check
+    from imgfeat.preprocess.decode import DecodeError, decode_image
 
     broken = sorted(pngsuite_dir.glob("x*.png"))
     assert broken

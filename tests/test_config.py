@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from metadata.config import Config, dump_toml, load_config
+from imgfeat.metadata.config import Config, dump_toml, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,6 +12,7 @@ import pytest
 
 from helpers import gradient_image
 
+
 def _bases(rng: np.random.Generator) -> list[tuple[str, bytes]]:
     """Whole files of every format: colour, grey, alpha, progressive JPEG, 16-bit PNG, a GIF from Pillow."""
     from PIL import Image
@@ -62,8 +63,8 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 def test_decoder_gives_an_image_or_a_reason_for_every_file(suite: Path) -> None:
-    from metadata.config import PreprocessConfig
-    from preprocess.decode import DECODE_REASONS, DecodeError, decode_image
+    from imgfeat.metadata.config import PreprocessConfig
+    from imgfeat.preprocess.decode import DECODE_REASONS, DecodeError, decode_image
 
     cfg = PreprocessConfig()
     files = sorted(p for p in suite.rglob("*") if p.is_file())
@@ -78,9 +79,9 @@ def test_decoder_gives_an_image_or_a_reason_for_every_file(suite: Path) -> None:
 @pytest.mark.spark
 @pytest.mark.parametrize("validation", ["full", "header"])
 def test_manifest_gives_one_row_per_fuzzed_file(spark, suite: Path, tmp_path: Path, validation: str) -> None:
-    from metadata.config import load_config
-    from metadata.manifest_job import run_manifest
-    from metadata.schema import read_manifest
+    from imgfeat.metadata.config import load_config
+    from imgfeat.metadata.contracts.schema import read_manifest
+    from imgfeat.metadata.manifest.job import run_manifest
 
     files = {p.relative_to(suite).as_posix() for p in suite.rglob("*") if p.is_file()}
     summary = run_manifest(load_config(None, {"manifest": {"validation": validation}}), [str(suite)], str(tmp_path / "m"))

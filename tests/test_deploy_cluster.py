@@ -1,7 +1,7 @@
 """The Spark stages on a real standalone cluster on 127.0.0.1 (a master and two workers).
 
 The manifest runs as `imgfeat manifest --master spark://...`, pca as README's Databricks/EMR section
-says: `spark-submit --master spark://... featurize/cli.py pca ...`. Both workers must run tasks of both
+says: `spark-submit --master spark://... imgfeat/cli.py pca ...`. Both workers must run tasks of both
 applications, the manifest must account for every file, and the reduced output must span the same
 subspace as NumPy's PCA of the same features.
 """
@@ -17,10 +17,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import featurize.cli
-from featurize.stage_cli import main as featurize_main
-from featurize.testing import features_by_id
-from metadata.schema import read_manifest, read_summary
+import imgfeat.cli
+from imgfeat.featurize.stage_cli import main as featurize_main
+from imgfeat.metadata.contracts.schema import read_manifest, read_summary
+
+from run_helpers import features_by_id
 from spark_cluster import standalone_cluster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,7 +80,7 @@ def test_manifest_and_pca_on_two_worker_cluster(tmp_path):
                                "none", "--size", "32", "--batch-size", "16", "--num-workers", "0", "-q"]) == 0
         # pca as README's "spark-submit with the package" runs it: spark-submit's --master must be the one used
         proc = _run([spark_submit(), "--master", master, "--conf", "spark.scheduler.minRegisteredResourcesRatio=1.0",
-                     featurize.cli.__file__, "pca", "--manifest", str(out), "--features", str(feat), "--out", str(red),
+                     imgfeat.cli.__file__, "pca", "--manifest", str(out), "--features", str(feat), "--out", str(red),
                      "--k", "3"])
         assert proc.returncode == 0, proc.stderr[-4000:]
         pca_app = _app_ids(cluster_dir) - manifest_app

@@ -12,9 +12,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from featurize.cli import main as imgfeat
-from featurize.testing import features_by_id
-from metadata.schema import read_manifest
+from imgfeat.cli import main as imgfeat
+from imgfeat.metadata.contracts.schema import read_manifest
+
+from run_helpers import features_by_id
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "sample"))

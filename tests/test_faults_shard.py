@@ -1,20 +1,23 @@
-"""Faults while writing feature shards: kill -9 at every point of a shard's life (``featurize.faults``), a full
+"""Faults while writing feature shards: kill -9 at every point of a shard's life (``tests/faults_driver.py``), a full
 disk, and configuration drift. No reader ever sees a partial shard, and a rerun leaves shard files
 byte-identical to an uninterrupted run (CPU, fp32)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from featurize.faults import SHARD_POINTS
-from featurize.stage_cli import main as featurize_main
-from featurize.testing import run_module
-from featurize.verify import verify_run
+from imgfeat.featurize.stage_cli import main as featurize_main
+from imgfeat.metadata import storage
+from imgfeat.metadata.contracts import feature_store, hooks, shards
+from imgfeat.verify import verify_run
+
+from faults_driver import SHARD_POINTS
 from helpers import gradient_image, write_image, write_manifest
-from metadata import feature_store, shards
+from run_helpers import run_module
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.(jit|export):FutureWarning")
 
@@ -78,7 +81,7 @@ def test_kill9_at_each_point_then_rerun_is_byte_identical(setup, clean, tmp_path
     committed = sorted(feature_store.committed_shards(str(feat)))
     # The second shard dies at `point`: committed only once its marker is written.
     assert committed == (["part-00000", "part-00001"] if point == "after_marker" else ["part-00000"])
-    temps = [(feat / n).stat().st_size for n in names if shards.TMP_TAG in n and "part-00001.features" in n]
+    temps = [(feat / n).stat().st_size for n in names if storage.TMP_TAG in n and "part-00001.features" in n]
     full = (clean / "part-00001.features.npy").stat().st_size
     on_disk = {
         "before_write": not any("part-00001" in n for n in names),
@@ -95,7 +98,7 @@ def test_kill9_at_each_point_then_rerun_is_byte_identical(setup, clean, tmp_path
     assert not (feat / shards.FEATURES_SUMMARY).exists()
 
     assert featurize_main([*args, "--out", str(feat)]) == 0
-    assert not [n for n in (p.name for p in feat.iterdir()) if shards.TMP_TAG in n]  # stale temporaries cleaned
+    assert not [n for n in (p.name for p in feat.iterdir()) if storage.TMP_TAG in n]  # stale temporaries cleaned
     assert shard_files(feat) == shard_files(clean)  # byte-identical to the uninterrupted run
     v = verify_run(str(manifest), str(feat))
     assert v.ok and (v.feature_rows, v.rejected) == (ROWS - 1, 1), v.problems
@@ -125,19 +128,34 @@ def test_native_decoder_crash_is_recorded_and_the_run_completes(setup, clean, tm
 
 
 def test_unknown_fault_is_refused() -> None:
-    from featurize.faults import Faults
+    from faults_driver import Faults
 
     with pytest.raises(ValueError, match="IMGFEAT_FAULT"):
         Faults(0, "kill_somewhere:1")
     with pytest.raises(ValueError, match="file=PATH"):
         Faults(0, "segv_decode")
-    assert Faults(0, "kill_mid_data:1,rank=1").kind == ""  # armed on another rank only
+    assert Faults(0, "kill_mid_data:1,rank=1").observer is None  # armed on another rank only
+    assert Faults(0, "kill_before_marker:3").point == "after_rename"  # the older name
+    assert Faults(0, "kill_before_marker:3").observer is not None
+    assert Faults(0, "").observer is None
+
+
+def test_the_hook_is_installed_from_the_environment(monkeypatch) -> None:
+    from imgfeat.metadata.contracts import hooks
+
+    seen: list[tuple[str, str]] = []
+    monkeypatch.setattr(sys.modules[__name__], "make_observer", lambda rank: lambda e, s: seen.append((e, s)),
+                        raising=False)
+    monkeypatch.setenv(hooks.HOOK_ENV, f"{__name__}:make_observer")
     try:
-        assert Faults(0, "kill_before_marker:3").point == "after_rename"  # the older name
-        assert shards.get_fault_hook() is not None
+        hooks.install_from_env(0)
+        hooks.fault_point("decode", "file:///x.jpg")
     finally:
-        assert Faults(0, "").point == ""
-    assert shards.get_fault_hook() is None  # an inactive fault removes the earlier one's hook
+        hooks.set_observer(None)
+    assert seen == [("decode", "file:///x.jpg")]
+    monkeypatch.setenv(hooks.HOOK_ENV, "no_function_named")
+    with pytest.raises(ValueError, match="module:function"):
+        hooks.install_from_env(0)
 
 
 @pytest.mark.parametrize("victim", ["features.npy", "done.json"])
@@ -155,18 +173,18 @@ def test_disk_full_fails_the_shard_cleanly_and_rerun_succeeds(setup, clean, tmp_
 
     def disk_full(event: str, path: str) -> None:
         if event == "shard_start" and path.endswith("part-00001"):
-            os.symlink("/dev/full", feat / f".part-00001.{victim}{shards.TMP_TAG}{os.getpid()}-00000000")
+            os.symlink("/dev/full", feat / f".part-00001.{victim}{storage.TMP_TAG}{os.getpid()}-00000000")
 
-    shards.set_fault_hook(disk_full)
+    hooks.set_observer(disk_full)
     try:
         with pytest.raises(RuntimeError, match="part-00001: failed 3 times") as err:  # each attempt hits it
             featurize_main([*args, "--out", str(feat)])
     finally:
-        shards.set_fault_hook(None)
+        hooks.set_observer(None)
     cause = err.value.__cause__
     assert isinstance(cause, OSError) and cause.errno == errno.ENOSPC, repr(cause)
     assert not (feat / "part-00001.done.json").exists()  # no marker: the shard does not exist for readers
-    assert not [p.name for p in feat.iterdir() if shards.TMP_TAG in p.name]  # failed writes left nothing
+    assert not [p.name for p in feat.iterdir() if storage.TMP_TAG in p.name]  # failed writes left nothing
     assert sorted(feature_store.committed_shards(str(feat))) == ["part-00000"]
     monkeypatch.undo()
     assert featurize_main([*args, "--out", str(feat)]) == 0  # space again: the rerun finishes the job

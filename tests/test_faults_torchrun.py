@@ -6,13 +6,14 @@ import re
 import subprocess
 
 import pytest
-
-from featurize.stage_cli import main as featurize_main
-from featurize.testing import REPO, subprocess_env, torchrun_cmd
-from featurize.verify import verify_run
-from helpers import gradient_image, write_image, write_manifest
-from metadata import shards
 from test_faults_shard import shard_files, tiny_model
+
+from imgfeat.featurize.stage_cli import main as featurize_main
+from imgfeat.metadata import storage
+from imgfeat.verify import verify_run
+
+from helpers import gradient_image, write_image, write_manifest
+from run_helpers import REPO, subprocess_env, torchrun_cmd
 
 pytestmark = [pytest.mark.torchrun,
               pytest.mark.filterwarnings("ignore:.*torch.(jit|export):FutureWarning")]
@@ -38,6 +39,6 @@ def test_sigterm_during_torchrun_restart_cleans_stale_temporaries(tmp_path) -> N
     stale = re.search(r"after writing (\.part-\d+\.features\.npy\.tmp-[0-9a-f-]+), before its rename", res.stderr)
     assert stale, res.stderr[-3000:]
     assert not (feat / stale.group(1)).exists()  # the restarted rank 0 removed it
-    assert not [p.name for p in feat.iterdir() if shards.TMP_TAG in p.name]
+    assert not [p.name for p in feat.iterdir() if storage.TMP_TAG in p.name]
     assert shard_files(feat) == shard_files(single)
     assert verify_run(str(manifest), str(feat)).ok

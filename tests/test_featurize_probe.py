@@ -6,11 +6,12 @@ import os
 import numpy as np
 import pytest
 
-from featurize.stage_cli import main as featurize_main
-from featurize.testing import pick_images
+from imgfeat.featurize.stage_cli import main as featurize_main
+from imgfeat.metadata.contracts.feature_store import read_features
+from imgfeat.metadata.contracts.schema import read_manifest
+
 from helpers import write_manifest
-from metadata.feature_store import read_features
-from metadata.schema import read_manifest
+from run_helpers import pick_images
 
 PROBE_SIZE = int(os.environ.get("IMGFEAT_PROBE_SIZE", "128"))
 

@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featurize.stage_cli import main as featurize_main
-from featurize.testing import features_by_id, pick_images, run_module
+from imgfeat.featurize.stage_cli import main as featurize_main
+from imgfeat.metadata import storage
+from imgfeat.metadata.contracts import feature_store, shards
+from imgfeat.metadata.contracts.schema import read_manifest
+
 from helpers import write_manifest
-from metadata import feature_store, shards
-from metadata.schema import read_manifest
+from run_helpers import features_by_id, pick_images, run_module
 
 BASE = ["--model", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--size", "64", "--batch-size", "16", "-q"]
 
@@ -139,7 +141,7 @@ def test_kill_and_rerun_equals_clean(tmp_path, manifest, clean, fault) -> None:
         assert (feat / "part-00001.h5").exists()  # data renamed, marker missing: not a committed shard
     rerun = run_module(args)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert not [p for p in feat.iterdir() if shards.TMP_TAG in p.name]
+    assert not [p for p in feat.iterdir() if storage.TMP_TAG in p.name]
     a, b = features_by_id(str(clean)), features_by_id(str(feat))
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[k], b[k]) for k in a)  # byte-identical to the uninterrupted run
@@ -153,8 +155,8 @@ def test_matches_torchvision_pil_reference(tmp_path, fruits_dir, torch_home) -> 
     from PIL import Image
     from torchvision.models import MobileNet_V2_Weights
 
-    from featurize.model import reference_model
-    from metadata.config import FeaturizeConfig
+    from imgfeat.featurize.model import reference_model
+    from imgfeat.metadata.config import FeaturizeConfig
 
     files = pick_images(fruits_dir, split="Test", per_class=1)
     manifest = write_manifest(tmp_path / "m", files, rows_per_shard=16)
@@ -187,4 +189,4 @@ def test_s3_output_without_rename(s3_bucket, manifest, clean) -> None:
     assert len(before) == 3
     assert featurize_main(args) == 0
     assert {s: m["committed_at"] for s, m in shards.list_markers(feat).items()} == before
-    assert shards.read_json(shards.join(feat, shards.FEATURES_SUMMARY))["rows"] == 40
+    assert storage.read_json(storage.join(feat, shards.FEATURES_SUMMARY))["rows"] == 40

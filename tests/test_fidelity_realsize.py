@@ -11,13 +11,14 @@ weights. The default config must reach cosine >= 0.999 on every photo. ``reduced
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from metadata.config import PreprocessConfig
-from preprocess.decode import reduced_scale
-from preprocess.transforms import needed_shorter_side
+from imgfeat.metadata.config import PreprocessConfig
+from imgfeat.preprocess.decode import reduced_scale
+from imgfeat.preprocess.transforms import needed_shorter_side
 
 pytestmark = pytest.mark.slow
 
@@ -62,12 +63,12 @@ def reference(photos, model):
         return model(torch.stack(batch))
 
 
-def imgfeat_features(photos: list[str], cfg: PreprocessConfig, model) -> "torch.Tensor":
+def imgfeat_features(photos: list[str], cfg: PreprocessConfig, model: Any) -> Any:
     """Features through the DataLoader batch path of featurize: ManifestDataset.__getitems__ + normalize_batch."""
     import torch
 
-    from preprocess.dataset import ManifestDataset
-    from preprocess.transforms import normalize_batch
+    from imgfeat.preprocess.dataset import ManifestDataset
+    from imgfeat.preprocess.transforms import normalize_batch
 
     rows = [{"image_id": f"{i:032x}", "path": p} for i, p in enumerate(photos)]
     ds = ManifestDataset(rows, cfg)

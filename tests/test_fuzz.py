@@ -11,10 +11,11 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from imgfeat.metadata.config import PreprocessConfig
+from imgfeat.metadata.contracts.sniff import parse_header
+from imgfeat.preprocess.decode import DECODE_REASONS, DecodeError, decode_image
+
 from helpers import gradient_image
-from metadata.config import PreprocessConfig
-from metadata.sniff import parse_header
-from preprocess.decode import DECODE_REASONS, DecodeError, decode_image
 
 SNIFF_STATUSES = {"ok", "zero_bytes", "not_image", "unsupported_format", "truncated", "undecodable", "too_large"}
 CFG = PreprocessConfig(max_pixels=4_000_000)  # a small cap keeps any accepted header cheap to decode

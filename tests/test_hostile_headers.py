@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metadata.manifest_job import CHECKED_SCHEMA
-from metadata.row_guard import to_record_batch
-from metadata.sniff import MAX_SIDE, parse_header
+from imgfeat.metadata.contracts.sniff import MAX_SIDE, parse_header
+from imgfeat.metadata.manifest.job import CHECKED_SCHEMA
+from imgfeat.metadata.manifest.row_guard import to_record_batch
 
 INT32_MAX = 2**31 - 1
 
@@ -130,9 +130,9 @@ def test_row_builder_never_fails_and_never_drops_a_row(rows: list[tuple]) -> Non
 
 def _check_folder(root: Path, monkeypatch: pytest.MonkeyPatch | None = None) -> list[dict]:
     """The check task run in this process (what each Spark task runs) over one folder."""
-    from metadata.config import load_config
-    from metadata.listing import check_source
-    from metadata.manifest_job import _make_checker
+    from imgfeat.metadata.config import load_config
+    from imgfeat.metadata.manifest.job import _make_checker
+    from imgfeat.metadata.manifest.listing import check_source
 
     check = _make_checker(load_config(None, {}))
     task = pa.RecordBatch.from_pylist([{"slice": 0, "slices": 1, "root": check_source(str(root)), "previous": None}])
@@ -141,10 +141,11 @@ def _check_folder(root: Path, monkeypatch: pytest.MonkeyPatch | None = None) -> 
 
 def test_an_exception_while_checking_one_file_is_that_files_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
-    import metadata.manifest_job as job
-    from helpers import gradient_image
-
     import cv2
+
+    import imgfeat.metadata.manifest.job as job
+
+    from helpers import gradient_image
 
     (tmp_path / "a").mkdir()
     for name in ("good.png", "boom.png", "also-good.png"):
@@ -169,10 +170,11 @@ def test_an_exception_while_checking_one_file_is_that_files_row(tmp_path: Path, 
 def test_manifest_job_gives_every_hostile_file_one_row(spark, tmp_path: Path) -> None:
     import cv2
 
+    from imgfeat.metadata.config import load_config
+    from imgfeat.metadata.contracts.schema import read_manifest
+    from imgfeat.metadata.manifest.job import run_manifest
+
     from helpers import gradient_image
-    from metadata.config import load_config
-    from metadata.manifest_job import run_manifest
-    from metadata.schema import read_manifest
 
     src = tmp_path / "src" / "hostile"
     src.mkdir(parents=True)

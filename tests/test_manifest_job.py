@@ -11,10 +11,11 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
+from imgfeat.metadata.config import load_config
+from imgfeat.metadata.contracts.schema import MANIFEST_COLUMNS, image_id_for, read_manifest, read_summary
+from imgfeat.metadata.manifest.cli import format_summary
+
 from helpers import gradient_image, write_image
-from metadata.config import load_config
-from metadata.manifest_cli import format_summary
-from metadata.schema import MANIFEST_COLUMNS, image_id_for, read_manifest, read_summary
 
 pytestmark = pytest.mark.spark
 
@@ -80,7 +81,7 @@ def messy_tree(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def messy_manifest(spark, messy_tree, tmp_path_factory):
-    from metadata.manifest_job import run_manifest
+    from imgfeat.metadata.manifest.job import run_manifest
 
     root, _ = messy_tree
     out = tmp_path_factory.mktemp("messy_out")
@@ -171,7 +172,7 @@ def test_summary_file_and_show(messy_manifest):
 
 
 def test_rerun_gives_same_rows_and_incremental_rechecks_only_changes(spark, messy_tree, messy_manifest, tmp_path):
-    from metadata.manifest_job import run_manifest
+    from imgfeat.metadata.manifest.job import run_manifest
 
     root, _ = messy_tree
     out, first, rows = messy_manifest
@@ -196,7 +197,7 @@ def test_rerun_gives_same_rows_and_incremental_rechecks_only_changes(spark, mess
 
 
 def test_header_mode_skips_the_decode(spark, tmp_path):
-    from metadata.manifest_job import run_manifest
+    from imgfeat.metadata.manifest.job import run_manifest
 
     src = tmp_path / "src" / "a"
     src.mkdir(parents=True)
@@ -209,7 +210,7 @@ def test_header_mode_skips_the_decode(spark, tmp_path):
 
 
 def test_caps_from_config(spark, tmp_path):
-    from metadata.manifest_job import run_manifest
+    from imgfeat.metadata.manifest.job import run_manifest
 
     src = tmp_path / "src" / "a"
     write_image(src / "big.png", gradient_image(100, 100), ".png")
@@ -222,14 +223,14 @@ def test_caps_from_config(spark, tmp_path):
 
 
 def test_missing_source_fails_fast_naming_it(spark, tmp_path):
-    from metadata.manifest_job import run_manifest
+    from imgfeat.metadata.manifest.job import run_manifest
 
     with pytest.raises(ValueError, match="does-not-exist"):
         run_manifest(load_config(), [str(tmp_path / "does-not-exist")], str(tmp_path / "out"))
 
 
 def test_real_photos_keep_folder_splits(spark, fruits_dir, tmp_path):
-    from metadata.manifest_job import run_manifest
+    from imgfeat.metadata.manifest.job import run_manifest
 
     summary = run_manifest(load_config(), [str(fruits_dir)], str(tmp_path / "out"))
     table = read_manifest(str(tmp_path / "out"))
@@ -245,7 +246,7 @@ def test_real_photos_keep_folder_splits(spark, fruits_dir, tmp_path):
 
 
 def test_pngsuite_corrupt_files_are_flagged(spark, pngsuite_dir, tmp_path):
-    from metadata.manifest_job import run_manifest
+    from imgfeat.metadata.manifest.job import run_manifest
 
     run_manifest(load_config(), [str(pngsuite_dir)], str(tmp_path / "out"))
     rows = read_manifest(str(tmp_path / "out")).to_pylist()
@@ -259,7 +260,7 @@ def test_pngsuite_corrupt_files_are_flagged(spark, pngsuite_dir, tmp_path):
 
 
 def test_cli_show(messy_manifest, capsys):
-    from featurize.cli import main
+    from imgfeat.cli import main
 
     out, _, _ = messy_manifest
     assert main(["manifest", "--show", str(out), "--json"]) == 0
@@ -269,7 +270,7 @@ def test_cli_show(messy_manifest, capsys):
 
 
 def test_labels_from_csv_and_regex(spark, tmp_path):
-    from metadata.manifest_job import run_manifest
+    from imgfeat.metadata.manifest.job import run_manifest
 
     src = tmp_path / "src"
     for name in ("a_1.jpg", "b_2.jpg", "c_3.jpg", "d_4.jpg"):
@@ -289,8 +290,8 @@ def test_labels_from_csv_and_regex(spark, tmp_path):
 
 
 def test_slices_split_the_listing_exactly(messy_tree):
-    from metadata.listing import Unit, list_unit, slice_of
-    from metadata.schema import normalize_uri
+    from imgfeat.metadata.contracts.schema import normalize_uri
+    from imgfeat.metadata.manifest.listing import Unit, list_unit, slice_of
 
     root = normalize_uri(str(messy_tree[0]))
     unit = Unit(root, root, True)
@@ -303,7 +304,7 @@ def test_slices_split_the_listing_exactly(messy_tree):
 
 def test_parallel_write_path_gives_the_same_rows(spark, messy_tree, messy_manifest, tmp_path, monkeypatch):
     """Above ONE_TASK_ROWS the manifest is written by one task per checked file: same rows, same summary."""
-    from metadata import manifest_job
+    from imgfeat.metadata.manifest import job as manifest_job
 
     root, _ = messy_tree
     _, summary, rows = messy_manifest
@@ -319,9 +320,9 @@ def test_parallel_write_path_gives_the_same_rows(spark, messy_tree, messy_manife
 
 @pytest.mark.parametrize("window,budget", [(1024, 64 << 20), (3, 1), (2, 10_000)])
 def test_prefetched_reads_every_entry_in_order(messy_tree, window, budget):
-    from metadata.checks import prefetched, read_or_error
-    from metadata.listing import Unit, list_unit
-    from metadata.schema import normalize_uri
+    from imgfeat.metadata.contracts.schema import normalize_uri
+    from imgfeat.metadata.manifest.checks import prefetched, read_or_error
+    from imgfeat.metadata.manifest.listing import Unit, list_unit
 
     root = normalize_uri(str(messy_tree[0]))
     entries = list(list_unit(Unit(root, root, True)))

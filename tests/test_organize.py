@@ -6,7 +6,7 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 
-from metadata import organize as org
+from imgfeat.metadata.manifest import organize as org
 
 RATIOS = {"train": 0.8, "val": 0.1, "test": 0.1}
 

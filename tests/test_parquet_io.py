@@ -1,4 +1,4 @@
-"""Parquet datasets written and read by Spark tasks through fsspec (metadata.parquet_io)."""
+"""Parquet datasets written and read by Spark tasks through fsspec (imgfeat.metadata.spark.parquet)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from metadata.parquet_io import dataset_files, read_parquet_dataset, write_parquet_dataset
+from imgfeat.metadata.spark.parquet import dataset_files, read_parquet_dataset, write_parquet_dataset
 
 pytestmark = pytest.mark.spark
 

@@ -4,8 +4,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from metadata.pca_fit import (CovProduct, Moments, PcaModel, choose_k, dump_accumulator, fit_exact, fit_randomized,
-                              load_accumulator, pack_upper, principal_angles, unpack_upper)
+from imgfeat.metadata.pca.fit import (
+    CovProduct,
+    Moments,
+    PcaModel,
+    choose_k,
+    dump_accumulator,
+    fit_exact,
+    fit_randomized,
+    load_accumulator,
+    pack_upper,
+    principal_angles,
+    unpack_upper,
+)
 
 
 def low_rank(n: int, d: int, spectrum: list[float], seed: int = 0, noise: float = 0.05, offset: float = 3.0) -> np.ndarray:
@@ -164,7 +175,7 @@ def test_wide_float32_products_match_float64() -> None:
 
 @pytest.mark.parametrize("fmt", ["npy", "hdf5"])
 def test_feature_head_reads_only_the_first_rows(tmp_path, fmt: str) -> None:
-    from metadata.feature_store import read_feature_head, read_feature_shard, write_feature_shard
+    from imgfeat.metadata.contracts.feature_store import read_feature_head, read_feature_shard, write_feature_shard
 
     x = np.arange(50 * 6, dtype=np.float32).reshape(50, 6)
     marker = write_feature_shard(str(tmp_path), 3, [f"id{i}" for i in range(50)], x, [], fmt, "fp")
@@ -176,7 +187,7 @@ def test_feature_head_reads_only_the_first_rows(tmp_path, fmt: str) -> None:
 def test_idle_cores_is_within_the_cpus_this_process_may_use() -> None:
     import os
 
-    from metadata.pca_fit import idle_cores
+    from imgfeat.metadata.pca.fit import idle_cores
 
     got = idle_cores(0.02)
     assert 1 <= got <= len(os.sched_getaffinity(0))

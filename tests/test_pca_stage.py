@@ -8,11 +8,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from imgfeat.metadata.config import Config
+from imgfeat.metadata.contracts import feature_store
+from imgfeat.metadata.contracts.schema import image_id_for, normalize_uri
+from imgfeat.metadata.pca.fit import PcaModel, principal_angles
+
 from helpers import write_manifest
-from metadata.config import Config
-from metadata import feature_store
-from metadata.pca_fit import PcaModel, principal_angles
-from metadata.schema import image_id_for, normalize_uri
 
 pytestmark = pytest.mark.spark
 
@@ -73,7 +74,7 @@ def read_reduced(out: Path) -> dict[str, np.ndarray]:
 
 
 def test_end_to_end_outputs_and_projection(spark, tmp_path) -> None:
-    from metadata.pca import run_pca
+    from imgfeat.metadata.pca.job import run_pca
 
     data = make_data(tmp_path)
     out = tmp_path / "red"
@@ -106,7 +107,7 @@ def test_end_to_end_outputs_and_projection(spark, tmp_path) -> None:
 
 
 def test_join_accounting_missing_rejected_and_extra(spark, tmp_path) -> None:
-    from metadata.pca import run_pca
+    from imgfeat.metadata.pca.job import run_pca
 
     data = make_data(tmp_path, n=60, per_shard=20, extra_manifest=[
         {"path": "/data/img/a/missing.jpg", "label": "a", "split": "train"},
@@ -135,7 +136,7 @@ def test_join_accounting_missing_rejected_and_extra(spark, tmp_path) -> None:
 
 
 def test_duplicate_feature_rows_detected(spark, tmp_path) -> None:
-    from metadata.pca import run_pca
+    from imgfeat.metadata.pca.job import run_pca
 
     data = make_data(tmp_path, n=40, per_shard=20)
     write_feature_shard(data["features"], 2, data["ids"][:5], data["x"][:5], [], "npy", "test")  # ids already in shard 0
@@ -148,8 +149,8 @@ def test_duplicate_feature_rows_detected(spark, tmp_path) -> None:
 
 
 def test_corrupted_shard_is_refused_by_name(spark, tmp_path) -> None:
-    from metadata.pca import run_pca
-    from metadata.shards import ShardVerificationError
+    from imgfeat.metadata.contracts.shards import ShardVerificationError
+    from imgfeat.metadata.pca.job import run_pca
 
     data = make_data(tmp_path, n=40, per_shard=20)
     victim = Path(data["features"]) / "part-00001.features.npy"
@@ -166,7 +167,7 @@ def test_equals_spark_ml_and_sklearn(spark, tmp_path, standardize: bool) -> None
     from pyspark.ml.functions import array_to_vector
     from sklearn.decomposition import PCA as SkPCA
 
-    from metadata.pca import features_dataframe, run_pca
+    from imgfeat.metadata.pca.job import features_dataframe, run_pca
 
     data = make_data(tmp_path, n=200, d=12, per_shard=50, fmt="hdf5", seed=5)
     summary = run_pca(cfg(k=4, standardize=standardize, fit_split=""), data["manifest"], data["features"],
@@ -201,7 +202,7 @@ def test_equals_spark_ml_and_sklearn(spark, tmp_path, standardize: bool) -> None
 
 
 def test_k_versus_variance_selection(spark, tmp_path) -> None:
-    from metadata.pca import run_pca
+    from imgfeat.metadata.pca.job import run_pca
 
     data = make_data(tmp_path, n=100, per_shard=50)
     s1 = run_pca(cfg(k=4), data["manifest"], data["features"], str(tmp_path / "r1"), spark=spark, plots=False)
@@ -219,7 +220,7 @@ def test_k_versus_variance_selection(spark, tmp_path) -> None:
 
 
 def test_apply_round_trip(spark, tmp_path) -> None:
-    from metadata.pca import apply_pca, run_pca
+    from imgfeat.metadata.pca.job import apply_pca, run_pca
 
     data = make_data(tmp_path, n=80, per_shard=30)
     run_pca(cfg(k=3, standardize=True), data["manifest"], data["features"], str(tmp_path / "red"), spark=spark, plots=False)
@@ -246,7 +247,7 @@ def test_apply_round_trip(spark, tmp_path) -> None:
 
 
 def test_randomized_method_matches_exact_through_spark(spark, tmp_path) -> None:
-    from metadata.pca import run_pca
+    from imgfeat.metadata.pca.job import run_pca
 
     data = make_data(tmp_path, n=150, d=300, per_shard=50)
     run_pca(cfg(k=4), data["manifest"], data["features"], str(tmp_path / "ex"), spark=spark, plots=False, method="exact")
@@ -260,7 +261,7 @@ def test_randomized_method_matches_exact_through_spark(spark, tmp_path) -> None:
 
 
 def test_cli(spark, tmp_path) -> None:
-    from metadata.pca_cli import main
+    from imgfeat.metadata.pca.cli import main
 
     data = make_data(tmp_path, n=50, per_shard=25)
     out = tmp_path / "red"
@@ -277,7 +278,7 @@ def test_cli(spark, tmp_path) -> None:
 
 def test_rows_with_nan_or_inf_features_are_left_out_and_counted(spark, tmp_path) -> None:
     """A feature row that cannot be used (NaN, inf) is counted and left out; it never fails the fit."""
-    from metadata.pca import run_pca
+    from imgfeat.metadata.pca.job import run_pca
 
     clean = make_data(tmp_path / "clean", n=80, per_shard=20)
     bad = make_data(tmp_path / "bad", n=80, per_shard=20)

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+from imgfeat.metadata.config import Config, load_config
+from imgfeat.metadata.contracts.shards import PREP_SUMMARY, list_markers, verify_shard
+from imgfeat.preprocess.dataset import ManifestDataset
+from imgfeat.preprocess.export import prep_preprocess_config, run_prep
+from imgfeat.preprocess.show import show_prep
+from imgfeat.preprocess.train_dataset import PrepDataset
+
 from helpers import gradient_image, write_image, write_manifest
-from metadata.config import Config, load_config
-from metadata.shards import PREP_SUMMARY, list_markers, verify_shard
-from preprocess.dataset import ManifestDataset
-from preprocess.export import prep_preprocess_config, run_prep
-from preprocess.show import show_prep
-from preprocess.train_dataset import PrepDataset
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -159,7 +160,7 @@ def test_show_and_contact_sheet(tmp_path, manifest):
 
 
 def test_register_adds_prep_subcommand(tmp_path, manifest):
-    from preprocess.cli import register
+    from imgfeat.preprocess.cli import register
 
     parser = argparse.ArgumentParser(prog="imgfeat")
     register(parser.add_subparsers(dest="command"))
@@ -179,15 +180,15 @@ def test_register_adds_prep_subcommand(tmp_path, manifest):
 def test_python_m_preprocess(tmp_path, manifest):
     env = dict(os.environ, PYTHONPATH=str(REPO), TQDM_DISABLE="1")
     prep = tmp_path / "prep"
-    run = subprocess.run([sys.executable, "-m", "preprocess", "--manifest", str(manifest), "--out", str(prep),
+    run = subprocess.run([sys.executable, "-m", "imgfeat.preprocess", "--manifest", str(manifest), "--out", str(prep),
                           "--size", "16", "--format", "hdf5", "--split", "train", "-q"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout.strip().splitlines()[-1])["written"] == 9
-    show = subprocess.run([sys.executable, "-m", "preprocess", "--show", str(prep), "--contact-sheet",
+    show = subprocess.run([sys.executable, "-m", "imgfeat.preprocess", "--show", str(prep), "--contact-sheet",
                            str(tmp_path / "s.png")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert show.returncode == 0 and "lemon" in show.stdout and (tmp_path / "s.png").exists()
-    bad = subprocess.run([sys.executable, "-m", "preprocess", "--manifest", str(manifest)], cwd=REPO, env=env,
+    bad = subprocess.run([sys.executable, "-m", "imgfeat.preprocess", "--manifest", str(manifest)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+from imgfeat.metadata.config import PreprocessConfig
+from imgfeat.metadata.contracts.schema import normalize_uri
+from imgfeat.preprocess import dataset as dataset_mod
+from imgfeat.preprocess.dataset import ManifestDataset, collate
+from imgfeat.preprocess.decode import decode_image
+from imgfeat.preprocess.loader import iter_batches_contained, make_loader, plan_batches, resolve_workers
+from imgfeat.preprocess.transforms import resize_image
+
 from helpers import gradient_image, write_image, write_manifest
-from metadata.config import PreprocessConfig
-from metadata.schema import normalize_uri
-from preprocess import dataset as dataset_mod
-from preprocess.dataset import ManifestDataset, collate
-from preprocess.decode import decode_image
-from preprocess.loader import iter_batches_contained, make_loader, plan_batches, resolve_workers
-from preprocess.transforms import resize_image
 
 CFG = PreprocessConfig(size=32, resize_shorter=36, batch_size=4, num_workers=0, prefetch_factor=2)
 

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from imgfeat.metadata.config import PreprocessConfig
+from imgfeat.preprocess import decode as decode_mod
+from imgfeat.preprocess.decode import SAFE_MARGIN, DecodeError, decode_image, exif_orientation, reduced_scale
+
 from helpers import gradient_image, write_image
-from metadata.config import PreprocessConfig
-from preprocess import decode as decode_mod
-from preprocess.decode import SAFE_MARGIN, DecodeError, decode_image, exif_orientation, reduced_scale
 
 
 def pil_bytes(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -299,7 +300,7 @@ def test_reduced_decode_modes():
 
 
 def test_reduced_decode_config_values(tmp_path):
-    from metadata.config import load_config
+    from imgfeat.metadata.config import load_config
 
     assert PreprocessConfig().reduced_decode == "safe"
     assert PreprocessConfig(reduced_decode=True).reduced_decode == "safe"  # legacy booleans

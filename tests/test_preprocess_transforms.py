@@ -5,11 +5,19 @@ import numpy as np
 import pytest
 import torch
 
+from imgfeat.metadata.config import PreprocessConfig
+from imgfeat.preprocess.decode import decode_image
+from imgfeat.preprocess.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    needed_shorter_side,
+    normalize_batch,
+    resize_image,
+    resize_images,
+    shorter_side_dims,
+)
+
 from helpers import gradient_image
-from metadata.config import PreprocessConfig
-from preprocess.decode import decode_image
-from preprocess.transforms import (IMAGENET_MEAN, IMAGENET_STD, needed_shorter_side, normalize_batch, resize_image,
-                                   resize_images, shorter_side_dims)
 
 POLICIES = ("resize_shorter+center_crop", "resize", "letterbox")
 

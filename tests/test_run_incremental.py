@@ -20,8 +20,8 @@ PER_SHARD = 4
 
 def _snapshot(run: Path) -> dict[str, Any]:
     """What a rerun may or may not touch: manifest rows and version, feature files, PCA rows and model."""
-    from featurize import read_features
-    from metadata.schema import read_manifest
+    from imgfeat.featurize import read_features
+    from imgfeat.metadata.contracts.schema import read_manifest
 
     rows = read_manifest(str(run)).to_pylist()
     ids, matrix = read_features(str(run / "features"))
@@ -56,8 +56,8 @@ def _bump_mtime(path: Path) -> None:
 @pytest.fixture(scope="module")
 def history(spark, torch_home, tmp_path_factory) -> dict[str, Any]:
     """A first run, a rerun with nothing changed, then files added, changed in place and removed, and a rerun."""
-    from featurize.pipeline import run_pipeline
-    from metadata.config import load_config
+    from imgfeat.metadata.config import load_config
+    from imgfeat.run import run_pipeline
 
     root = tmp_path_factory.mktemp("incremental")
     src = root / "src"
@@ -122,7 +122,7 @@ def test_no_change_rerun_recomputes_and_republishes_nothing(history):
 
 
 def test_rerun_accounts_for_exactly_the_current_files(history):
-    from featurize.verify import verify_run
+    from imgfeat.verify import verify_run
 
     src, after = history["src"], history["after"]
     current = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
@@ -165,9 +165,9 @@ def test_rerun_recomputes_only_new_and_changed_shards(history):
 
 
 def test_changed_files_get_fresh_features(history, tmp_path):
-    from featurize.stage_cli import main as featurize_main
-    from metadata.feature_store import read_features
-    from metadata.schema import image_id_for, normalize_uri
+    from imgfeat.featurize.stage_cli import main as featurize_main
+    from imgfeat.metadata.contracts.feature_store import read_features
+    from imgfeat.metadata.contracts.schema import image_id_for, normalize_uri
 
     src, run, first, after = history["src"], history["run"], history["first"], history["after"]
     paths = [src / rel for rel in history["changed"]]
@@ -205,9 +205,9 @@ def test_manifest_rechecks_without_a_new_version_when_outcomes_repeat(spark, tmp
     """Sources that list as before need no check job. Without that record (object stores, older run folders)
     the job checks a broken link again (no size or mtime to compare): same row, so the same version. A file
     rewritten with the same bytes keeps its shard, so its features are kept."""
-    from metadata.config import load_config
-    from metadata.manifest_job import run_manifest
-    from metadata.schema import read_manifest
+    from imgfeat.metadata.config import load_config
+    from imgfeat.metadata.contracts.schema import read_manifest
+    from imgfeat.metadata.manifest.job import run_manifest
 
     src = tmp_path / "src"
     for i in range(6):
@@ -239,8 +239,8 @@ def test_manifest_rechecks_without_a_new_version_when_outcomes_repeat(spark, tmp
 
 def test_driver_listing_is_bounded(tmp_path) -> None:
     """Over DRIVER_LISTING_MAX files the driver gives up its own listing: the check tasks list at scale."""
-    from metadata.listing import check_source
-    from metadata.manifest_store import listing_digest
+    from imgfeat.metadata.manifest.listing import check_source
+    from imgfeat.metadata.manifest.store import listing_digest
 
     for i in range(3):
         (tmp_path / f"{i}.jpg").write_bytes(b"x" * i)

@@ -20,8 +20,8 @@ pytestmark = [pytest.mark.spark, pytest.mark.slow]
 def demo_run(spark, torch_home, tmp_path_factory):
     from make_sample import make
 
-    from featurize.pipeline import run_pipeline
-    from metadata.config import load_config
+    from imgfeat.metadata.config import load_config
+    from imgfeat.run import run_pipeline
 
     root = tmp_path_factory.mktemp("demo")
     broken = make(root / "shapes", per_class=6)
@@ -50,7 +50,7 @@ def test_every_input_is_accounted_for(demo_run):
 
 
 def test_rerun_resumes_instead_of_redoing(demo_run):
-    from featurize.pipeline import run_pipeline
+    from imgfeat.run import run_pipeline
 
     run, cfg, _, _ = demo_run
     run_pipeline(cfg)
@@ -84,7 +84,7 @@ def test_report_opens_in_chromium_without_errors(demo_run, tmp_path):
 
 
 def test_plot_paths_from_a_relative_run_folder_are_not_joined_twice():
-    from featurize.report import plot_url
+    from imgfeat.report import plot_url
 
     assert plot_url("runs/demo", "runs/demo/pca/pca_scatter.png") == "runs/demo/pca/pca_scatter.png"
     assert plot_url("s3://b/run", "s3://b/run/pca/pca_scatter.png") == "s3://b/run/pca/pca_scatter.png"

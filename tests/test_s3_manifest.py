@@ -4,15 +4,16 @@ from __future__ import annotations
 import fsspec
 import pytest
 
+from imgfeat.metadata.config import load_config
+from imgfeat.metadata.contracts.schema import read_manifest, read_summary
+
 from helpers import gradient_image, write_image
-from metadata.config import load_config
-from metadata.schema import read_manifest, read_summary
 
 pytestmark = [pytest.mark.spark, pytest.mark.s3]
 
 
 def test_manifest_from_and_to_s3_matches_local(spark, s3_bucket, tmp_path):
-    from metadata.manifest_job import run_manifest
+    from imgfeat.metadata.manifest.job import run_manifest
 
     local = tmp_path / "src"
     for label in ("a", "b"):

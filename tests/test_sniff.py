@@ -6,8 +6,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from imgfeat.metadata.contracts.sniff import parse_header
+
 from helpers import gradient_image
-from metadata.sniff import parse_header
 
 STATUSES = {"ok", "zero_bytes", "not_image", "unsupported_format", "truncated", "undecodable", "too_large"}
 

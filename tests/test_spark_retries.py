@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import pytest
 
+from imgfeat.metadata.config import load_config
+from imgfeat.metadata.contracts.schema import read_manifest
+from imgfeat.metadata.manifest import job as manifest_job
+
 from helpers import gradient_image, write_image
-from metadata import manifest_job
-from metadata.config import load_config
-from metadata.schema import read_manifest
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
@@ -88,8 +89,9 @@ def _reduced_rows(out) -> list[dict]:
 
 def test_pca_survives_failed_task_attempts(spark, tmp_path, monkeypatch):
     """A fit task and a projection/write task each die once: same model and output as a clean run."""
-    from metadata import pca
     from test_pca_stage import cfg, make_data
+
+    from imgfeat.metadata.pca import job as pca
 
     assert spark.sparkContext.master == "local[2,3]"
     data = make_data(tmp_path, n=120, per_shard=20)
@@ -128,9 +130,10 @@ def test_pca_survives_failed_task_attempts(spark, tmp_path, monkeypatch):
 
 def test_failed_pca_rerun_keeps_previous_output(spark, tmp_path, monkeypatch):
     """A rerun that fails (while writing, or on a corrupted shard) leaves reduced/ and the model as they were."""
-    from metadata import pca
-    from metadata.shards import ShardVerificationError
     from test_pca_stage import cfg, make_data
+
+    from imgfeat.metadata.contracts.shards import ShardVerificationError
+    from imgfeat.metadata.pca import job as pca
 
     data = make_data(tmp_path, n=60, per_shard=20)
     out = tmp_path / "red"

@@ -4,11 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from featurize.cli import main
-from featurize.verify import verify_run
+from imgfeat.cli import main
+from imgfeat.metadata.contracts.feature_store import write_feature_shard
+from imgfeat.metadata.contracts.schema import read_manifest
+from imgfeat.verify import verify_run
+
 from helpers import gradient_image, write_image, write_manifest
-from metadata.feature_store import write_feature_shard
-from metadata.schema import read_manifest
 
 
 @pytest.fixture()

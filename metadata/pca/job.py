@@ -39,13 +39,23 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
-from metadata import shards
-from metadata.config import Config, dump_toml
-from metadata.feature_store import ID_DTYPE, committed_shards, read_feature_head, read_feature_shard, read_rejects
-from metadata.pca_fit import (CovProduct, Moments, PcaModel, dump_accumulator, fit_exact, fit_randomized, load_accumulator,
-                              merge_moments, merge_products)
-from metadata.parquet_io import conform_batch, read_parquet_dataset, write_parquet_dataset
-from metadata.schema import CONFIG_FILE, manifest_path
+from imgfeat.metadata import storage
+from imgfeat.metadata.config import Config, dump_toml
+from imgfeat.metadata.contracts import shards
+from imgfeat.metadata.contracts.feature_store import ID_DTYPE, committed_shards, read_feature_head, read_feature_shard, read_rejects
+from imgfeat.metadata.contracts.schema import CONFIG_FILE, manifest_path
+from imgfeat.metadata.pca.fit import (
+    CovProduct,
+    Moments,
+    PcaModel,
+    dump_accumulator,
+    fit_exact,
+    fit_randomized,
+    load_accumulator,
+    merge_moments,
+    merge_products,
+)
+from imgfeat.metadata.spark.parquet import conform_batch, read_parquet_dataset, write_parquet_dataset
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +100,17 @@ def _read_shard_ids(folder: str, stem: str, marker: dict[str, Any]) -> np.ndarra
     """Only the ids of one shard (no feature matrix)."""
     fs, _ = fsspec.core.url_to_fs(folder)
     if marker["format"] == "npy":
-        path = fsspec.core.url_to_fs(shards.join(folder, shards.IDS_NPY.format(stem=stem)))[1]
+        path = fsspec.core.url_to_fs(storage.join(folder, shards.IDS_NPY.format(stem=stem)))[1]
         with fs.open(path, "rb") as fh:
             ids = np.load(fh, allow_pickle=False)
     else:
         import h5py
 
-        path = fsspec.core.url_to_fs(shards.join(folder, shards.FEATURES_H5.format(stem=stem)))[1]
+        path = fsspec.core.url_to_fs(storage.join(folder, shards.FEATURES_H5.format(stem=stem)))[1]
         with fs.open(path, "rb") as fh, h5py.File(fh, "r") as h5:
             ids = h5["image_id"][...].astype(ID_DTYPE)
     if ids.shape[0] != marker["rows"]:
-        raise shards.ShardVerificationError(f"{shards.join(folder, stem)}: {ids.shape[0]} ids on disk, marker says {marker['rows']}")
+        raise shards.ShardVerificationError(f"{storage.join(folder, stem)}: {ids.shape[0]} ids on disk, marker says {marker['rows']}")
     return ids
 
 
@@ -115,7 +125,8 @@ def _stems_df(spark: Any, stems: list[str], num_partitions: int) -> Any:
     return spark.sparkContext.parallelize(rows, n).toDF("shard string, shard_idx int")
 
 
-def _ids_task(folder: str, markers: dict[str, dict[str, Any]], checksums: bool) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+def _ids_task(folder: str, markers: dict[str, dict[str, Any]],
+              checksums: bool) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             for stem, idx in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
@@ -211,7 +222,7 @@ def _shard_groups(
         rows = table.column("row").to_numpy()
         expect = np.asarray(table.column("image_id").to_pylist(), dtype=ID_DTYPE)
         if not np.array_equal(ids[rows], expect):
-            raise shards.ShardVerificationError(f"{shards.join(folder, stem)}: ids changed since they were read")
+            raise shards.ShardVerificationError(f"{storage.join(folder, stem)}: ids changed since they were read")
         return table, feats[rows]
 
     for batch in batches:
@@ -263,7 +274,7 @@ def _reduce_rows(df: Any, folder: str, markers: dict[str, dict[str, Any]], make:
                 acc.add(x if finite.all() else x[finite])  # a NaN/inf row is left out, never fails the fit
         ctx = TaskContext.get()
         name = f"part-{ctx.partitionId() if ctx else 0:05d}-{ctx.attemptNumber() if ctx else 0}-{uuid.uuid4().hex[:8]}.npz"
-        with fsspec.open(shards.join(scratch, name), "wb") as fh:
+        with fsspec.open(storage.join(scratch, name), "wb") as fh:
             fh.write(dump_accumulator(finish(acc)))
         yield pa.RecordBatch.from_arrays([pa.array([name], pa.string())], names=["file"])
 
@@ -271,7 +282,7 @@ def _reduce_rows(df: Any, folder: str, markers: dict[str, dict[str, Any]], make:
     total = finish(make())
     fs = fsspec.core.url_to_fs(scratch)[0]
     for name in names:
-        path = fsspec.core.url_to_fs(shards.join(scratch, name))[1]
+        path = fsspec.core.url_to_fs(storage.join(scratch, name))[1]
         with fs.open(path, "rb") as fh:
             total = merge(total, load_accumulator(fh.read()))
         fs.rm(path)
@@ -280,7 +291,7 @@ def _reduce_rows(df: Any, folder: str, markers: dict[str, dict[str, Any]], make:
 
 def _scratch(out: str) -> str:
     """A fresh folder for the fit's per-task accumulators (removed by :func:`_drop_scratch`)."""
-    return shards.join(out, f"{SCRATCH_PREFIX}{uuid.uuid4().hex[:12]}")
+    return storage.join(out, f"{SCRATCH_PREFIX}{uuid.uuid4().hex[:12]}")
 
 
 def _drop_scratch(out: str) -> None:
@@ -328,7 +339,7 @@ def _project_task(folder: str, markers: dict[str, dict[str, Any]], model: PcaMod
 
 
 def _read_manifest_df(spark: Any, manifest: str) -> Any:
-    from metadata.schema import read_summary
+    from imgfeat.metadata.contracts.schema import read_summary
 
     read_summary(manifest)  # a clear error when OUT holds no manifest
     return read_parquet_dataset(spark, manifest_path(manifest), columns=MANIFEST_KEEP)
@@ -495,7 +506,7 @@ def _fit(fit_rows: Any, folder: str, markers: dict[str, dict[str, Any]], cfg: Co
 
 
 def _write_json(url: str, payload: dict[str, Any]) -> None:
-    shards.write_bytes_atomic(url, (json.dumps(payload, indent=1, sort_keys=True, default=_jsonable) + "\n").encode())
+    storage.write_bytes_atomic(url, (json.dumps(payload, indent=1, sort_keys=True, default=_jsonable) + "\n").encode())
 
 
 def _jsonable(o: Any) -> Any:
@@ -529,7 +540,7 @@ def _project_and_write(matched: Any, folder: str, markers: dict[str, dict[str, A
                        expect_rows: int) -> dict[str, Any]:
     """Project and write ``OUT/reduced/``: into a scratch folder first, moved into place only when complete,
     so a failed run leaves the previous output as it was."""
-    url = shards.join(out, REDUCED_DIR)
+    url = storage.join(out, REDUCED_DIR)
     staging = _scratch(out)
     # The writing tasks project their rows themselves: the projected rows never pass through the JVM.
     nonfinite = matched.sparkSession.sparkContext.accumulator(0)
@@ -541,38 +552,8 @@ def _project_and_write(matched: Any, folder: str, markers: dict[str, dict[str, A
         raise RuntimeError(f"{url}: wrote {written['rows']} rows but {expect_rows} were matched")
     if left_out:
         log.warning("pca: %d rows with NaN or inf features left out of the fit and %s", left_out, url)
-    _publish(staging, url)
+    storage.publish_folder(staging, url)
     return {**written, "url": url, "nonfinite_rows": left_out}
-
-
-def _publish(staging: str, url: str) -> None:
-    """Replace the dataset at ``url`` with the complete one at ``staging``.
-
-    Locally two renames (the old copy is removed after). On object stores the old ``_SUCCESS`` goes
-    first and the new one is copied last, so readers that trust ``_SUCCESS`` never see a mix.
-    """
-    from metadata.parquet_io import SUCCESS_FILE
-
-    fs, src = fsspec.core.url_to_fs(staging)
-    dst = fsspec.core.url_to_fs(url)[1]
-    if shards.is_local(url):
-        import os
-        import shutil
-
-        old = None
-        if os.path.exists(dst):
-            old = fsspec.core.url_to_fs(_scratch(url.rstrip("/").rsplit("/", 1)[0]))[1]
-            os.replace(dst, old)
-        os.replace(src, dst)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-        return
-    if fs.exists(dst):
-        success = dst.rstrip("/") + "/" + SUCCESS_FILE
-        if fs.exists(success):
-            fs.rm(success)
-        fs.rm(dst, recursive=True)
-    shards.move_folder(fs, src, dst)
 
 
 def run_pca(cfg: Config, manifest: str, features: str, out: str, master: str | None = None, *,
@@ -589,7 +570,7 @@ def run_pca(cfg: Config, manifest: str, features: str, out: str, master: str | N
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     if spark is None:
-        from metadata.spark_session import get_spark
+        from imgfeat.metadata.spark.session import get_spark
 
         spark = get_spark(cfg.spark, master)
     markers = _markers(features)
@@ -628,8 +609,8 @@ def run_pca(cfg: Config, manifest: str, features: str, out: str, master: str | N
         _drop_scratch(out)
         for df in cached:
             df.unpersist()
-    model.save(shards.join(out, MODEL_FILE))
-    shards.write_bytes_atomic(shards.join(out, CONFIG_FILE), dump_toml(cfg).encode())
+    model.save(storage.join(out, MODEL_FILE))
+    storage.write_bytes_atomic(storage.join(out, CONFIG_FILE), dump_toml(cfg).encode())
     plot_files: list[str] = []
     if plots:
         t = time.perf_counter()
@@ -645,11 +626,11 @@ def run_pca(cfg: Config, manifest: str, features: str, out: str, master: str | N
         "explained_variance": model.explained_variance.tolist(), "total_variance": model.total_variance,
         "rows": acc, "output_rows": written["rows"], "output_files": len(written["files"]),
         "nonfinite_feature_rows": written["nonfinite_rows"],
-        "model": shards.join(out, MODEL_FILE), "plots": plot_files, "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "model": storage.join(out, MODEL_FILE), "plots": plot_files, "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "fingerprint": cfg.fingerprint("pca"), "config_fingerprint": cfg.fingerprint(), "partitions": parts,
         "model_info": model.info,
     }
-    _write_json(shards.join(out, PCA_SUMMARY), summary)
+    _write_json(storage.join(out, PCA_SUMMARY), summary)
     log.info("pca: %d rows -> %s (%d without features, %d extra) in %.1f s", written["rows"], reduced_url,
              acc["without_features"] if "without_features" in acc else 0, acc.get("extra_feature_rows", 0), timings["total"])
     return summary
@@ -657,15 +638,15 @@ def run_pca(cfg: Config, manifest: str, features: str, out: str, master: str | N
 
 def _plots(spark: Any, model: PcaModel, reduced_url: str, out: str, rows: int) -> list[str]:
     try:
-        from metadata.pca_plots import save_scatter, save_variance
+        from imgfeat.metadata.pca.plots import save_scatter, save_variance
     except ImportError as exc:  # matplotlib is an optional extra
         log.warning("plots skipped: %s", exc)
         return []
-    files = [shards.join(out, VARIANCE_PLOT)]
+    files = [storage.join(out, VARIANCE_PLOT)]
     save_variance(model.spectrum_ratio, model.k, files[0])
     if model.k >= 1:
         pts, labels = _scatter_sample(spark, reduced_url, rows)
-        files.append(shards.join(out, SCATTER_PLOT))
+        files.append(storage.join(out, SCATTER_PLOT))
         save_scatter(pts, labels, files[1], title=f"PCA ({len(labels)} of {rows} rows)")
     return files
 
@@ -698,5 +679,5 @@ def apply_pca(model_path: str, features: str, out: str, spark: Any, *, manifest:
     summary = {"model": model_path, "features": features, "manifest": manifest, "out": out, "reduced": reduced_url,
                "k": model.k, "dim": dim, "shards": len(markers), "rows": acc, "output_rows": written["rows"],
                "timings_s": {"total": round(time.perf_counter() - t0, 3)}}
-    _write_json(shards.join(out, APPLY_SUMMARY), summary)
+    _write_json(storage.join(out, APPLY_SUMMARY), summary)
     return summary

@@ -7,7 +7,7 @@ The layout, readable with numpy/h5py alone, for shard ``part-NNNNN`` in folder F
 * ``hdf5``: ``part-NNNNN.h5`` with datasets ``features`` [n, d] and ``image_id`` [n] (``S32``),
   and the run fingerprint in its attributes;
 * always ``part-NNNNN.rejects.json``: ``{"rejects": [{"image_id", "path", "reason", "detail"}]}``;
-* last, the marker ``part-NNNNN.done.json`` (see ``metadata.shards``) with ``kind = "features"``,
+* last, the marker ``part-NNNNN.done.json`` (see ``imgfeat.metadata.contracts.shards``) with ``kind = "features"``,
   ``rows``, ``rejects``, ``dim``, ``dtype``, ``format``, ``fingerprint``, ``members`` and file checksums.
 
 Pure Python + numpy/h5py; used by featurize (writer), pca (reader on executors) and library users.
@@ -23,7 +23,8 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from metadata import shards
+from imgfeat.metadata import storage
+from imgfeat.metadata.contracts import shards
 
 ID_DTYPE = "<U32"
 
@@ -51,7 +52,7 @@ def write_feature_shard(
 ) -> dict[str, Any]:
     """Write and commit one shard: data files (atomic each), rejects, then the marker. Returns the marker."""
     stem = shards.shard_stem(shard)
-    shards.fault_point("shard_start", shards.join(folder, stem))
+    shards.fault_point("shard_start", storage.join(folder, stem))
     features = np.ascontiguousarray(features)
     if features.ndim != 2 or features.shape[0] != len(image_ids):
         raise ValueError(f"{stem}: features shape {features.shape} does not match {len(image_ids)} ids")
@@ -60,19 +61,19 @@ def write_feature_shard(
     if fmt == "npy":
         for name, array in ((names[0], features), (names[1], ids)):
             # np.save on a path would append ".npy" to the temporary name; a file handle keeps it.
-            with shards.staged_file(shards.join(folder, name)) as tmp, open(tmp, "wb") as fh:
+            with storage.staged_file(storage.join(folder, name)) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, array)
     else:
         import h5py
 
-        with shards.staged_file(shards.join(folder, names[0])) as tmp:
+        with storage.staged_file(storage.join(folder, names[0])) as tmp:
             with h5py.File(tmp, "w") as h5:
                 h5.create_dataset("features", data=features, chunks=(min(len(ids) or 1, 1024), features.shape[1] or 1))
                 h5.create_dataset("image_id", data=ids.astype("S32"))
                 h5.attrs["fingerprint"] = fingerprint
                 h5.attrs["shard"] = shard
-    shards.write_bytes_atomic(
-        shards.join(folder, names[-1]), (json.dumps({"rejects": list(rejects)}, indent=1) + "\n").encode()
+    storage.write_bytes_atomic(
+        storage.join(folder, names[-1]), (json.dumps({"rejects": list(rejects)}, indent=1) + "\n").encode()
     )
     payload = {
         "kind": "features",
@@ -99,18 +100,18 @@ def read_feature_shard(folder: str, stem: str, marker: dict[str, Any]) -> tuple[
     """(image_ids [n] str, features [n, d]) of one committed shard, as its marker describes it."""
     fs, _ = fsspec.core.url_to_fs(folder)
     if marker["format"] == "npy":
-        feats = _load_npy(fs, fsspec.core.url_to_fs(shards.join(folder, shards.FEATURES_NPY.format(stem=stem)))[1])
-        ids = _load_npy(fs, fsspec.core.url_to_fs(shards.join(folder, shards.IDS_NPY.format(stem=stem)))[1])
+        feats = _load_npy(fs, fsspec.core.url_to_fs(storage.join(folder, shards.FEATURES_NPY.format(stem=stem)))[1])
+        ids = _load_npy(fs, fsspec.core.url_to_fs(storage.join(folder, shards.IDS_NPY.format(stem=stem)))[1])
     else:
         import h5py
 
-        with fs.open(fsspec.core.url_to_fs(shards.join(folder, shards.FEATURES_H5.format(stem=stem)))[1], "rb") as fh:
+        with fs.open(fsspec.core.url_to_fs(storage.join(folder, shards.FEATURES_H5.format(stem=stem)))[1], "rb") as fh:
             with h5py.File(fh, "r") as h5:
                 feats = h5["features"][...]
                 ids = h5["image_id"][...].astype(ID_DTYPE)
     if feats.shape[0] != marker["rows"] or ids.shape[0] != marker["rows"]:
         raise shards.ShardVerificationError(
-            f"{shards.join(folder, stem)}: {feats.shape[0]} rows on disk, marker says {marker['rows']}"
+            f"{storage.join(folder, stem)}: {feats.shape[0]} rows on disk, marker says {marker['rows']}"
         )
     return ids, feats
 
@@ -120,7 +121,7 @@ def read_feature_head(folder: str, stem: str, marker: dict[str, Any], rows: int)
     fs, _ = fsspec.core.url_to_fs(folder)
     take = max(0, min(int(rows), int(marker["rows"])))
     if marker["format"] == "npy":
-        path = fsspec.core.url_to_fs(shards.join(folder, shards.FEATURES_NPY.format(stem=stem)))[1]
+        path = fsspec.core.url_to_fs(storage.join(folder, shards.FEATURES_NPY.format(stem=stem)))[1]
         with fs.open(path, "rb") as fh:
             version = np.lib.format.read_magic(fh)
             header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
@@ -131,13 +132,13 @@ def read_feature_head(folder: str, stem: str, marker: dict[str, Any], rows: int)
         return np.frombuffer(data, dtype=dtype).reshape(take, shape[1])
     import h5py
 
-    with fs.open(fsspec.core.url_to_fs(shards.join(folder, shards.FEATURES_H5.format(stem=stem)))[1], "rb") as fh:
+    with fs.open(fsspec.core.url_to_fs(storage.join(folder, shards.FEATURES_H5.format(stem=stem)))[1], "rb") as fh:
         with h5py.File(fh, "r") as h5:
             return h5["features"][:take]
 
 
 def read_rejects(folder: str, stem: str) -> list[dict[str, Any]]:
-    data = shards.read_json(shards.join(folder, stem + shards.REJECTS_SUFFIX))
+    data = storage.read_json(storage.join(folder, stem + shards.REJECTS_SUFFIX))
     return list(data.get("rejects", [])) if data else []
 
 

@@ -5,12 +5,12 @@ import argparse
 import json
 from typing import Any
 
-from metadata.cli_common import add_common_args, build_config
-from metadata.schema import STATUS_CODES, read_summary
+from imgfeat.metadata.cli_common import add_common_args, build_config
+from imgfeat.metadata.contracts.schema import STATUS_CODES, read_summary
 
 
 def add_manifest_arguments(parser: argparse.ArgumentParser) -> None:
-    """The manifest job's flags (shared by ``imgfeat manifest`` and ``python -m metadata``)."""
+    """The manifest job's flags (shared by ``imgfeat manifest`` and ``python -m imgfeat.metadata``)."""
     parser.add_argument("sources", nargs="*", metavar="SRC", help="folders or fsspec URLs (s3://bucket/prefix, file://...)")
     parser.add_argument("--out", help="output folder or URL; the manifest goes to OUT/manifest/")
     parser.add_argument("--master", help="Spark master URL (default: spark.master in the config, local[*])")
@@ -33,7 +33,7 @@ def manifest_command(args: argparse.Namespace) -> int:
     if not args.sources:
         raise ValueError("SRC: give at least one source folder or URL")
     cfg = build_config(args, {"manifest": {"validation": args.validation, "rows_per_shard": args.rows_per_shard}})
-    from metadata.manifest_job import run_manifest
+    from imgfeat.metadata.manifest.job import run_manifest
 
     summary = run_manifest(cfg, args.sources, args.out, master=args.master, incremental=args.incremental)
     print(format_summary(summary))

@@ -6,7 +6,7 @@ import json
 import logging
 from typing import Any
 
-from metadata.cli_common import add_common_args, build_config, setup_logging
+from imgfeat.metadata.cli_common import add_common_args, build_config, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,10 @@ def run(args: argparse.Namespace) -> int:
         })
         if args.k is not None:
             cfg.pca.variance = 0.0  # an explicit --k wins over a variance from --config
-        from metadata.spark_session import get_spark
+        from imgfeat.metadata.spark.session import get_spark
 
         if args.apply:
-            from metadata.pca import apply_pca
+            from imgfeat.metadata.pca.job import apply_pca
 
             spark = get_spark(cfg.spark, args.master)
             summary = apply_pca(args.apply, args.features, args.out, spark, manifest=args.manifest,
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             if not args.manifest:
                 raise ValueError("--manifest is required (unless --apply MODEL is given)")
-            from metadata.pca import run_pca
+            from imgfeat.metadata.pca.job import run_pca
 
             summary = run_pca(cfg, args.manifest, args.features, args.out, args.master, method=args.method,
                               plots=not args.no_plots)
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m metadata.pca_cli pca ...``) until the main CLI registers it."""
+    """Stand-alone entry (``python -m imgfeat.metadata.pca.cli pca ...``) until the main CLI registers it."""
     parser = argparse.ArgumentParser(prog="imgfeat")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)

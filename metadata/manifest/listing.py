@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import fsspec
 
-from metadata.schema import normalize_uri
+from imgfeat.metadata.contracts.schema import normalize_uri
 
 
 @dataclass(frozen=True)

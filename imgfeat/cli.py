@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from featurize import run_cli, verify
-from featurize import stage_cli as featurize_cli
-from metadata import manifest_cli, pca_cli
-from metadata.cli_common import report_errors, setup_logging
-from preprocess import cli as prep_cli
+from imgfeat import run_cli, verify
+from imgfeat.featurize import stage_cli as featurize_cli
+from imgfeat.metadata.cli_common import report_errors, setup_logging
+from imgfeat.metadata.manifest import cli as manifest_cli
+from imgfeat.metadata.pca import cli as pca_cli
+from imgfeat.preprocess import cli as prep_cli
 
 _STAGES = (manifest_cli, prep_cli, featurize_cli, pca_cli, run_cli, verify)
 

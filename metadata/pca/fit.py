@@ -358,7 +358,7 @@ class PcaModel:
             standardize=np.bool_(self.standardize),
             method=np.str_(self.method),
         )
-        from metadata.shards import write_bytes_atomic
+        from imgfeat.metadata.storage import write_bytes_atomic
 
         write_bytes_atomic(url, buf.getvalue())
 
@@ -510,9 +510,9 @@ def fit_randomized(
     want = max(k, max_components) if variance > 0 else k
     if variance <= 0 and k > min(n, d):
         raise ValueError(f"pca.k = {k} exceeds the rank bound min(fit rows, dim) = {min(n, d)}")
-    l = int(min(d, n, want + oversample))
+    block = int(min(d, n, want + oversample))
     rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.standard_normal((d, l)))
+    q, _ = np.linalg.qr(rng.standard_normal((d, block)))
     for _ in range(power_iters):
         z = cov_product(diag.mean, scale, q).z / (n - 1)
         q, _ = np.linalg.qr(z)
@@ -523,13 +523,13 @@ def fit_randomized(
     evals = np.clip(evals[::-1], 0.0, None)
     vecs = q @ w[:, ::-1]
     ratio = evals / total if total > 0 else np.zeros_like(evals)
-    k_eff = choose_k(ratio, k, variance, min(n, d, l))
+    k_eff = choose_k(ratio, k, variance, min(n, d, block))
     comps = flip_signs(np.ascontiguousarray(vecs[:, :k_eff].T))
     return PcaModel(
         mean=diag.mean.copy(), scale=scale, components=comps, explained_variance=evals[:k_eff].copy(),
         explained_variance_ratio=ratio[:k_eff].copy(), spectrum_ratio=ratio, total_variance=total,
         n_fit=n, standardize=standardize, method="randomized",
-        info={"block": l, "power_iters": power_iters, "seed": seed},
+        info={"block": block, "power_iters": power_iters, "seed": seed},
     )
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from imgfeat.metadata.storage import join
+
 MANIFEST_DIR = "manifest"
 SUMMARY_FILE = "manifest_summary.json"
 CONFIG_FILE = "config.resolved.toml"
@@ -79,7 +81,7 @@ def image_id_for(uri: str) -> str:
 
 
 def manifest_path(out: str) -> str:
-    return out.rstrip("/") + "/" + MANIFEST_DIR
+    return join(out, MANIFEST_DIR)
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ def read_summary(out: str) -> dict[str, Any]:
     """The manifest summary JSON of the manifest at ``out`` (a local path or fsspec URL)."""
     import fsspec
 
-    path = out.rstrip("/") + "/" + SUMMARY_FILE
+    path = join(out, SUMMARY_FILE)
     try:
         with fsspec.open(path, "rt", encoding="utf-8") as fh:
             return json.load(fh)

@@ -25,11 +25,11 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from metadata import shards
+from imgfeat.metadata import storage
+from imgfeat.metadata.storage import SUCCESS_FILE
 
 log = logging.getLogger(__name__)
 
-SUCCESS_FILE = "_SUCCESS"
 PARQUET_SUFFIX = ".parquet"
 
 
@@ -65,7 +65,7 @@ def dataset_files(url: str) -> list[str]:
         return [url]
     base = root.rstrip("/") + "/"
     rels = sorted(p[len(base):] for p in fs.find(root) if p.startswith(base))
-    return [shards.join(url, r) for r in rels
+    return [storage.join(url, r) for r in rels
             if r.endswith(PARQUET_SUFFIX) and not any(part.startswith(("_", ".")) for part in r.split("/"))]
 
 
@@ -107,7 +107,7 @@ def write_parquet_dataset(
         if not overwrite and fs.ls(root, detail=False):
             raise ValueError(f"{url}: exists and is not empty (pass overwrite=True)")
         # Drop _SUCCESS first, so a reader never trusts a half-replaced dataset.
-        success = fsspec.core.url_to_fs(shards.join(url, SUCCESS_FILE))[1]
+        success = fsspec.core.url_to_fs(storage.join(url, SUCCESS_FILE))[1]
         if fs.exists(success):
             fs.rm(success)
         _prune(url, keep=set())
@@ -119,14 +119,14 @@ def write_parquet_dataset(
     rows = int(sum(r["rows"] for r in committed))
     if not files:  # keep the schema readable even for an empty result
         name = f"part-00000-{uuid.uuid4().hex}{PARQUET_SUFFIX}"
-        with shards.staged_file(shards.join(url, name)) as tmp:
+        with storage.staged_file(storage.join(url, name)) as tmp:
             pq.write_table(schema.empty_table(), tmp, compression=compression)
         files = [name]
     removed = _prune(url, keep=set(files))
     if removed:
         log.info("%s: removed %d leftover file(s) of failed or duplicate task attempts", url, len(removed))
-    shards.write_bytes_atomic(
-        shards.join(url, SUCCESS_FILE),
+    storage.write_bytes_atomic(
+        storage.join(url, SUCCESS_FILE),
         (json.dumps({"files": files, "rows": rows, "committed_at": time.time()}) + "\n").encode(),
     )
     log.info("wrote %s: %d rows in %d files (%.1f s)", url, rows, len(files), time.perf_counter() - started)
@@ -147,7 +147,7 @@ def _partition_writer(
         attempt = ctx.attemptNumber() if ctx else 0
         name = f"part-{part:05d}-{uuid.uuid4().hex}{PARQUET_SUFFIX}"
         rows = 0
-        with shards.staged_file(shards.join(url, name)) as tmp:
+        with storage.staged_file(storage.join(url, name)) as tmp:
             pw: pq.ParquetWriter | None = None
             try:
                 for batch in batches:

@@ -6,15 +6,15 @@ import uuid
 
 import fsspec
 
-from metadata.schema import HISTORY_DIR, MANIFEST_DIR, SUMMARY_FILE
-from metadata.shards import move_folder, read_json
+from imgfeat.metadata.contracts.schema import HISTORY_DIR, MANIFEST_DIR, SUMMARY_FILE
+from imgfeat.metadata.storage import join, publish_folder, read_json
 
 log = logging.getLogger(__name__)
 
 
 def current_version(out: str) -> int:
     """Version of the manifest now at ``out`` (0 when there is none)."""
-    summary = read_json(out.rstrip("/") + "/" + SUMMARY_FILE)
+    summary = read_json(join(out, SUMMARY_FILE))
     return int(summary.get("version", 1)) if summary else 0
 
 
@@ -30,28 +30,12 @@ def publish_manifest(out: str, staging: str, keep_history: bool) -> int:
     previous manifest moves to ``OUT/manifest_history/vN`` when ``keep_history`` (incremental runs),
     else it is removed.
     """
-    fs, root = fsspec.core.url_to_fs(out)
-    fs.invalidate_cache()  # tasks wrote the files; this process's listing cache has not seen them
     version = current_version(out) + 1
-    final = f"{root}/{MANIFEST_DIR}"
-    if fs.exists(final):
-        if keep_history:
-            hist = f"{root}/{HISTORY_DIR}/v{version - 1:04d}"
-            fs.makedirs(f"{root}/{HISTORY_DIR}", exist_ok=True)
-            move_folder(fs, final, hist)
-            log.info("previous manifest kept at %s", hist)
-        else:
-            fs.rm(final, recursive=True)
-    move_folder(fs, fsspec.core.url_to_fs(staging)[1], final)
+    keep = join(out, f"{HISTORY_DIR}/v{version - 1:04d}") if keep_history else None
+    publish_folder(staging, join(out, MANIFEST_DIR), keep_previous_at=keep)
+    if keep and fsspec.core.url_to_fs(keep)[0].exists(fsspec.core.url_to_fs(keep)[1]):
+        log.info("previous manifest kept at %s", keep)
     return version
-
-
-def remove_folder(url: str) -> None:
-    """Remove the folder at ``url`` and everything in it, if it exists."""
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.invalidate_cache()
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
 
 
 def labels_digest(url: str) -> str:
@@ -78,7 +62,7 @@ def listing_digest(roots: list[str], limit: int = DRIVER_LISTING_MAX) -> str | N
     per 100,000 local files)."""
     import hashlib
 
-    from metadata.listing import Unit, list_unit
+    from imgfeat.metadata.manifest.listing import Unit, list_unit
 
     if not all(r.startswith("file://") for r in roots):
         return None
@@ -101,7 +85,7 @@ def same_rows(a: str, b: str, paths: list[str]) -> bool:
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
-    from metadata.parquet_io import dataset_files
+    from imgfeat.metadata.spark.parquet import dataset_files
 
     def rows(url: str):
         fs, _ = fsspec.core.url_to_fs(url)
@@ -116,11 +100,11 @@ def same_rows(a: str, b: str, paths: list[str]) -> bool:
 
 def previous_manifest(out: str, fingerprint: str) -> tuple[str, int]:
     """The URL and row count of the current manifest at ``out``, for ``--incremental``."""
-    summary = read_json(out.rstrip("/") + "/" + SUMMARY_FILE)
+    summary = read_json(join(out, SUMMARY_FILE))
     if summary is None:
         raise ValueError(f"--incremental: no previous manifest at {out} (no {SUMMARY_FILE}); run once without it")
     if summary.get("fingerprint") != fingerprint:
         raise ValueError(
             f"--incremental: the [manifest] config changed since the manifest at {out} was built "
             f"(fingerprint {summary.get('fingerprint')} vs {fingerprint}); run without --incremental")
-    return out.rstrip("/") + "/" + MANIFEST_DIR, int(summary["total"])
+    return join(out, MANIFEST_DIR), int(summary["total"])

@@ -13,10 +13,10 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from metadata.cv2_env import import_cv2, quiet_decoder
-from metadata.listing import Entry, rel_path
-from metadata.schema import image_id_for
-from metadata.sniff import DEFAULT_MAX_JPEG_SCANS, parse_header
+from imgfeat.metadata.contracts.cv2_env import import_cv2, quiet_decoder
+from imgfeat.metadata.contracts.schema import image_id_for
+from imgfeat.metadata.contracts.sniff import DEFAULT_MAX_JPEG_SCANS, parse_header
+from imgfeat.metadata.manifest.listing import Entry, rel_path
 
 
 def read_bytes(uri: str, max_bytes: int | None = None, size: int | None = None) -> bytes:

@@ -11,9 +11,9 @@ import uuid
 
 import fsspec
 
-from metadata.config import Config, FeaturizeConfig
-from metadata.schema import SUMMARY_FILE
-from metadata.shards import join
+from imgfeat.metadata.config import Config, FeaturizeConfig
+from imgfeat.metadata.contracts.schema import SUMMARY_FILE
+from imgfeat.metadata.storage import join
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def check_weights(fcfg: FeaturizeConfig) -> None:
     if fcfg.weights_path:
         _check_file(fcfg.weights_path, "featurize.weights_path")
         return
-    from featurize.weights import NO_WEIGHTS, cached_checkpoint, seed_cache_from_packages, weights_enum
+    from imgfeat.featurize.weights import NO_WEIGHTS, cached_checkpoint, seed_cache_from_packages, weights_enum
 
     if fcfg.weights in NO_WEIGHTS:
         return
@@ -85,7 +85,7 @@ def check_manifest(manifest: str) -> None:
 
 def preflight_run(cfg: Config, run_dir: str, sources: list[str]) -> None:
     """Everything ``imgfeat run`` can check before its first stage: sources, the run folder, weights."""
-    from metadata.listing import check_source
+    from imgfeat.metadata.manifest.listing import check_source
 
     stages = cfg.run.stages
     if "manifest" in stages:

@@ -5,9 +5,9 @@ import argparse
 import logging
 from typing import Any
 
-from metadata.cli_common import add_common_args, build_config
-from metadata.config import Config
-from metadata.shards import join
+from imgfeat.metadata.cli_common import add_common_args, build_config
+from imgfeat.metadata.config import Config
+from imgfeat.metadata.storage import join
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def run_command(args: argparse.Namespace) -> int:
     """``imgfeat run``: every configured stage, then the report; prints where things are."""
     cfg = config_from_args(args)
-    from featurize.pipeline import run_pipeline
+    from imgfeat.run import run_pipeline
 
     report = run_pipeline(cfg, master=args.master, force=args.force)
     acc = report.get("accounting", {})

@@ -19,7 +19,7 @@ def _figure():
 
 
 def _save(fig, url: str) -> None:
-    from metadata.shards import staged_file
+    from imgfeat.metadata.storage import staged_file
 
     with staged_file(url) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")

@@ -8,12 +8,11 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from metadata.config import SparkConfig
-from metadata.cv2_env import DECODER_LOGS_ENV, decoder_logs
+from imgfeat.metadata.config import SparkConfig
+from imgfeat.metadata.contracts.cv2_env import DECODER_LOGS_ENV, decoder_logs
 
 log = logging.getLogger(__name__)
 
-_PACKAGES = ("metadata",)
 
 
 def get_spark(cfg: SparkConfig, master: str | None = None):
@@ -62,13 +61,20 @@ def get_spark(cfg: SparkConfig, master: str | None = None):
 
 
 def _package_zip() -> str:
-    root = Path(__file__).resolve().parent.parent
+    """A zip of ``imgfeat`` with its ``metadata`` sub-package (what executor tasks import), for addPyFile.
+
+    Taken from where this process imports them (the installed wheel, or the source tree of an editable
+    install), and laid out as installed: ``imgfeat/__init__.py``, ``imgfeat/metadata/...``."""
+    import imgfeat
+    import imgfeat.metadata
+
     fd, path = tempfile.mkstemp(prefix="imgfeat-pkg-", suffix=".zip")
     os.close(fd)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for pkg in _PACKAGES:
-            for file in (root / pkg).rglob("*.py"):
-                zf.write(file, file.relative_to(root).as_posix())
+        zf.write(imgfeat.__file__, "imgfeat/__init__.py")
+        meta = Path(imgfeat.metadata.__file__).resolve().parent
+        for file in meta.rglob("*.py"):
+            zf.write(file, "imgfeat/metadata/" + file.relative_to(meta).as_posix())
     return path
 
 

@@ -1,5 +1,9 @@
 """Deliberate crashes for the fault-injection tests, driven by the ``IMGFEAT_FAULT`` environment variable.
 
+Installed through the one test hook of the shipped code: ``IMGFEAT_HOOK=faults_driver:install`` (with
+this folder on PYTHONPATH; ``run_helpers.subprocess_env`` sets both), which makes featurize call
+``install(rank)`` at start-up and route every ``imgfeat.metadata.contracts.hooks.fault_point`` here.
+
 Inactive unless the variable is set. ``IMGFEAT_FAULT=KIND:N[,rank=R][,signal=TERM][,once=FILE]`` kills this
 process (SIGKILL, or SIGTERM with ``signal=TERM``) at one point of the N-th shard it writes:
 
@@ -13,8 +17,7 @@ process (SIGKILL, or SIGTERM with ``signal=TERM``) at one point of the N-th shar
   (in the DataLoader worker that decodes it; the workers are forked after this hook is installed).
 
 ``rank=R`` arms it on that rank only; ``once=FILE`` fires only while FILE does not exist and creates it on
-firing, so a restarted process (torchrun ``--max-restarts``) runs clean. The writer side calls
-``metadata.shards.fault_point``; this module installs the hook that watches those points.
+firing, so a restarted process (torchrun ``--max-restarts``) runs clean.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import os
 import signal
 import time
 
-from metadata import shards
+from imgfeat.metadata.contracts.hooks import Observer
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +47,7 @@ class Faults:
         self.kind, self.n, self.sig, self.once = "", 0, signal.SIGKILL, ""
         self.batches = self.shards = 0
         self.armed_shard = False
-        if isinstance(getattr(shards.get_fault_hook(), "__self__", None), Faults):
-            shards.set_fault_hook(None)  # a fault of an earlier run in this process must not linger
+        self.victim = ""
         if not spec:
             return
         parts = spec.split(",")
@@ -64,24 +66,30 @@ class Faults:
         if self.kind == "segv_decode":
             if "file" not in opts:
                 raise ValueError(f"{FAULT_ENV}: segv_decode needs ,file=PATH")
-            _crash_decoder_on(opts["file"])
-        elif self.kind != "kill_after_batches":
-            shards.set_fault_hook(self._on_point)
+            self.victim = os.path.abspath(opts["file"])
+
+    @property
+    def observer(self) -> Observer | None:
+        """What watches the hook's points for this fault (None when no fault is armed here)."""
+        return self.on_point if self.kind else None
 
     @property
     def point(self) -> str:
         """The shard point this fault fires at ('' for none or a batch fault)."""
         return self.kind[len("kill_"):] if self.kind in tuple(f"kill_{p}" for p in SHARD_POINTS) else ""
 
-    def batch_done(self) -> None:
-        """Called by the runner after every computed batch."""
-        if self.kind == "kill_after_batches":
-            self.batches += 1
-            if self.batches >= self.n:
-                self._die(f"after {self.batches} batches")
-
-    def _on_point(self, event: str, path: str) -> None:
-        """The hook ``metadata.shards`` calls at each point of a shard's life."""
+    def on_point(self, event: str, path: str) -> None:
+        """The observer of ``hooks.fault_point``: fires the armed fault at its point."""
+        if event == "batch_done":
+            if self.kind == "kill_after_batches":
+                self.batches += 1
+                if self.batches >= self.n:
+                    self._die(f"after {self.batches} batches")
+            return
+        if event == "decode":
+            if self.victim and path.removeprefix("file://") == self.victim:
+                os.kill(os.getpid(), signal.SIGSEGV)  # as a native codec crash does, in the loader worker
+            return
         if event == "shard_start":
             self.shards += 1
             self.armed_shard = self.shards == self.n
@@ -110,18 +118,6 @@ class Faults:
         time.sleep(60)  # SIGTERM may be handled (torch.distributed's elastic agent); never return
 
 
-def _crash_decoder_on(path: str) -> None:
-    """Make ``preprocess.dataset``'s decoder die of SIGSEGV on the bytes of ``path``."""
-    from preprocess import dataset as dataset_mod
-
-    with open(path, "rb") as fh:
-        victim = fh.read()
-    decode = getattr(dataset_mod.decode_image, "__wrapped__", dataset_mod.decode_image)
-
-    def crashing_decode(data: bytes, *args: object, **kwargs: object) -> object:
-        if data == victim:
-            os.kill(os.getpid(), signal.SIGSEGV)
-        return decode(data, *args, **kwargs)
-
-    crashing_decode.__wrapped__ = decode  # type: ignore[attr-defined]
-    dataset_mod.decode_image = crashing_decode  # type: ignore[assignment]
+def install(rank: int) -> Observer | None:
+    """``IMGFEAT_HOOK=faults_driver:install``: the observer of the fault ``IMGFEAT_FAULT`` arms on ``rank``."""
+    return Faults(rank).observer

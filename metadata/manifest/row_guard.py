@@ -16,8 +16,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from metadata.listing import Entry, rel_path
-from metadata.schema import image_id_for
+from imgfeat.metadata.contracts.schema import image_id_for
+from imgfeat.metadata.manifest.listing import Entry, rel_path
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ cost, which dominated the run at 60k files):
    header sniff, optional decode), labels it and writes its rows as Parquet to a work folder; only
    file names and row counts come back.
 2. organize: one task reads the checked rows (narrow columns only, never bytes), finds duplicates,
-   splits and shards (``metadata.organize``), writes the summary counts, and writes the manifest as
+   splits and shards (``imgfeat.metadata.manifest.organize``), writes the summary counts, and writes the manifest as
    one file sorted by path. Above ``ONE_TASK_ROWS`` rows it writes per-file plans instead and a third
    job writes one manifest file per checked file in parallel.
 
@@ -28,18 +28,25 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from metadata import labels as labels_mod
-from metadata import organize as org
-from metadata.checks import check_entry, prefetched
-from metadata.config import Config, ManifestConfig, dump_toml
-from metadata.listing import Entry, Unit, check_source, list_unit, slice_of
-from metadata.manifest_store import (current_version, labels_digest, listing_digest, previous_manifest,
-                                     publish_manifest, remove_folder, same_rows, staging_url)
-from metadata.parquet_io import dataset_files, write_parquet_dataset
-from metadata.row_guard import failed_row, to_record_batch
-from metadata.schema import CONFIG_FILE, MANIFEST_SCHEMA, SUMMARY_FILE
-from metadata.shards import join, read_json, staged_file, write_bytes_atomic, write_json_atomic
-from metadata.spark_session import get_spark, num_tasks
+from imgfeat.metadata.config import Config, ManifestConfig, dump_toml
+from imgfeat.metadata.contracts.schema import CONFIG_FILE, MANIFEST_SCHEMA, SUMMARY_FILE
+from imgfeat.metadata.manifest import labels as labels_mod
+from imgfeat.metadata.manifest import organize as org
+from imgfeat.metadata.manifest.checks import check_entry, prefetched
+from imgfeat.metadata.manifest.listing import Entry, Unit, check_source, list_unit, slice_of
+from imgfeat.metadata.manifest.row_guard import failed_row, to_record_batch
+from imgfeat.metadata.manifest.store import (
+    current_version,
+    labels_digest,
+    listing_digest,
+    previous_manifest,
+    publish_manifest,
+    same_rows,
+    staging_url,
+)
+from imgfeat.metadata.spark.parquet import dataset_files, write_parquet_dataset
+from imgfeat.metadata.spark.session import get_spark, num_tasks
+from imgfeat.metadata.storage import join, read_json, remove_folder, staged_file, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -337,8 +344,8 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
         "listing_digest": listing,
         "master": spark.sparkContext.master,
     }
-    write_json_atomic(out.rstrip("/") + "/" + SUMMARY_FILE, summary)
-    write_bytes_atomic(out.rstrip("/") + "/" + CONFIG_FILE, dump_toml(cfg).encode())
+    write_json_atomic(join(out, SUMMARY_FILE), summary)
+    write_bytes_atomic(join(out, CONFIG_FILE), dump_toml(cfg).encode())
     log.info("manifest v%d: %d files, %d ok, %d shards in %.1fs -> %s", version, total,
              counts["by_status"].get("ok", 0), counts["num_shards"], timings["total_s"], out)
     return summary
@@ -349,7 +356,7 @@ def _kept_summary(cfg: Config, out: str, roots: list[str], listing: str, labels_
     """The previous summary, rewritten as this run's, when the sources list exactly as they did before the
     previous run (paths, sizes, mtimes, listing errors), with the same config and labels CSV: the check job
     would keep every row, so it does not start (no Spark at all). None otherwise."""
-    prev = read_json(out.rstrip("/") + "/" + SUMMARY_FILE)
+    prev = read_json(join(out, SUMMARY_FILE))
     if (not prev or prev.get("listing_digest") != listing or prev.get("fingerprint") != cfg.fingerprint("manifest")
             or prev.get("labels_csv_sha256") != labels_sha or prev.get("sources") != roots):
         return None
@@ -357,8 +364,8 @@ def _kept_summary(cfg: Config, out: str, roots: list[str], listing: str, labels_
     summary = dict(prev, incremental={"unchanged": prev["total"], "new": 0, "changed": 0, "removed": 0},
                    published=False, timings={"list_s": round(seconds, 3), "total_s": round(seconds, 3)},
                    files_per_s=round(prev["total"] / seconds, 1) if seconds else None)
-    write_json_atomic(out.rstrip("/") + "/" + SUMMARY_FILE, summary)
-    write_bytes_atomic(out.rstrip("/") + "/" + CONFIG_FILE, dump_toml(cfg).encode())
+    write_json_atomic(join(out, SUMMARY_FILE), summary)
+    write_bytes_atomic(join(out, CONFIG_FILE), dump_toml(cfg).encode())
     log.info("manifest: the %d files list as before (%.1fs); version %d kept, nothing checked", prev["total"],
              seconds, prev["version"])
     return summary
@@ -374,7 +381,7 @@ def _same_as_previous(out: str, previous: str, staging: str, files: list[str], c
     changes = counts["incremental"]
     if changes["new"] or changes["removed"]:
         return False
-    if (read_json(out.rstrip("/") + "/" + SUMMARY_FILE) or {}).get("labels_csv_sha256") != labels_sha:
+    if (read_json(join(out, SUMMARY_FILE)) or {}).get("labels_csv_sha256") != labels_sha:
         return False
     if not changes["changed"]:
         return True
@@ -405,7 +412,7 @@ def _load_labels_csv(url: str) -> tuple[dict[str, str], dict[str, str]]:
     import csv
     import io
 
-    from metadata.schema import normalize_uri
+    from imgfeat.metadata.contracts.schema import normalize_uri
 
     by_uri: dict[str, str] = {}
     by_rel: dict[str, str] = {}

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from metadata.config import Config
-from metadata.schema import STATUS_CODES, SUMMARY_FILE, read_manifest
-from metadata.shards import join, read_json, write_bytes_atomic, write_json_atomic
+from imgfeat.metadata.config import Config
+from imgfeat.metadata.contracts.schema import STATUS_CODES, SUMMARY_FILE, read_manifest
+from imgfeat.metadata.storage import join, read_json, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _png_b64(rgb: np.ndarray) -> str:
 
 def thumbnail(url: str, side: int = 96) -> str:
     """A base64 PNG of the file as far as it decodes, or a grey tile when nothing decodes."""
-    from metadata.cv2_env import import_cv2
+    from imgfeat.metadata.contracts.cv2_env import import_cv2
 
     cv2 = import_cv2()
     img = None
@@ -232,7 +232,8 @@ def render_html(report: dict[str, Any], flagged: list[dict[str, Any]], plots: di
         parts.append("<h2 id='story'>Summary</h2><p>"
                      f"{acc['manifest_rows']:,} files found; {acc['manifest_rows'] - acc['flagged_in_manifest']:,} usable, "
                      f"{acc['flagged_in_manifest']:,} flagged with a reason"
-                     + (f"; {acc.get('feature_rows', 0):,} feature rows, {acc.get('featurize_rejects', 0):,} rejected while decoding" if f else "")
+                     + (f"; {acc.get('feature_rows', 0):,} feature rows, "
+                        f"{acc.get('featurize_rejects', 0):,} rejected while decoding" if f else "")
                      + (f"; PCA to {p['k']} dimensions kept {p['explained_variance_ratio_total']:.1%} of the variance" if p else "")
                      + f". {verdict}</p>")
     ch = report.get("changes") or {}
@@ -245,7 +246,8 @@ def render_html(report: dict[str, Any], flagged: list[dict[str, Any]], plots: di
             notes.append(f"{ch['feature_shards_dropped']:,} stale feature shard(s) removed")
         notes += [f"{_e(k)} {_e(v)}" for k, v in ch.get("stages", {}).items()]
         parts.append("<h2 id='changes'>Changes since the previous run</h2>"
-                     + ("<p>Full build (a first run, <code>--force</code> or a changed [manifest] config): every file counts as added.</p>" if ch.get("first_build") else "")
+                     + ("<p>Full build (a first run, <code>--force</code> or a changed [manifest] config): "
+                        "every file counts as added.</p>" if ch.get("first_build") else "")
                      + _table(["added", "changed", "removed", "unchanged"],
                               [[ch["added"], ch["changed"], ch["removed"], ch["unchanged"]]])
                      + "<p>" + "; ".join(notes) + ".</p>")
@@ -274,7 +276,7 @@ def render_html(report: dict[str, Any], flagged: list[dict[str, Any]], plots: di
             parts.append(_table(["featurize reject reason", "rows"], [[_e(k), v] for k, v in f["reject_reasons"].items()]))
     if m:
         rows = [[_e(s), n, _e(STATUS_CODES.get(s, ""))] for s, n in m["by_status"].items()]
-        parts.append(f"<h2 id='status'>Manifest: files per status</h2>" + _table(["status", "files", "meaning"], rows))
+        parts.append("<h2 id='status'>Manifest: files per status</h2>" + _table(["status", "files", "meaning"], rows))
         splits = sorted(m.get("by_split", {}))
         top = max(m.get("by_label", {}).values() or [1])
         rows = [[_e(label)] + [per.get(s, 0) for s in splits] + [sum(per.values()),

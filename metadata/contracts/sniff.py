@@ -267,7 +267,8 @@ def _webp(data: bytes) -> HeaderInfo:
     else:
         return HeaderInfo("undecodable", f"webp: unknown chunk {chunk!r}", "webp")
     if riff_size + 8 > len(data):
-        return HeaderInfo("truncated", f"webp: RIFF declares {riff_size + 8} bytes, file has {len(data)}", "webp", width, height, channels, 8)
+        return HeaderInfo("truncated", f"webp: RIFF declares {riff_size + 8} bytes, file has {len(data)}", "webp", width, height,
+                          channels, 8)
     return HeaderInfo("ok", "", "webp", width, height, channels, 8)
 
 

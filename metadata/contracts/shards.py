@@ -9,22 +9,18 @@ is always written last. Pure Python with fsspec; no Spark, no torch.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
-import os
-import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
+
+from imgfeat.metadata.contracts.hooks import fault_point
+from imgfeat.metadata.storage import TMP_TAG, join, read_json, write_json_atomic
 
 MARKER_SUFFIX = ".done.json"
 REJECTS_SUFFIX = ".rejects.json"
-TMP_TAG = ".tmp-"
 RUN_FILE = "_run.json"
 
 # Feature shards (featurize): npy pair or one HDF5 file per shard.
@@ -40,38 +36,9 @@ PREP_H5 = "{stem}.h5"
 PREP_SUMMARY = "prep_summary.json"
 
 
-_fault_hook: Callable[[str, str], None] | None = None
-
-
-def set_fault_hook(hook: Callable[[str, str], None] | None) -> None:
-    """Install (or with None remove) the fault-injection hook; see ``featurize.faults``. Tests only."""
-    global _fault_hook
-    _fault_hook = hook
-
-
-def get_fault_hook() -> Callable[[str, str], None] | None:
-    """The installed fault-injection hook, if any."""
-    return _fault_hook
-
-
-def fault_point(event: str, path: str) -> None:
-    """A point of a shard's life: ``shard_start``, ``staged`` (a temporary written, not yet committed),
-    ``marker_next`` (data committed, marker not written) and ``marker_done``. A no-op without a hook."""
-    if _fault_hook is not None:
-        _fault_hook(event, path)
-
-
 def shard_stem(shard: int) -> str:
     """``part-00042`` for shard 42."""
     return f"part-{int(shard):05d}"
-
-
-def join(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name
-
-
-def is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
 
 
 def members_digest(image_ids: Sequence[str]) -> str:
@@ -92,58 +59,6 @@ def file_digest(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, str]:
             h.update(chunk)
             size += len(chunk)
     return size, h.hexdigest()
-
-
-@contextlib.contextmanager
-def staged_file(url: str) -> Iterator[str]:
-    """Yield a local path to write ``url``'s content into; commit it under ``url`` on success.
-
-    Local: a hidden temporary in the same folder, fsynced and renamed (atomic on POSIX).
-    Remote: a local temporary uploaded to the final key (a PUT is all-or-nothing).
-    On error nothing is committed and the temporary is removed.
-    """
-    fs, path = fsspec.core.url_to_fs(url)
-    if is_local(url):
-        folder, name = os.path.split(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{name}{TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    else:
-        fd, tmp = tempfile.mkstemp(prefix="imgfeat-", suffix=os.path.splitext(path)[1])
-        os.close(fd)
-    try:
-        yield tmp
-        if is_local(url):
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            fault_point("staged", tmp)
-            os.replace(tmp, path)
-        else:
-            fault_point("staged", tmp)
-            fs.put_file(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_bytes_atomic(url: str, data: bytes) -> None:
-    """Write ``data`` to ``url`` so readers see the old content or all of the new."""
-    with staged_file(url) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-
-
-def write_json_atomic(url: str, payload: dict[str, Any]) -> None:
-    write_bytes_atomic(url, (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode())
-
-
-def read_json(url: str) -> dict[str, Any] | None:
-    """The JSON at ``url``, or None when it does not exist or is not valid JSON."""
-    fs, path = fsspec.core.url_to_fs(url)
-    try:
-        with fs.open(path, "rb") as fh:
-            return json.loads(fh.read().decode())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
 
 
 def write_marker(folder: str, stem: str, data_files: Sequence[str], payload: dict[str, Any]) -> dict[str, Any]:
@@ -230,18 +145,3 @@ def remove_shard(folder: str, stem: str) -> None:
                 fs.rm(entry)
 
 
-def move_folder(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
-    """Move folder ``src`` to ``dst`` on ``fs``: a rename locally, copy-then-delete per file on object stores.
-
-    On object stores files named ``_*`` (commit markers such as ``_SUCCESS``) are copied last, so a
-    reader that trusts them never sees a partly copied folder.
-    """
-    if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(dst.rstrip("/")), exist_ok=True)
-        os.replace(src, dst)
-        return
-    files = sorted(fs.find(src), key=lambda p: p.rsplit("/", 1)[-1].startswith("_"))
-    for path in files:
-        fs.copy(path, dst.rstrip("/") + "/" + path[len(src.rstrip("/")) + 1:])
-    fs.rm(files)
-    fs.invalidate_cache()

@@ -11,9 +11,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from metadata import feature_store, shards
-from metadata.cli_common import add_common_args
-from metadata.schema import read_manifest, read_summary
+from imgfeat.metadata import storage
+from imgfeat.metadata.cli_common import add_common_args
+from imgfeat.metadata.contracts import feature_store, shards
+from imgfeat.metadata.contracts.schema import read_manifest, read_summary
 
 
 @dataclass
@@ -52,7 +53,7 @@ def verify_run(manifest: str, features: str, checksums: bool = True) -> Verifica
         stem = shards.shard_stem(shard)
         marker = markers.get(stem)
         if marker is None:
-            v.problems.append(f"{shards.join(features, stem)}: manifest shard {shard} has no committed feature shard")
+            v.problems.append(f"{storage.join(features, stem)}: manifest shard {shard} has no committed feature shard")
             continue
         try:
             shards.verify_shard(features, stem, marker, checksums=checksums)
@@ -77,7 +78,7 @@ def verify_run(manifest: str, features: str, checksums: bool = True) -> Verifica
             v.problems.append(f"{stem}: {len(missing)} manifest rows neither written nor rejected, e.g. {sorted(missing)[0]}")
     extra = sorted(set(markers) - {shards.shard_stem(s) for s in expected})
     if extra:
-        v.problems.append(f"{shards.join(features, extra[0])}: committed shard not in the manifest ({len(extra)} such)")
+        v.problems.append(f"{storage.join(features, extra[0])}: committed shard not in the manifest ({len(extra)} such)")
     dups = [i for i, n in seen.items() if n > 1]
     if dups:
         v.problems.append(f"image_id {dups[0]} appears {seen[dups[0]]} times ({len(dups)} ids repeated)")
@@ -97,7 +98,7 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
 
 def verify_command(args: argparse.Namespace) -> int:
     manifest = args.manifest or args.run
-    features = args.features or (shards.join(args.run, "features") if args.run else None)
+    features = args.features or (storage.join(args.run, "features") if args.run else None)
     if not manifest or not features:
         raise ValueError("give RUN, or both --manifest and --features")
     v = verify_run(manifest, features, checksums=not args.no_checksums)

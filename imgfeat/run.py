@@ -7,8 +7,6 @@ skipped; featurize and prep always resume shard by shard.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import subprocess
@@ -21,12 +19,12 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from featurize.preflight import preflight_run
-from metadata.cli_common import StageFailed
-from metadata.config import Config, dump_toml
-from metadata.schema import STATUS_OK, SUMMARY_FILE, read_manifest
-from metadata.shards import (FEATURES_SUMMARY, MARKER_SUFFIX, join, read_json, remove_shard, shard_stem,
-                             write_bytes_atomic, write_json_atomic)
+from imgfeat.metadata.cli_common import StageFailed
+from imgfeat.metadata.config import Config, dump_toml
+from imgfeat.metadata.contracts.schema import STATUS_OK, SUMMARY_FILE, read_manifest
+from imgfeat.metadata.contracts.shards import FEATURES_SUMMARY, MARKER_SUFFIX, remove_shard, shard_stem
+from imgfeat.metadata.storage import canonical_digest, join, read_json, write_bytes_atomic, write_json_atomic
+from imgfeat.preflight import preflight_run
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +37,7 @@ def run_paths(run: str) -> dict[str, str]:
 
 
 def _digest(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return canonical_digest(list(parts))
 
 
 def run_pipeline(cfg: Config, out: str | None = None, sources: list[str] | None = None, master: str | None = None,
@@ -71,7 +69,7 @@ def run_pipeline(cfg: Config, out: str | None = None, sources: list[str] | None 
     for stage in cfg.run.stages:
         t = time.perf_counter()
         if stage == "manifest":
-            from metadata.manifest_job import run_manifest
+            from imgfeat.metadata.manifest.job import run_manifest
 
             digest = _digest(cfg.fingerprint("manifest"), sorted(srcs))
             previous = read_json(join(run_dir, SUMMARY_FILE))
@@ -108,7 +106,7 @@ def run_pipeline(cfg: Config, out: str | None = None, sources: list[str] | None 
                          " (kept: nothing changed)" if unchanged else "", changes["new"], changes["changed"],
                          changes["removed"], changes["unchanged"])
         elif stage == "prep":
-            from preprocess.export import run_prep
+            from imgfeat.preprocess.export import run_prep
 
             run_prep(cfg, paths["manifest"], paths["prep"])
             record(stage, _digest(cfg.fingerprint("prep", "preprocess")), time.perf_counter() - t, False)
@@ -141,14 +139,14 @@ def run_pipeline(cfg: Config, out: str | None = None, sources: list[str] | None 
                 log.info("pca: up to date (same features and config), skipped")
                 record(stage, digest, time.perf_counter() - t, True)
                 continue
-            from metadata.pca import run_pca
+            from imgfeat.metadata.pca.job import run_pca
 
             # A refit, not a projection with the previous model: see README, `imgfeat run`.
             run_pca(cfg, paths["manifest"], paths["features"], paths["pca"], master=master)
             record(stage, digest, time.perf_counter() - t, False)
     state["total_s"] = round(time.perf_counter() - t_run, 3)
     write_json_atomic(join(run_dir, RUN_STATE), state)
-    from featurize.report import write_report
+    from imgfeat.report import write_report
 
     return write_report(run_dir, cfg)
 
@@ -226,7 +224,7 @@ def clear_features(features: str) -> list[str]:
 def _featurize(cfg: Config, paths: dict[str, str]) -> None:
     """In this process for one rank; through torchrun (standalone, this node) for several."""
     if cfg.run.nproc <= 1:
-        from featurize.runner import run_featurize
+        from imgfeat.featurize.runner import run_featurize
 
         run_featurize(cfg, paths["manifest"], paths["features"])
         return
@@ -236,7 +234,7 @@ def _featurize(cfg: Config, paths: dict[str, str]) -> None:
         with open(conf, "w", encoding="utf-8") as fh:
             fh.write(dump_toml(cfg))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.run.nproc}",
-               "-m", "featurize", "--manifest", paths["manifest"], "--out", paths["features"], "--config", conf]
+               "-m", "imgfeat.featurize", "--manifest", paths["manifest"], "--out", paths["features"], "--config", conf]
         log.info("featurize: %s", " ".join(cmd))
         proc = subprocess.run(cmd, env=dict(os.environ, IMGFEAT_NO_PROGRESS=os.environ.get("IMGFEAT_NO_PROGRESS", "")))
     if proc.returncode != 0:

@@ -1,0 +1,1 @@
+"""The on-disk and in-memory contracts every stage shares (pure Python, no Spark)."""
