@@ -19,7 +19,7 @@ the 100x100 copies. Each round runs ours (``full``, ``header``) and the baseline
 cache; the table gives the median of ``--repeats`` rounds, every run's seconds, and the CPU seconds per
 file of each process group (Spark's Python workers, the JVM, the driver Python) read from /proc, with the
 CPU that other processes took during the run (the machine is shared). ``--cli`` also times
-``python -m metadata`` in a fresh process (JVM and Spark start-up included). Writes
+``python -m imgfeat.metadata`` in a fresh process (JVM and Spark start-up included). Writes
 bench/RESULTS-manifest-realsize.md (``--results`` to change it).
 """
 
@@ -163,12 +163,12 @@ def cpu_breakdown(data: Path, sample: int = 2000, reps: int = 5) -> list[tuple[s
     import pyarrow as pa
     from PIL import Image
 
-    from metadata.checks import _cv2, content_hash, decode_check, prefetched, read_bytes
-    from metadata.config import load_config
-    from metadata.listing import Unit, check_source, list_unit
-    from metadata.manifest_job import CHECKED_SCHEMA, _make_checker
-    from metadata.parquet_io import _partition_writer
-    from metadata.sniff import DEFAULT_MAX_JPEG_SCANS, KNOWN_IMAGE_FORMATS, parse_header
+    from imgfeat.metadata.config import load_config
+    from imgfeat.metadata.contracts.sniff import DEFAULT_MAX_JPEG_SCANS, KNOWN_IMAGE_FORMATS, parse_header
+    from imgfeat.metadata.manifest.checks import _cv2, content_hash, decode_check, prefetched, read_bytes
+    from imgfeat.metadata.manifest.job import CHECKED_SCHEMA, _make_checker
+    from imgfeat.metadata.manifest.listing import Unit, check_source, list_unit
+    from imgfeat.metadata.spark.parquet import _partition_writer
 
     root = check_source(str(data))
     entries = list(list_unit(Unit(root, root, True)))
@@ -235,9 +235,9 @@ def realsize_main(args) -> None:
     import subprocess
 
     sys.path.insert(0, str(REPO))
-    from metadata.config import load_config
-    from metadata.manifest_job import run_manifest
-    from metadata.spark_session import get_spark
+    from imgfeat.metadata.config import load_config
+    from imgfeat.metadata.manifest.job import run_manifest
+    from imgfeat.metadata.spark.session import get_spark
 
     n = args.realsize
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench-manifest-real-"))
@@ -297,7 +297,7 @@ def realsize_main(args) -> None:
             busy0 = cpu_snapshot()["machine busy"]
             t = time.perf_counter()
             out = work / f"cli_{m}"
-            subprocess.run([sys.executable, "-m", "metadata", str(data), "--out", str(out), "--master", args.master,
+            subprocess.run([sys.executable, "-m", "imgfeat.metadata", str(data), "--out", str(out), "--master", args.master,
                             "--validation", m, "-q"], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
             wall = time.perf_counter() - t
             busy = cpu_snapshot()["machine busy"] - busy0  # its JVM is not reaped by it: count the whole machine
@@ -343,7 +343,7 @@ def realsize_main(args) -> None:
                      f"(per round: {', '.join(f'{x:.1f}x' for x in per_round)}): "
                      f"{'met' if ratio >= goal else 'NOT met'}.  ")
     for m, wall, t, busy in cli:
-        lines.append(f"CLI `python -m metadata --validation {m}` in a fresh process (page cache dropped first): "
+        lines.append(f"CLI `python -m imgfeat.metadata --validation {m}` in a fresh process (page cache dropped first): "
                      f"{wall:.1f} s wall ({med['baseline'] / wall:.1f}x the in-process baseline median); inside: "
                      f"Spark start {t['spark_start_s']:.1f} s, list + check {t['check_s']:.2f} s, organize + write "
                      f"{t['organize_s'] + t['write_s']:.2f} s, total {t['total_s']:.1f} s; CPU used on the machine "
@@ -378,7 +378,7 @@ def main() -> None:
     parser.add_argument("--min-side", type=int, default=240, help="real-size mode: smallest side (px)")
     parser.add_argument("--max-side", type=int, default=800, help="real-size mode: largest side (px)")
     parser.add_argument("--repeats", type=int, default=3, help="real-size mode: rounds (medians reported)")
-    parser.add_argument("--cli", action="store_true", help="real-size mode: also time `python -m metadata`")
+    parser.add_argument("--cli", action="store_true", help="real-size mode: also time `python -m imgfeat.metadata`")
     parser.add_argument("--results", help="markdown output (default bench/RESULTS-manifest[-realsize].md)")
     args = parser.parse_args()
     if not FRUITS.exists():
