@@ -41,23 +41,6 @@ from imgfeat.metadata.contracts import feature_store  # noqa: E402
 from imgfeat.metadata.contracts.schema import MANIFEST_DIR, MANIFEST_SCHEMA, SUMMARY_FILE, image_id_for  # noqa: E402
 
 
-def _save_exact(real, file, arr, *args, **kwargs):
-    if isinstance(file, (str, Path)) and not str(file).endswith(".npy"):
-        with open(file, "wb") as fh:
-            real(fh, arr, *args, **kwargs)
-    else:
-        real(file, arr, *args, **kwargs)
-
-
-def write_shard(*args, **kwargs) -> dict:
-    """feature_store.write_feature_shard, tolerating np.save's appending .npy to its temporary name."""
-    from unittest import mock
-
-    real = np.save
-    with mock.patch.object(feature_store.np, "save", lambda f, a, *r, **k: _save_exact(real, f, a, *r, **k)):
-        return feature_store.write_feature_shard(*args, **kwargs)
-
-
 def generate(root: Path, rows: int, dim: int, per_shard: int, seed: int = 0) -> tuple[str, str]:
     """Feature shards + manifest for ``rows`` images; reused when a matching stamp exists."""
     stamp = root / "stamp.json"
@@ -83,7 +66,7 @@ def generate(root: Path, rows: int, dim: int, per_shard: int, seed: int = 0) -> 
         ids = [image_id_for(p) for p in paths]
         z = rng.standard_normal((n, rank), dtype=np.float32) * sig
         x = np.abs(z @ basis + offset + 0.3 * rng.standard_normal((n, dim), dtype=np.float32))
-        write_shard(str(feat), s, ids, x.astype(np.float32), [], "npy", "bench")
+        feature_store.write_feature_shard(str(feat), s, ids, x.astype(np.float32), [], "npy", "bench")
         for i, (p, image_id) in enumerate(zip(paths, ids)):
             li = (start + i) % len(labels)
             h = (start + i) % 10

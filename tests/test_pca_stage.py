@@ -20,23 +20,6 @@ pytestmark = pytest.mark.spark
 SPECTRUM = [9.0, 6.0, 4.0, 2.5, 1.5]
 
 
-def write_feature_shard(*args, **kwargs) -> dict:
-    """feature_store.write_feature_shard, working around its np.save(tmp_path) losing the temporary name."""
-    from unittest import mock
-
-    real = np.save
-    with mock.patch.object(feature_store.np, "save", lambda f, a, *r, **k: _save_exact_with(real, f, a, *r, **k)):
-        return feature_store.write_feature_shard(*args, **kwargs)
-
-
-def _save_exact_with(real, file, arr, *args, **kwargs) -> None:
-    if isinstance(file, (str, Path)) and not str(file).endswith(".npy"):
-        with open(file, "wb") as fh:
-            real(fh, arr, *args, **kwargs)
-    else:
-        real(file, arr, *args, **kwargs)
-
-
 def low_rank(n: int, d: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     basis, _ = np.linalg.qr(rng.standard_normal((d, len(SPECTRUM))))
@@ -55,7 +38,7 @@ def make_data(root: Path, n: int = 120, d: int = 16, per_shard: int = 25, fmt: s
     x = low_rank(n, d, seed)
     feat = root / "feat"
     for s, start in enumerate(range(0, n, per_shard)):
-        write_feature_shard(str(feat), s, ids[start:start + per_shard], x[start:start + per_shard], [], fmt, "test")
+        feature_store.write_feature_shard(str(feat), s, ids[start:start + per_shard], x[start:start + per_shard], [], fmt, "test")
     return {"manifest": str(man), "features": str(feat), "ids": ids, "x": x, "files": files}
 
 
@@ -118,7 +101,7 @@ def test_join_accounting_missing_rejected_and_extra(spark, tmp_path) -> None:
     rng = np.random.default_rng(9)
     rejected = image_id_for(normalize_uri("/data/img/b/rejected.jpg"))
     stray = [image_id_for(f"/elsewhere/{i}.jpg") for i in range(3)]
-    write_feature_shard(feat, 3, stray, rng.standard_normal((3, 16)).astype(np.float32),
+    feature_store.write_feature_shard(feat, 3, stray, rng.standard_normal((3, 16)).astype(np.float32),
                         [{"image_id": rejected, "path": "/data/img/b/rejected.jpg", "reason": "undecodable", "detail": "x"}],
                         "npy", "test")
     with pytest.raises(ValueError, match="3 feature row"):
@@ -139,7 +122,7 @@ def test_duplicate_feature_rows_detected(spark, tmp_path) -> None:
     from imgfeat.metadata.pca.job import run_pca
 
     data = make_data(tmp_path, n=40, per_shard=20)
-    write_feature_shard(data["features"], 2, data["ids"][:5], data["x"][:5], [], "npy", "test")  # ids already in shard 0
+    feature_store.write_feature_shard(data["features"], 2, data["ids"][:5], data["x"][:5], [], "npy", "test")  # ids already in shard 0
     with pytest.raises(ValueError, match="5 image id"):
         run_pca(cfg(k=2), data["manifest"], data["features"], str(tmp_path / "red"), spark=spark, plots=False)
     summary = run_pca(cfg(k=2, allow_extra=True), data["manifest"], data["features"], str(tmp_path / "red"), spark=spark,
@@ -234,14 +217,14 @@ def test_apply_round_trip(spark, tmp_path) -> None:
         np.testing.assert_array_equal(applied[i], fitted[i])
     new = low_rank(10, 16, seed=11)
     new_ids = [image_id_for(f"/new/{i}.jpg") for i in range(10)]
-    write_feature_shard(str(tmp_path / "newfeat"), 0, new_ids, new, [], "hdf5", "test")
+    feature_store.write_feature_shard(str(tmp_path / "newfeat"), 0, new_ids, new, [], "hdf5", "test")
     apply_pca(str(tmp_path / "red" / "pca_model.npz"), str(tmp_path / "newfeat"), str(tmp_path / "app2"), spark)
     model = PcaModel.load(str(tmp_path / "red" / "pca_model.npz"))
     got = read_reduced(tmp_path / "app2")
     for i, image_id in enumerate(new_ids):
         np.testing.assert_allclose(got[image_id], model.transform(new[i:i + 1])[0], rtol=1e-6, atol=1e-6)
     bad = tmp_path / "wide"
-    write_feature_shard(str(bad), 0, new_ids[:2], np.ones((2, 5), np.float32), [], "npy", "test")
+    feature_store.write_feature_shard(str(bad), 0, new_ids[:2], np.ones((2, 5), np.float32), [], "npy", "test")
     with pytest.raises(ValueError, match="expects 16 features"):
         apply_pca(str(tmp_path / "red" / "pca_model.npz"), str(bad), str(tmp_path / "app3"), spark)
 
@@ -286,7 +269,7 @@ def test_rows_with_nan_or_inf_features_are_left_out_and_counted(spark, tmp_path)
     poisoned = [3, 41, 77]
     x[3, 0], x[41, 5], x[77, :] = np.nan, np.inf, -np.inf
     for s, start in enumerate(range(0, 80, 20)):
-        write_feature_shard(bad["features"], s, bad["ids"][start:start + 20], x[start:start + 20], [], "npy", "test")
+        feature_store.write_feature_shard(bad["features"], s, bad["ids"][start:start + 20], x[start:start + 20], [], "npy", "test")
     summary = run_pca(cfg(k=3, fit_split=""), bad["manifest"], bad["features"], str(tmp_path / "red"), spark=spark,
                       plots=False)
     assert summary["nonfinite_feature_rows"] == 3 and summary["output_rows"] == 77

@@ -1,4 +1,7 @@
-"""Listing a source tree inside executor tasks, never on the driver (its memory stays flat in files).
+"""Listing a source tree inside executor tasks (the driver's memory stays flat in files).
+
+The one exception is bounded: an incremental rerun streams a listing of at most
+``store.DRIVER_LISTING_MAX`` local files on the driver to tell that nothing changed without Spark.
 
 Each task walks the tree (locally with ``os.scandir``, remotely through fsspec) and keeps the files of
 its own slice (``slice_of``: a stable hash of the URI), so the files are split evenly over tasks with no
