@@ -26,7 +26,7 @@ SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
 
-def _photos(out: Path, n: int, classes: int, min_side: int, max_side: int) -> list[Path]:
+def _photos(out: Path, n: int, classes: int, min_side: int, max_side: int, seed: int = 0) -> list[Path]:
     from sample.realsize import make_realsize_photos
 
     made: list[Path] = []
@@ -34,7 +34,7 @@ def _photos(out: Path, n: int, classes: int, min_side: int, max_side: int) -> li
     for c in range(classes):
         folder = out / f"class{c}"
         made += [Path(p) for p in make_realsize_photos(SHARED / "data" / "fruits360-100", folder, per,
-                                                         min_side=min_side, max_side=max_side, seed=c)]
+                                                         min_side=min_side, max_side=max_side, seed=seed + c)]
     return made
 
 
@@ -68,7 +68,8 @@ def main() -> None:
         env = dict(os.environ, TORCH_HOME=str(tmp / "torch"), IMGFEAT_NO_PROGRESS="1")
         src, run = tmp / "src", tmp / "run"
         photos = _photos(src, args.photos, args.classes, args.min_side, args.max_side)
-        extra = _photos(tmp / "extra", 2 * args.classes, args.classes, args.min_side, args.max_side)
+        # Other seeds: new photos, not copies of the ones already there (those would be duplicates).
+        extra = _photos(tmp / "extra", 2 * args.classes, args.classes, args.min_side, args.max_side, seed=1000)
         rows = []
         load = os.getloadavg()[0]
         seconds, report = _run(src, run, env)

@@ -5,7 +5,7 @@
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("manifest", "manifest-realsize", "preprocess", "decode", "featurize", "pca", "reliability")
+ORDER = ("manifest", "manifest-realsize", "preprocess", "decode", "featurize", "incremental", "pca", "reliability")
 
 
 def main() -> None:
