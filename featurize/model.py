@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from imgfeat.featurize.weights import ResolvedWeights, file_sha256, resolve_weights
+from imgfeat.featurize.weights import ResolvedWeights, resolve_weights
 from imgfeat.metadata.config import FeaturizeConfig
+from imgfeat.metadata.storage import file_sha256
 
 log = logging.getLogger(__name__)
 

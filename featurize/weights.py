@@ -7,13 +7,14 @@ No machine of this project can download weights at run time: a failed download r
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from imgfeat.metadata.storage import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +38,6 @@ class ResolvedWeights:
     state_dict: dict[str, Any] | None
     enum: Any = None
     """The torchvision ``WeightsEnum`` member, when weights came from torchvision."""
-
-
-def file_sha256(path: str) -> str:
-    """sha256 hex digest of a local file (or an fsspec URL)."""
-    import fsspec
-
-    h = hashlib.sha256()
-    with fsspec.open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_enum(model: str, name: str) -> Any:

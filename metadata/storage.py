@@ -46,6 +46,15 @@ def canonical_digest(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
+def file_sha256(url: str) -> str:
+    """sha256 hex digest of the file at ``url`` (local or any fsspec URL), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with fsspec.open(url, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 @contextlib.contextmanager
 def staged_file(url: str) -> Iterator[str]:
     """Yield a local path to write ``url``'s content into; commit it under ``url`` on success.

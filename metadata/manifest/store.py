@@ -7,7 +7,7 @@ import uuid
 import fsspec
 
 from imgfeat.metadata.contracts.schema import HISTORY_DIR, MANIFEST_DIR, SUMMARY_FILE
-from imgfeat.metadata.storage import join, publish_folder, read_json
+from imgfeat.metadata.storage import file_sha256, join, publish_folder, read_json
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,7 @@ def publish_manifest(out: str, staging: str, keep_history: bool) -> int:
 
 def labels_digest(url: str) -> str:
     """sha256 of the labels CSV at ``url``: unchanged files keep their rows, but their labels come from it."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with fsspec.open(url, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(url)
 
 
 DRIVER_LISTING_MAX = 100_000
