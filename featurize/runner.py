@@ -35,6 +35,7 @@ from imgfeat.metadata import storage
 from imgfeat.metadata.config import Config, dump_toml
 from imgfeat.metadata.contracts import feature_store, hooks, shards
 from imgfeat.metadata.contracts.schema import CONFIG_FILE
+from imgfeat.preprocess.transforms import BatchNormalizer
 
 log = logging.getLogger(__name__)
 
@@ -164,32 +165,6 @@ class _Prefetcher:
             self.thread.join(timeout=0.1)
 
 
-class DeviceNormalizer:
-    """uint8 [B,3,H,W] -> normalized float32 on the device, into one reused buffer.
-
-    The same arithmetic as ``preprocess.transforms.normalize_batch`` (``(x - 255*mean) / (255*std)`` in
-    float32, bit-identical), done in place: no new 4-bytes-per-pixel tensors per batch, which on a CPU
-    costs about as much as the arithmetic itself."""
-
-    def __init__(self, device: torch.device, channels_last: bool) -> None:
-        from imgfeat.preprocess.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-        self.device, self.channels_last = device, channels_last
-        self.shift = torch.tensor([255.0 * m for m in IMAGENET_MEAN], device=device, dtype=torch.float32).view(1, 3, 1, 1)
-        self.scale = torch.tensor([255.0 * s for s in IMAGENET_STD], device=device, dtype=torch.float32).view(1, 3, 1, 1)
-        self.buf: torch.Tensor | None = None
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected a uint8 [N,3,H,W] batch, got {images.dtype} {tuple(images.shape)}")
-        if self.buf is None or self.buf.shape != images.shape:
-            fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-            self.buf = torch.empty(images.shape, dtype=torch.float32, device=self.device, memory_format=fmt)
-        src = images if self.device.type == "cpu" else images.to(self.device, non_blocking=True)  # uint8 travels
-        self.buf.copy_(src)
-        return self.buf.sub_(self.shift).div_(self.scale)
-
-
 class ShardComputer:
     """Compute and commit shards with one model on one device."""
 
@@ -199,7 +174,7 @@ class ShardComputer:
         self.stats, self.num_workers, self.progress = stats, num_workers, progress
         self.out_dtype = np.float16 if cfg.featurize.dtype == "float16" else np.float32
         self.channels_last = cfg.featurize.channels_last
-        self.normalize = DeviceNormalizer(device, self.channels_last)
+        self.normalize = BatchNormalizer(device, self.channels_last)
         self._started: tuple[list[assign_mod.ShardWork], list[Any], _Prefetcher] | None = None
 
     def warm_up(self) -> None:

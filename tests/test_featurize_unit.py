@@ -138,13 +138,12 @@ def test_register_adds_subcommand() -> None:
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_device_normalizer_equals_normalize_batch(channels_last: bool) -> None:
-    from imgfeat.featurize.runner import DeviceNormalizer
-    from imgfeat.preprocess.transforms import normalize_batch
+def test_reused_normalizer_equals_normalize_batch(channels_last: bool) -> None:
+    from imgfeat.preprocess.transforms import BatchNormalizer, normalize_batch
 
     u = torch.randint(0, 256, (5, 17, 19, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     u = u.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW, as preprocess.dataset.collate makes it
-    norm = DeviceNormalizer(torch.device("cpu"), channels_last)
+    norm = BatchNormalizer(torch.device("cpu"), channels_last)
     for batch in (u, u.contiguous(), u[:2]):
         got = norm(batch)
         assert torch.equal(got, normalize_batch(batch, device="cpu"))  # bit-identical
