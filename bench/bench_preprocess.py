@@ -98,12 +98,13 @@ def raw_decode(paths: list[str]) -> int:
     return len(paths)
 
 
-def our_loader(rows: list[dict], size: int, workers: int, batch: int) -> int:
+def our_loader(rows: list[dict], size: int, workers: int, batch: int, mode: str | bool | None = None) -> int:
+    """One pass of imgfeat's loader; ``mode``: ``preprocess.reduced_decode`` (None: the config default)."""
     from imgfeat.metadata.config import PreprocessConfig
     from imgfeat.preprocess.dataset import ManifestDataset
     from imgfeat.preprocess.loader import make_loader
 
-    cfg = PreprocessConfig(batch_size=batch)
+    cfg = PreprocessConfig(batch_size=batch) if mode is None else PreprocessConfig(batch_size=batch, reduced_decode=mode)
     ds = ManifestDataset(rows, cfg, size=size, resize_shorter=256 if size == 224 else size)
     n = 0
     for images, idx, ok, _ in make_loader(ds, cfg, num_workers=workers, persistent_workers=False):
@@ -383,20 +384,6 @@ def _pass_rates(fn, n: int) -> tuple[float, float]:
     return n / wall, (n / cpu if cpu > 0 else 0.0)
 
 
-def our_loader_mode(rows: list[dict], size: int, workers: int, batch: int, mode) -> int:
-    from imgfeat.metadata.config import PreprocessConfig
-    from imgfeat.preprocess.dataset import ManifestDataset
-    from imgfeat.preprocess.loader import make_loader
-
-    cfg = PreprocessConfig(batch_size=batch, reduced_decode=mode)
-    ds = ManifestDataset(rows, cfg, size=size, resize_shorter=256 if size == 224 else size)
-    n = 0
-    for images, idx, ok, _ in make_loader(ds, cfg, num_workers=workers, persistent_workers=False):
-        assert bool(ok.all())
-        n += len(idx)
-    return n
-
-
 def breakdown(files: list[str], sizes: list[int], modes: list) -> dict:
     """One process, one thread, one pass: CPU seconds summed over the files, per step.
 
@@ -527,7 +514,7 @@ def realsize_main(args) -> int:
     rounds: list[dict] = []
     for r in range(args.repeat):
         for size in sizes:
-            fns = {f"ours:{mode_name(m)}": (lambda m=m, size=size: our_loader_mode(rows, size, w, args.batch, m))
+            fns = {f"ours:{mode_name(m)}": (lambda m=m, size=size: our_loader(rows, size, w, args.batch, m))
                    for m in modes}
             fns["pil"] = lambda size=size: pil_loader(files, size, w, args.batch, False)
             fns["pil8"] = lambda size=size: pil_loader(files, size, w, args.batch, True)
