@@ -81,10 +81,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def run(args: argparse.Namespace) -> int:
     """Run the stage for parsed ``args``; expected errors raise ``ValueError`` (one line from the CLI)."""
     from imgfeat.featurize.runner import run_featurize
-    from imgfeat.preflight import check_manifest
+    from imgfeat.metadata.contracts.schema import read_summary
 
     cfg = config_from_args(args)
-    check_manifest(args.manifest)
+    read_summary(args.manifest)  # a clear error before the model loads when there is no manifest
     run_featurize(cfg, args.manifest, args.out, split=args.split)
     return 0
 

@@ -12,7 +12,7 @@ import uuid
 import fsspec
 
 from imgfeat.metadata.config import Config, FeaturizeConfig
-from imgfeat.metadata.contracts.schema import SUMMARY_FILE
+from imgfeat.metadata.contracts.schema import read_summary
 from imgfeat.metadata.storage import join
 
 log = logging.getLogger(__name__)
@@ -76,13 +76,6 @@ def _check_file(url: str, key: str) -> None:
         raise ValueError(f"{key}: no such file {url!r}")
 
 
-def check_manifest(manifest: str) -> None:
-    """A manifest folder with its summary (what ``imgfeat manifest --out`` writes)."""
-    fs, root = fsspec.core.url_to_fs(manifest)
-    if not fs.exists(join(root, SUMMARY_FILE)):
-        raise ValueError(f"--manifest {manifest}: no {SUMMARY_FILE} there; run `imgfeat manifest` first")
-
-
 def preflight_run(cfg: Config, run_dir: str, sources: list[str]) -> None:
     """Everything ``imgfeat run`` can check before its first stage: sources, the run folder, weights."""
     from imgfeat.metadata.manifest.listing import check_source
@@ -92,7 +85,7 @@ def preflight_run(cfg: Config, run_dir: str, sources: list[str]) -> None:
         for src in sources:
             check_source(src)
     else:
-        check_manifest(run_dir)
+        read_summary(run_dir)  # a clear error when there is no manifest to build on
     check_writable(run_dir, "--out")
     if "featurize" in stages:
         check_weights(cfg.featurize)
