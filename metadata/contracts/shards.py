@@ -5,7 +5,8 @@ training Dataset, ``read_features``). A shard ``part-NNNNN`` is complete only wh
 ``part-NNNNN.done.json`` exists and matches its data files (sizes and sha256). Data files are
 written under a hidden temporary name in the same folder and renamed when closed; on object stores
 (no rename) they are uploaded under their final keys, which never expose a partial object. The marker
-is always written last. Pure Python with fsspec; no Spark, no torch.
+is always written last; the atomic writes themselves are ``imgfeat.metadata.storage``'s. Pure Python with
+fsspec; no Spark, no torch.
 """
 from __future__ import annotations
 
