@@ -112,7 +112,8 @@ def sparkml(spark, man: str, feat: str, out: str, k: int) -> dict:
     from pyspark.sql import functions as F
 
     from imgfeat.metadata.contracts.schema import manifest_path
-    from imgfeat.metadata.pca.job import REDUCED_SCHEMA, features_dataframe
+    from imgfeat.metadata.pca.project import REDUCED_SCHEMA
+    from imgfeat.metadata.pca.shard_io import features_dataframe
     from imgfeat.metadata.spark.parquet import read_parquet_dataset, write_parquet_dataset
 
     t0 = time.perf_counter()

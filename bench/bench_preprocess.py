@@ -395,7 +395,7 @@ def breakdown(files: list[str], sizes: list[int], modes: list) -> dict:
     from PIL import Image
     from torchvision import transforms as T
 
-    from imgfeat.metadata.config import PreprocessConfig
+    from imgfeat.metadata.config import DecodeConfig, PreprocessConfig
     from imgfeat.metadata.contracts.cv2_env import import_cv2
     from imgfeat.preprocess.dataset import decode_rgb
     from imgfeat.preprocess.transforms import resize_images
@@ -407,10 +407,10 @@ def breakdown(files: list[str], sizes: list[int], modes: list) -> dict:
     from imgfeat.metadata.manifest.checks import read_bytes
     from imgfeat.preprocess.decode import check_header
 
-    cfg, guard = PreprocessConfig(), 0.0
+    limits, guard = DecodeConfig(), 0.0
     for p in files:  # the part of ours' decode that is not OpenCV: read through fsspec + the header guards
         t0 = clock()
-        check_header(read_bytes("file://" + p, cfg.max_bytes), cfg)
+        check_header(read_bytes("file://" + p, limits.max_bytes), limits)
         guard += clock() - t0
     out["guard"] = {"guard": guard}
     for size in sizes:

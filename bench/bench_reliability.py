@@ -44,12 +44,12 @@ def measure_corpus(root: Path) -> dict:
     """Sniff and decode every readable corpus input; times, outcomes and memory."""
     from test_bad_input import build_corpus
 
-    from imgfeat.metadata.config import PreprocessConfig
+    from imgfeat.metadata.config import DecodeConfig, PreprocessConfig
     from imgfeat.metadata.contracts.sniff import parse_header
     from imgfeat.preprocess.decode import DecodeError, decode_image
 
     cases = build_corpus(root, PNGSUITE if PNGSUITE.is_dir() else None)
-    cfg = PreprocessConfig()
+    cfg, limits = PreprocessConfig(), DecodeConfig()
     decode_image((root / "a" / "good.jpg").read_bytes(), cfg, target=224)  # cv2 imported and warmed up
     base = rss_mb()
     out = {"cases": len(cases), "pngsuite": sum(c.rel.startswith("pngsuite/") for c in cases), "by_status": Counter(),
@@ -63,7 +63,7 @@ def measure_corpus(root: Path) -> dict:
             continue  # links that do not lead to a file: the listing's outcome, nothing to decode
         expect = "ok" if c.status in ("bad_label", "duplicate") else c.status
         t0 = time.perf_counter()
-        parse_header(data, cfg.formats, cfg.max_jpeg_scans)
+        parse_header(data, tuple(limits.formats), limits.max_jpeg_scans)
         t1 = time.perf_counter()
         before = rss_mb()
         try:
@@ -89,7 +89,7 @@ def measure_corpus(root: Path) -> dict:
         out["bomb_refusal"] = exc.detail
     out["bomb_guarded_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    decode_image(bomb, PreprocessConfig(max_jpeg_scans=0))
+    decode_image(bomb, cfg, limits=DecodeConfig(max_jpeg_scans=0))
     out["bomb_unguarded_s"] = time.perf_counter() - t
     return out
 

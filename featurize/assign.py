@@ -30,14 +30,17 @@ class ShardWork:
 
     @property
     def stem(self) -> str:
+        """The shard's file stem in the feature folder."""
         return shards.shard_stem(self.shard)
 
     @property
     def image_ids(self) -> list[str]:
+        """The shard's image ids, in row order."""
         return self.rows.column("image_id").to_pylist()
 
     @property
     def members(self) -> str:
+        """The digest of the shard's image ids that its marker must carry."""
         return shards.members_digest(self.image_ids)
 
     def __len__(self) -> int:

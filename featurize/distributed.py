@@ -11,13 +11,15 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar, cast
 
 import torch
 
 from imgfeat.preprocess.loader import available_cores
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -32,34 +34,37 @@ class DistContext:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the rank that claims the output folder."""
         return self.rank == 0
 
     def barrier(self) -> None:
+        """Wait for every rank (no-op in a single process)."""
         if self.initialized:
             torch.distributed.barrier()
 
-    def broadcast(self, obj: Any) -> Any:
+    def broadcast(self, obj: T) -> T:
         """``obj`` from rank 0, on every rank."""
         if not self.initialized:
             return obj
-        box = [obj if self.rank == 0 else None]
+        box: list[T | None] = [obj if self.rank == 0 else None]
         torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
+        return cast(T, box[0])  # rank 0's obj, received into the box
 
-    def gather(self, obj: Any) -> list[Any] | None:
+    def gather(self, obj: T) -> list[T] | None:
         """Every rank's ``obj`` on rank 0 (None elsewhere)."""
         if not self.initialized:
             return [obj]
-        out: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+        out: list[T | None] | None = [None] * self.world_size if self.rank == 0 else None
         torch.distributed.gather_object(obj, out, dst=0)
-        return out
+        return cast("list[T] | None", out)  # gather_object filled every slot on rank 0
 
-    def all_gather(self, obj: Any) -> list[Any]:
+    def all_gather(self, obj: T) -> list[T]:
+        """Every rank's ``obj``, in rank order, on every rank."""
         if not self.initialized:
             return [obj]
-        out: list[Any] = [None] * self.world_size
+        out: list[T | None] = [None] * self.world_size
         torch.distributed.all_gather_object(out, obj)
-        return out
+        return cast("list[T]", out)  # all_gather_object filled every slot
 
 
 def _env_int(name: str, default: int) -> int:
@@ -96,7 +101,7 @@ def init_distributed(timeout_s: float | None = None) -> DistContext:
     return ctx
 
 
-def _attempt_store(ctx: DistContext, timeout: datetime.timedelta) -> Any:
+def _attempt_store(ctx: DistContext, timeout: datetime.timedelta) -> torch.distributed.Store | None:
     """On one node under torchrun: the agent's store, with a prefix per restart attempt.
 
     torchrun shares its rendezvous TCPStore with the workers, and ``init_process_group`` keys it with a
@@ -128,5 +133,6 @@ def set_threads(ctx: DistContext, device: torch.device) -> int:
 
 
 def shutdown(ctx: DistContext) -> None:
+    """Leave the process group this run joined (no-op in a single process)."""
     if ctx.initialized and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

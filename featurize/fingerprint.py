@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imgfeat.metadata import storage
 from imgfeat.metadata.config import Config
 from imgfeat.metadata.contracts import shards
 from imgfeat.metadata.storage import canonical_digest
+
+if TYPE_CHECKING:
+    from imgfeat.featurize.model import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +36,10 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def run_fingerprint(cfg: Config, info: Any) -> dict[str, Any]:
-    """The fingerprint fields of this run (``info`` is the ``featurize.model.ModelInfo``)."""
+def run_fingerprint(cfg: Config, info: ModelInfo) -> dict[str, Any]:
+    """The fingerprint fields of this run."""
     pre = {k: v for k, v in dataclasses.asdict(cfg.preprocess).items() if k not in _RUNTIME_PREPROCESS_KEYS}
+    pre.update(dataclasses.asdict(cfg.decode))  # hashed as preprocess keys, where they were before [decode]
     f = cfg.featurize
     return {
         "model": info.model,
@@ -94,7 +98,7 @@ def check_run_file(folder: str, fields: dict[str, Any], overwrite: bool) -> str:
     return "overwrite"
 
 
-def _get(d: dict[str, Any], dotted: str) -> Any:
+def _get(d: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         if not isinstance(d, dict):
             return None

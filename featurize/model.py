@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -53,7 +52,8 @@ class GlobalPool(nn.Module):
             raise ValueError(f"featurize.pool must be avg, max or none, got {pool!r}")
         self.pool = pool
 
-    def forward(self, y: Any) -> torch.Tensor:
+    def forward(self, y: torch.Tensor | dict[str, torch.Tensor] | tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
+        """[B, D] features of the backbone output ``y`` (its first tensor; pooled when spatial)."""
         if isinstance(y, dict):
             y = next(iter(y.values()))
         if isinstance(y, (tuple, list)):
@@ -75,6 +75,7 @@ class FeatureModel(nn.Module):
         self.head = GlobalPool(pool)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features [B, D] of the normalized batch ``x`` [B, 3, H, W]."""
         return self.head(self.body(x))
 
 
@@ -93,7 +94,7 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     raise ValueError(f"featurize.device must be auto, cpu or cuda[:N], got {spec!r}")
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[object]:
     """The autocast context for ``precision`` (fp32: none)."""
     if precision == "fp32":
         return contextlib.nullcontext()

@@ -13,6 +13,7 @@ from typing import Any
 
 from imgfeat.metadata.cli_common import add_common_args, build_config, report_errors, setup_logging
 from imgfeat.metadata.config import Config
+from imgfeat.metadata.config_flags import add_config_flags, config_overrides
 
 log = logging.getLogger(__name__)
 
@@ -25,48 +26,31 @@ seed the cache or pass --weights-path FILE.
 """
 
 
+MODEL_FLAGS = ("featurize.model", "featurize.weights", "featurize.weights_path", "featurize.model_path",
+               "featurize.layer", "featurize.pool")
+SPEED_FLAGS = ("featurize.precision", "preprocess.batch_size", "preprocess.num_workers", "featurize.device",
+               "featurize.compile", "featurize.channels_last")
+OUTPUT_FLAGS = ("featurize.format", "featurize.dtype", "featurize.overwrite")
+"""Config keys offered as flags, by group (every other key: ``--set``)."""
+
+
 def add_featurize_args(parser: argparse.ArgumentParser) -> None:
     """All featurize flags (and the common ones); flags left unset keep the config file's values."""
     parser.add_argument("--manifest", required=True, metavar="OUT", help="the manifest folder (imgfeat manifest --out)")
     parser.add_argument("--out", required=True, metavar="FEAT", help="feature folder (local path or s3://...)")
     parser.add_argument("--split", default=None, help="featurize only this split (default: every row)")
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", help="torchvision model name (default resnet50)")
-    g.add_argument("--weights", help="torchvision weights enum name (IMAGENET1K_V2, DEFAULT) or none")
-    g.add_argument("--weights-path", metavar="FILE", help="a local state_dict file (wins over --weights)")
-    g.add_argument("--model-path", metavar="FILE", help="a TorchScript or torch.export model file (wins over --model)")
-    g.add_argument("--layer", help="graph node to take features from (default: pooled penultimate layer)")
-    g.add_argument("--pool", choices=("avg", "max", "none"), help="global pooling of spatial maps (default avg)")
+    add_config_flags(parser.add_argument_group("model"), MODEL_FLAGS)
     g = parser.add_argument_group("speed")
-    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (default fp32)")
-    g.add_argument("--batch-size", type=int, help="images per batch (preprocess.batch_size)")
-    g.add_argument("--num-workers", type=int, help="decode workers per rank (-1: auto, one per core of the rank's share "
-                   "with CUDA, one per 4 cores on CPU)")
-    g.add_argument("--size", type=int, help="model input size; the resize-before-crop side scales with it")
-    g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    g.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None,
-                   help="keep NCHW memory layout")
-    g = parser.add_argument_group("output")
-    g.add_argument("--format", choices=("npy", "hdf5"), help="shard format (default npy)")
-    g.add_argument("--dtype", choices=("float32", "float16"), help="stored feature dtype (default float32)")
-    g.add_argument("--overwrite", action="store_true", default=None,
-                   help="replace shards of a run with another fingerprint instead of refusing")
+    add_config_flags(g, SPEED_FLAGS)
+    g.add_argument("--size", type=int, help="model input size (preprocess.size); the resize-before-crop side "
+                   "(preprocess.resize_shorter) scales with it")
+    add_config_flags(parser.add_argument_group("output"), OUTPUT_FLAGS)
     add_common_args(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """``--config`` plus the flags that were given."""
-    overrides: dict[str, dict[str, Any]] = {
-        "featurize": {
-            "model": args.model, "weights": args.weights, "weights_path": args.weights_path,
-            "model_path": args.model_path, "layer": args.layer, "pool": args.pool, "precision": args.precision,
-            "device": args.device, "compile": args.compile, "channels_last": args.channels_last,
-            "format": args.format, "dtype": args.dtype, "overwrite": args.overwrite,
-        },
-        "preprocess": {"batch_size": args.batch_size, "num_workers": args.num_workers},
-    }
-    cfg = build_config(args, overrides)
+    cfg = build_config(args, config_overrides(args))
     if args.size is not None:
         if args.size < 1:
             raise ValueError("--size (preprocess.size) must be >= 1")

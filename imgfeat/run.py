@@ -19,22 +19,16 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from imgfeat.layout import RUN_STATE, run_paths
 from imgfeat.metadata.cli_common import StageFailed
 from imgfeat.metadata.config import Config, dump_toml
-from imgfeat.metadata.contracts.schema import STATUS_OK, SUMMARY_FILE, read_manifest
+from imgfeat.metadata.contracts.pca_files import PCA_SUMMARY
+from imgfeat.metadata.contracts.schema import CONFIG_FILE, STATUS_OK, SUMMARY_FILE, read_manifest
 from imgfeat.metadata.contracts.shards import FEATURES_SUMMARY, MARKER_SUFFIX, remove_shard, shard_stem
 from imgfeat.metadata.storage import canonical_digest, join, read_json, write_bytes_atomic, write_json_atomic
 from imgfeat.preflight import preflight_run
 
 log = logging.getLogger(__name__)
-
-RUN_STATE = "run.json"
-
-
-def run_paths(run: str) -> dict[str, str]:
-    """Where each stage writes inside the run folder."""
-    return {"manifest": run, "prep": join(run, "prep"), "features": join(run, "features"), "pca": join(run, "pca")}
-
 
 def _digest(*parts: Any) -> str:
     return canonical_digest(list(parts))
@@ -53,7 +47,7 @@ def run_pipeline(cfg: Config, out: str | None = None, sources: list[str] | None 
     paths = run_paths(run_dir)
     state = read_json(join(run_dir, RUN_STATE)) or {"stages": {}}
     state["started_at"] = time.time()  # the report tells this run's stages from earlier runs' records
-    write_bytes_atomic(join(run_dir, "config.resolved.toml"), dump_toml(cfg).encode())
+    write_bytes_atomic(join(run_dir, CONFIG_FILE), dump_toml(cfg).encode())
     t_run = time.perf_counter()
 
     def record(stage: str, digest: str, seconds: float, skipped: bool, **extra: Any) -> None:
@@ -135,7 +129,7 @@ def run_pipeline(cfg: Config, out: str | None = None, sources: list[str] | None 
             manifest = read_json(join(run_dir, SUMMARY_FILE)) or {}
             digest = _digest(cfg.fingerprint("pca"), manifest.get("version"), manifest.get("fingerprint"),
                              feat.get("fingerprint"), feat.get("rows"), feat.get("shards"))
-            if done(stage, digest) and read_json(join(paths["pca"], "pca_summary.json")):
+            if done(stage, digest) and read_json(join(paths["pca"], PCA_SUMMARY)):
                 log.info("pca: up to date (same features and config), skipped")
                 record(stage, digest, time.perf_counter() - t, True)
                 continue
@@ -230,7 +224,7 @@ def _featurize(cfg: Config, paths: dict[str, str]) -> None:
         return
     # --config takes a local file; the run folder's copy may be on an object store.
     with tempfile.TemporaryDirectory(prefix="imgfeat-run-") as tmp:
-        conf = os.path.join(tmp, "config.resolved.toml")
+        conf = os.path.join(tmp, CONFIG_FILE)
         with open(conf, "w", encoding="utf-8") as fh:
             fh.write(dump_toml(cfg))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.run.nproc}",

@@ -5,45 +5,36 @@ import argparse
 import logging
 from typing import Any
 
+from imgfeat.layout import REPORT_HTML
 from imgfeat.metadata.cli_common import add_common_args, build_config
 from imgfeat.metadata.config import Config
+from imgfeat.metadata.config_flags import add_config_flags, config_overrides, given
 from imgfeat.metadata.storage import join
 
 log = logging.getLogger(__name__)
 
 
+STAGE_FLAGS = ("manifest.validation", "featurize.model", "featurize.weights", "featurize.weights_path",
+               "featurize.precision", "featurize.device", "preprocess.batch_size", "preprocess.num_workers", "pca.k")
+"""Stage keys offered as flags by ``run`` (the same flags as the stage commands)."""
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="*", metavar="SRC", help="source folders or URLs (default: run.sources)")
-    parser.add_argument("--out", help="run folder (default: run.out)")
-    parser.add_argument("--master", help="Spark master URL for the manifest and pca stages")
-    parser.add_argument("--nproc", type=int, help="featurize processes on this node; > 1 starts torchrun")
-    parser.add_argument("--stages", help="comma-separated stages, e.g. manifest,featurize,pca")
+    add_config_flags(parser, ("run.out", "run.nproc", "run.stages", "spark.master"))
     parser.add_argument("--force", action="store_true", help="rerun stages even when they are up to date")
-    g = parser.add_argument_group("stage options (the same flags as the stage commands; --set reaches every other key)")
-    g.add_argument("--validation", choices=["header", "full"], help="manifest check depth (manifest.validation)")
-    g.add_argument("--model", help="torchvision model name (featurize.model)")
-    g.add_argument("--weights", help="torchvision weights enum name or none (featurize.weights)")
-    g.add_argument("--weights-path", metavar="FILE", help="a local state_dict file (featurize.weights_path)")
-    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (featurize.precision)")
-    g.add_argument("--device", help="auto, cpu, cuda or cuda:N (featurize.device)")
-    g.add_argument("--batch-size", type=int, help="images per batch (preprocess.batch_size)")
-    g.add_argument("--num-workers", type=int, help="decode workers per rank (preprocess.num_workers)")
-    g.add_argument("--k", type=int, help="PCA components (pca.k)")
+    add_config_flags(parser.add_argument_group("stage options (the same flags as the stage commands; --set reaches "
+                                               "every other key)"), STAGE_FLAGS)
     add_common_args(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """``--config``, then ``--set``, then the flags that were given."""
-    stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
-    cfg = build_config(args, {
-        "run": {"nproc": args.nproc, "stages": stages, "out": args.out, "sources": args.sources or None},
-        "manifest": {"validation": args.validation},
-        "featurize": {"model": args.model, "weights": args.weights, "weights_path": args.weights_path,
-                      "precision": args.precision, "device": args.device},
-        "preprocess": {"batch_size": args.batch_size, "num_workers": args.num_workers},
-        "pca": {"k": args.k},
-    })
-    if args.k is not None:
+    overrides = config_overrides(args)
+    if args.sources:
+        overrides.setdefault("run", {})["sources"] = args.sources
+    cfg = build_config(args, overrides)
+    if given(args, "pca.k") is not None:
         cfg.pca.variance = 0.0  # an explicit --k wins over a variance from --config, as in `imgfeat pca`
     return cfg
 
@@ -53,7 +44,7 @@ def run_command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     from imgfeat.run import run_pipeline
 
-    report = run_pipeline(cfg, master=args.master, force=args.force)
+    report = run_pipeline(cfg, force=args.force)
     acc = report.get("accounting", {})
     print(f"run folder: {report['run']}")
     if acc:
@@ -62,7 +53,7 @@ def run_command(args: argparse.Namespace) -> int:
     weights = ((report.get("featurize") or {}).get("model") or {}).get("weights")
     if weights:
         print(f"weights used: {weights}")
-    print(f"report: {join(report['run'], 'report.html')}")
+    print(f"report: {join(report['run'], REPORT_HTML)}")
     return 0
 
 

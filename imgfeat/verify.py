@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from imgfeat.layout import run_paths
 from imgfeat.metadata import storage
 from imgfeat.metadata.cli_common import add_common_args
 from imgfeat.metadata.contracts import feature_store, shards
@@ -98,7 +99,7 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
 
 def verify_command(args: argparse.Namespace) -> int:
     manifest = args.manifest or args.run
-    features = args.features or (storage.join(args.run, "features") if args.run else None)
+    features = args.features or (run_paths(args.run)["features"] if args.run else None)
     if not manifest or not features:
         raise ValueError("give RUN, or both --manifest and --features")
     v = verify_run(manifest, features, checksums=not args.no_checksums)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import tomllib
 import types
 import typing
@@ -14,15 +15,50 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imgfeat.metadata.contracts.sniff import DEFAULT_MAX_JPEG_SCANS
+from imgfeat.metadata.contracts.sniff import DEFAULT_MAX_JPEG_SCANS, KNOWN_IMAGE_FORMATS
 from imgfeat.metadata.storage import canonical_digest
+
+log = logging.getLogger(__name__)
 
 RESIZE_POLICIES = ("resize_shorter+center_crop", "resize", "letterbox")
 INTERPOLATIONS = ("nearest", "linear", "area", "cubic", "lanczos")
 PRECISIONS = ("fp32", "bf16", "fp16")
 REDUCED_DECODE_MODES = ("off", "safe", "fast")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "manifest.validation": ("header", "full"),
+    "manifest.label_from": ("parent", "regex", "csv"),
+    "preprocess.resize_policy": RESIZE_POLICIES,
+    "preprocess.interpolation": INTERPOLATIONS,
+    "preprocess.alpha": ("composite", "drop"),
+    "preprocess.reduced_decode": REDUCED_DECODE_MODES,
+    "prep.resize_policy": RESIZE_POLICIES,
+    "prep.format": ("hdf5", "npy"),
+    "prep.compression": ("lzf", "gzip", "none"),
+    "featurize.pool": ("avg", "max", "none"),
+    "featurize.precision": PRECISIONS,
+    "featurize.format": ("npy", "hdf5"),
+    "featurize.dtype": ("float32", "float16"),
+}
+"""The allowed values of every key that takes one of a few strings (validation and command-line choices)."""
 _LEGACY_BOOL_VALUES = {"preprocess.reduced_decode": {True: "safe", False: "off"}}
 """Keys that were booleans once: the old value read from a config file or given in code, and its meaning now."""
+
+
+_DECODE_KEYS = ("max_bytes", "max_pixels", "max_jpeg_scans", "formats")
+MOVED_KEYS = {f"{section}.{key}": f"decode.{key}" for section in ("manifest", "preprocess") for key in _DECODE_KEYS}
+"""Keys that lived in two sections once and are now one key of ``[decode]``: old name -> new name."""
+READS_DECODE = ("manifest", "preprocess")
+"""Sections whose stage reads ``[decode]``: their fingerprints include it (as their own keys, as before)."""
+
+
+def check_choices(section: str, obj: Any) -> None:
+    """ValueError naming ``section.key`` for any field of ``obj`` outside its ``CHOICES``."""
+    for f in dataclasses.fields(obj):
+        key = f"{section}.{f.name}"
+        allowed = CHOICES.get(key)
+        value = getattr(obj, f.name)
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
 
 
 def legacy_value(key: str, value: Any) -> Any:
@@ -55,6 +91,33 @@ class SparkConfig:
 
 
 @dataclass
+class DecodeConfig:
+    """Limits and formats of every decode: the manifest checks and the decoder read this one section."""
+
+    max_bytes: int = 64 * 1024 * 1024
+    """Files larger than this are too_large: not read by the manifest, refused by the decoder."""
+    max_pixels: int = 100_000_000
+    """Images whose header claims more pixels are too_large (decompression bombs); also OpenCV's own limit."""
+    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS
+    """JPEGs with more scans are too_large (progressive-JPEG CPU bombs); 0 = no limit."""
+    formats: list[str] = field(default_factory=lambda: list(KNOWN_IMAGE_FORMATS))
+    """Formats accepted as images (magic bytes); other recognised formats are ``unsupported_format``."""
+
+    def validate(self) -> None:
+        if self.max_bytes < 1:
+            raise ValueError(f"decode.max_bytes must be >= 1, got {self.max_bytes}")
+        if self.max_pixels < 1:
+            raise ValueError(f"decode.max_pixels must be >= 1, got {self.max_pixels}")
+        if self.max_jpeg_scans < 0:
+            raise ValueError(f"decode.max_jpeg_scans must be >= 0 (0 = no limit), got {self.max_jpeg_scans}")
+        if not self.formats:
+            raise ValueError("decode.formats must name at least one format")
+        for fmt in self.formats:
+            if fmt not in KNOWN_IMAGE_FORMATS:
+                raise ValueError(f"decode.formats: unknown format {fmt!r}; known: {', '.join(KNOWN_IMAGE_FORMATS)}")
+
+
+@dataclass
 class ManifestConfig:
     """The manifest job: listing, labels, validation, duplicates, splits and shards."""
 
@@ -74,20 +137,9 @@ class ManifestConfig:
     """Seed of the hash order for splits (change it to draw other splits)."""
     rows_per_shard: int = 1000
     """Ok rows per featurize shard (shards differ by at most one row)."""
-    max_bytes: int = 64 * 1024 * 1024
-    """Files larger than this are too_large (not read)."""
-    max_pixels: int = 100_000_000
-    """Images whose header claims more pixels are too_large (decompression bombs)."""
-    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS
-    """JPEGs with more scans are too_large (progressive-JPEG CPU bombs); 0 = no limit."""
-    formats: list[str] = field(default_factory=lambda: ["jpeg", "png", "gif", "bmp", "webp", "tiff"])
-    """Formats accepted as images; other recognised formats are ``unsupported_format``."""
 
     def validate(self) -> None:
-        if self.validation not in ("header", "full"):
-            raise ValueError(f"manifest.validation must be 'header' or 'full', got {self.validation!r}")
-        if self.label_from not in ("parent", "regex", "csv"):
-            raise ValueError(f"manifest.label_from must be parent, regex or csv, got {self.label_from!r}")
+        check_choices("manifest", self)
         if self.label_from == "regex" and "(?P<label>" not in self.label_regex:
             raise ValueError("manifest.label_regex needs a named group (?P<label>...)")
         if self.label_from == "csv" and not self.labels_csv:
@@ -98,15 +150,6 @@ class ManifestConfig:
             raise ValueError(f"manifest.split_ratios must sum to 1, got {sum(self.split_ratios.values())}")
         if self.rows_per_shard < 1:
             raise ValueError("manifest.rows_per_shard must be >= 1")
-        if self.max_bytes < 1 or self.max_pixels < 1:
-            raise ValueError("manifest.max_bytes and manifest.max_pixels must be >= 1")
-        if self.max_jpeg_scans < 0:
-            raise ValueError(f"manifest.max_jpeg_scans must be >= 0 (0 = no limit), got {self.max_jpeg_scans}")
-        from imgfeat.metadata.contracts.sniff import KNOWN_IMAGE_FORMATS
-
-        for fmt in self.formats:
-            if fmt not in KNOWN_IMAGE_FORMATS:
-                raise ValueError(f"manifest.formats: unknown format {fmt!r}; known: {', '.join(KNOWN_IMAGE_FORMATS)}")
 
 
 @dataclass
@@ -133,14 +176,6 @@ class PreprocessConfig:
     both sides (features as torchvision's: min cosine 0.9998 on real-size photos). ``fast``, opt-in: while
     the shorter side stays >= the target; trades fidelity for decode speed (min cosine 0.977, half the
     photos under 0.999). Legacy ``true`` = safe, ``false`` = off."""
-    max_bytes: int = 64 * 1024 * 1024
-    """Byte cap checked before decoding."""
-    max_pixels: int = 100_000_000
-    """Pixel cap on the header dimensions, checked before decoding (also OpenCV's own limit)."""
-    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS
-    """JPEGs with more scans are refused before decoding (a per-image CPU bound); 0 = no limit."""
-    formats: list[str] = field(default_factory=lambda: ["jpeg", "png", "gif", "bmp", "webp", "tiff"])
-    """Magic-byte allowlist of formats the decoder accepts."""
     num_workers: int = -1
     """DataLoader workers; -1 = auto: one per available core, except featurize on a CPU device: one per 4 cores,
     at least one (the model's threads use every core)."""
@@ -153,16 +188,11 @@ class PreprocessConfig:
         self.reduced_decode = legacy_value("preprocess.reduced_decode", self.reduced_decode)
 
     def validate(self) -> None:
+        check_choices("preprocess", self)
         if self.size < 1:
             raise ValueError("preprocess.size must be >= 1")
-        if self.resize_policy not in RESIZE_POLICIES:
-            raise ValueError(f"preprocess.resize_policy must be one of {RESIZE_POLICIES}, got {self.resize_policy!r}")
         if self.resize_shorter < self.size and self.resize_policy == "resize_shorter+center_crop":
             raise ValueError("preprocess.resize_shorter must be >= preprocess.size")
-        if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"preprocess.interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
-        if self.alpha not in ("composite", "drop"):
-            raise ValueError(f"preprocess.alpha must be 'composite' or 'drop', got {self.alpha!r}")
         if len(self.background) != 3 or any(not 0 <= c <= 255 for c in self.background):
             raise ValueError("preprocess.background must be three integers in 0..255")
         if self.batch_size < 1:
@@ -171,11 +201,6 @@ class PreprocessConfig:
             raise ValueError("preprocess.num_workers must be >= -1")
         if self.prefetch_factor < 1:
             raise ValueError("preprocess.prefetch_factor must be >= 1")
-        if self.max_jpeg_scans < 0:
-            raise ValueError(f"preprocess.max_jpeg_scans must be >= 0 (0 = no limit), got {self.max_jpeg_scans}")
-        if self.reduced_decode not in REDUCED_DECODE_MODES:
-            raise ValueError(f"preprocess.reduced_decode must be one of {REDUCED_DECODE_MODES} "
-                             f"(legacy true/false = safe/off), got {self.reduced_decode!r}")
 
 
 @dataclass
@@ -196,16 +221,11 @@ class PrepConfig:
     """HDF5 compression: ``lzf``, ``gzip`` or ``none``."""
 
     def validate(self) -> None:
+        check_choices("prep", self)
         if self.size < 1:
             raise ValueError("prep.size must be >= 1")
-        if self.resize_policy not in RESIZE_POLICIES:
-            raise ValueError(f"prep.resize_policy must be one of {RESIZE_POLICIES}, got {self.resize_policy!r}")
-        if self.format not in ("hdf5", "npy"):
-            raise ValueError(f"prep.format must be 'hdf5' or 'npy', got {self.format!r}")
         if self.rows_per_shard < 1:
             raise ValueError("prep.rows_per_shard must be >= 1")
-        if self.compression not in ("lzf", "gzip", "none"):
-            raise ValueError(f"prep.compression must be lzf, gzip or none, got {self.compression!r}")
 
 
 @dataclass
@@ -242,14 +262,7 @@ class FeaturizeConfig:
     """Tries per shard before the run fails."""
 
     def validate(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"featurize.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.pool not in ("avg", "max", "none"):
-            raise ValueError(f"featurize.pool must be avg, max or none, got {self.pool!r}")
-        if self.format not in ("npy", "hdf5"):
-            raise ValueError(f"featurize.format must be 'npy' or 'hdf5', got {self.format!r}")
-        if self.dtype not in ("float32", "float16"):
-            raise ValueError(f"featurize.dtype must be float32 or float16, got {self.dtype!r}")
+        check_choices("featurize", self)
         if self.max_shard_attempts < 1:
             raise ValueError("featurize.max_shard_attempts must be >= 1")
         if not self.device or not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
@@ -305,6 +318,7 @@ class Config:
     """All sections; each stage reads its own and saves the whole resolved config."""
 
     spark: SparkConfig = field(default_factory=SparkConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
     manifest: ManifestConfig = field(default_factory=ManifestConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     prep: PrepConfig = field(default_factory=PrepConfig)
@@ -321,9 +335,15 @@ class Config:
         return dataclasses.asdict(self)
 
     def fingerprint(self, *sections: str) -> str:
-        """A short sha256 of the named sections (all when none are named)."""
+        """A short sha256 of the named sections (all when none are named).
+
+        ``manifest`` and ``preprocess`` are hashed with the ``[decode]`` keys merged in, as they were
+        written before that section existed, so runs made then stay up to date."""
         data = self.to_dict()
-        chosen = {s: data[s] for s in (sections or data.keys())}
+        decode = data.pop("decode")
+        chosen = {s: ({**data[s], **decode} if s in READS_DECODE else data[s]) for s in (sections or data.keys())}
+        if not sections:
+            chosen["decode"] = decode
         return canonical_digest(chosen)
 
 
@@ -371,9 +391,44 @@ def _apply(section_obj: Any, section: str, values: dict[str, Any]) -> None:
         setattr(section_obj, key, _coerce(f"{section}.{key}", value, hints[key]))
 
 
+def _move_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the old per-section decode keys (``manifest.max_bytes``...) moved to ``[decode]``.
+
+    Two spellings of one key with different values are a ``ValueError`` naming both."""
+    moved: dict[str, tuple[str, Any]] = {}
+    out: dict[str, Any] = {}
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            out[section] = values
+            continue
+        kept = {}
+        for key, value in values.items():
+            new = MOVED_KEYS.get(f"{section}.{key}")
+            if new is None:
+                kept[key] = value
+                continue
+            old = f"{section}.{key}"
+            if new in moved and moved[new][1] != value:
+                raise ValueError(f"{moved[new][0]} = {moved[new][1]!r} and {old} = {value!r} disagree; "
+                                 f"both are now {new}: set it once")
+            moved[new] = (old, value)
+            log.warning("config key %s is now %s (read as that)", old, new)
+        out[section] = kept
+    if moved:
+        decode = dict(out.get("decode") or {})
+        for new, (old, value) in moved.items():
+            key = new.split(".", 1)[1]
+            if key in decode and decode[key] != value:
+                raise ValueError(f"{old} = {value!r} and {new} = {decode[key]!r} disagree: set {new} only")
+            decode[key] = value
+        out["decode"] = decode
+    return out
+
+
 def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
     """Build a Config from nested ``{section: {key: value}}``, starting from ``base`` or defaults."""
     cfg = base if base is not None else Config()
+    data = _move_legacy_keys(data)
     sections = {f.name for f in dataclasses.fields(cfg)}
     for section, values in data.items():
         if section not in sections:
@@ -391,7 +446,8 @@ def parse_setting(item: str, cfg: Config) -> tuple[str, str, Any]:
     string (``--set featurize.model=resnet18``). ``section.key.sub=value`` sets one entry of a table
     key (``--set spark.conf.spark.executor.memory=4g``) and keeps its other entries."""
     name, eq, raw = item.partition("=")
-    section, _, key = name.strip().partition(".")
+    name = MOVED_KEYS.get(name.strip(), name.strip())
+    section, _, key = name.partition(".")
     if not eq or not section or not key:
         raise ValueError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. --set pca.k=32")
     sections = {f.name: f for f in dataclasses.fields(cfg)}

@@ -118,6 +118,14 @@ def read_json(url: str) -> dict[str, Any] | None:
         return None
 
 
+def read_json_required(url: str) -> dict[str, Any]:
+    """The JSON object at ``url``; ``FileNotFoundError`` naming it when it is missing or not valid JSON."""
+    data = read_json(url)
+    if not isinstance(data, dict):
+        raise FileNotFoundError(f"{url}: missing or not a JSON object")
+    return data
+
+
 def move_folder(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
     """Move folder ``src`` to ``dst`` on ``fs``: a rename locally, copy-then-delete per file on object stores.
 

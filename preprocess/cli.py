@@ -7,20 +7,21 @@ import logging
 from typing import Any
 
 from imgfeat.metadata.cli_common import add_common_args, build_config
+from imgfeat.metadata.config_flags import add_config_flags, config_overrides
 
 log = logging.getLogger(__name__)
+
+
+PREP_FLAGS = ("prep.size", "prep.resize_policy", "prep.format", "prep.split", "prep.rows_per_shard", "prep.compression",
+              "preprocess.num_workers")
+"""Config keys offered as flags (every other key: ``--set``)."""
 
 
 def add_prep_args(parser: argparse.ArgumentParser) -> None:
     """The flags of ``prep`` (shared by ``imgfeat prep`` and ``python -m imgfeat.preprocess``)."""
     parser.add_argument("--manifest", metavar="OUT", help="the manifest output folder (local path or URL)")
     parser.add_argument("--out", metavar="PREP", help="folder for the prep shards")
-    parser.add_argument("--size", type=int, default=None, help="output side in pixels (prep.size, default 64)")
-    parser.add_argument("--format", choices=("hdf5", "npy"), default=None, help="shard format (prep.format)")
-    parser.add_argument("--split", default=None, help="export only this split (prep.split; default all)")
-    parser.add_argument("--rows-per-shard", type=int, default=None, help="images per shard (prep.rows_per_shard)")
-    parser.add_argument("--num-workers", "--workers", dest="workers", type=int, default=None,
-                        help="decode processes (preprocess.num_workers, as in featurize; -1 = cores)")
+    add_config_flags(parser, PREP_FLAGS)
     parser.add_argument("--overwrite", action="store_true", help="remove existing shards first")
     parser.add_argument("--show", metavar="PREP", help="print counts of an existing prep folder instead")
     parser.add_argument("--contact-sheet", metavar="FILE", help="with --show: write a PNG grid of samples per class")
@@ -47,11 +48,7 @@ def run_command(args: argparse.Namespace) -> int:
         raise ValueError("--contact-sheet goes with --show PREP")
     if not args.manifest or not args.out:
         raise ValueError("prep needs --manifest OUT and --out PREP (or --show PREP)")
-    overrides = {
-        "prep": {"size": args.size, "format": args.format, "split": args.split, "rows_per_shard": args.rows_per_shard},
-        "preprocess": {"num_workers": args.workers},
-    }
-    cfg = build_config(args, overrides)
+    cfg = build_config(args, config_overrides(args))
     summary = run_prep(cfg, args.manifest, args.out, overwrite=args.overwrite)
     log.info("prep: %d written, %d rejected of %d selected in %d shards (%d skipped as complete)",
              summary["written"], summary["rejected"], summary["selected"], summary["shards"], summary["shards_skipped"])

@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import Dataset
 
-from imgfeat.metadata.config import RESIZE_POLICIES, PreprocessConfig
+from imgfeat.metadata.config import RESIZE_POLICIES, DecodeConfig, PreprocessConfig
 from imgfeat.metadata.contracts.hooks import fault_point
 from imgfeat.metadata.manifest.checks import read_bytes
 from imgfeat.preprocess.decode import DecodeError, decode_image
@@ -46,20 +46,23 @@ class LoadedBatch(NamedTuple):
 Batch = LoadedBatch
 
 
-def decode_rgb(uri: str, cfg: PreprocessConfig, size: int, policy: str, resize_shorter: int) -> np.ndarray:
-    """Read, guard and decode one file to HxWx3 RGB uint8 (JPEGs at a reduced scale where that is
-    enough for ``size``); raises DecodeError."""
+def decode_rgb(uri: str, cfg: PreprocessConfig, size: int, policy: str, resize_shorter: int,
+               limits: DecodeConfig | None = None) -> np.ndarray:
+    """Read, guard (``limits``: the ``[decode]`` section) and decode one file to HxWx3 RGB uint8 (JPEGs at
+    a reduced scale where that is enough for ``size``); raises DecodeError."""
+    limits = limits or DecodeConfig()
     fault_point("decode", uri)
     try:
-        data = read_bytes(uri, cfg.max_bytes)
+        data = read_bytes(uri, limits.max_bytes)
     except (OSError, ValueError) as exc:
         raise DecodeError("unreadable", f"read failed: {getattr(exc, 'strerror', None) or exc}") from None
-    return decode_image(data, cfg, target=needed_shorter_side(size, policy, resize_shorter))
+    return decode_image(data, cfg, target=needed_shorter_side(size, policy, resize_shorter), limits=limits)
 
 
-def load_rgb(uri: str, cfg: PreprocessConfig, size: int, policy: str, resize_shorter: int) -> np.ndarray:
+def load_rgb(uri: str, cfg: PreprocessConfig, size: int, policy: str, resize_shorter: int,
+             limits: DecodeConfig | None = None) -> np.ndarray:
     """Read, guard, decode and resize one file to ``size`` x ``size`` x 3 RGB uint8; raises DecodeError."""
-    rgb = decode_rgb(uri, cfg, size, policy, resize_shorter)
+    rgb = decode_rgb(uri, cfg, size, policy, resize_shorter, limits)
     return resize_image(rgb, size, policy, cfg.interpolation, resize_shorter, cfg.background)
 
 
@@ -76,12 +79,16 @@ def _column(rows: Any, name: str, default: Any = None) -> list[Any]:
 
 
 class ManifestDataset(Dataset):
-    """Manifest rows (``image_id``, ``path``, optional ``label_index``) -> ``(uint8 [3,H,W], index, ok, reason)``."""
+    """Manifest rows (``image_id``, ``path``, optional ``label_index``) -> ``(uint8 [3,H,W], index, ok, reason)``.
+
+    ``cfg`` is the ``[preprocess]`` section, ``limits`` the ``[decode]`` section (defaults when None)."""
 
     def __init__(self, rows: pa.Table | Sequence[dict[str, Any]], cfg: PreprocessConfig, size: int | None = None,
-                 policy: str | None = None, resize_shorter: int | None = None) -> None:
+                 policy: str | None = None, resize_shorter: int | None = None, limits: DecodeConfig | None = None) -> None:
         cfg.validate()
         self.cfg = cfg
+        self.limits = limits or DecodeConfig()
+        self.limits.validate()
         self.size = int(size or cfg.size)
         self.policy = policy or cfg.resize_policy
         if self.policy not in RESIZE_POLICIES:
@@ -110,7 +117,7 @@ class ManifestDataset(Dataset):
 
     def __getitem__(self, i: int) -> Item:
         try:
-            rgb = load_rgb(self.paths[i], self.cfg, self.size, self.policy, self.resize_shorter)
+            rgb = load_rgb(self.paths[i], self.cfg, self.size, self.policy, self.resize_shorter, self.limits)
             return torch.from_numpy(rgb).permute(2, 0, 1), i, True, ""
         except Exception as exc:  # never let one file take a worker down
             return self.empty_image(), i, False, _failure(exc)
@@ -125,7 +132,7 @@ class ManifestDataset(Dataset):
         groups: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
         for k, i in enumerate(indices):
             try:
-                rgb = decode_rgb(self.paths[i], self.cfg, self.size, self.policy, self.resize_shorter)
+                rgb = decode_rgb(self.paths[i], self.cfg, self.size, self.policy, self.resize_shorter, self.limits)
                 if rgb.nbytes > GROUP_MAX_BYTES:
                     dst[k] = self._resize(rgb[None])[0]
                     ok[k] = True
@@ -199,9 +206,9 @@ def batch_buffers(n: int, height: int, width: int) -> tuple[torch.Tensor, torch.
                 torch.empty(n, dtype=torch.bool))
     index_at = -(-n * height * width * 3 // 8)  # in int64 elements, so the indices are 8-byte aligned
     storage = torch.UntypedStorage._new_shared(index_at * 8 + 9 * n)
-    images = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (n, height, width, 3))
-    indices = torch.empty(0, dtype=torch.int64).set_(storage, index_at, (n,))
-    ok = torch.empty(0, dtype=torch.bool).set_(storage, index_at * 8 + 8 * n, (n,))
+    images = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (n, height, width, 3), (height * width * 3, width * 3, 3, 1))
+    indices = torch.empty(0, dtype=torch.int64).set_(storage, index_at, (n,), (1,))
+    ok = torch.empty(0, dtype=torch.bool).set_(storage, index_at * 8 + 8 * n, (n,), (1,))
     return images, indices, ok
 
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from imgfeat.metadata.config import REDUCED_DECODE_MODES, PreprocessConfig
-from imgfeat.metadata.contracts.cv2_env import import_cv2, quiet_decoder
+from imgfeat.metadata.config import REDUCED_DECODE_MODES, DecodeConfig, PreprocessConfig
+from imgfeat.metadata.contracts.cv2_env import cv2_error_verdict, decoder_cv2, quiet_decoder
 from imgfeat.metadata.contracts.sniff import HeaderInfo, parse_header
 
 DECODE_REASONS = ("unreadable", "not_image", "unsupported_format", "truncated", "undecodable", "too_large", "zero_bytes")
@@ -35,26 +35,15 @@ class DecodeError(Exception):
         return (DecodeError, (self.reason, self.detail))
 
 
-_cv2_module = None
-
-
-def cv2_module(max_pixels: int) -> Any:
-    """cv2, imported through ``import_cv2`` so OpenCV's own pixel cap is set before the import."""
-    global _cv2_module
-    if _cv2_module is None:
-        _cv2_module = import_cv2(max_pixels)
-    return _cv2_module
-
-
-def check_header(data: bytes, cfg: PreprocessConfig) -> HeaderInfo:
+def check_header(data: bytes, limits: DecodeConfig) -> HeaderInfo:
     """The guards before any decode; raises DecodeError, returns the header when the bytes may be decoded."""
-    if len(data) > cfg.max_bytes:
-        raise DecodeError("too_large", f"{len(data)} bytes is over the byte cap {cfg.max_bytes}")
-    info = parse_header(data, cfg.formats, cfg.max_jpeg_scans)
+    if len(data) > limits.max_bytes:
+        raise DecodeError("too_large", f"{len(data)} bytes is over the byte cap {limits.max_bytes}")
+    info = parse_header(data, tuple(limits.formats), limits.max_jpeg_scans)
     if info.status != "ok":
         raise DecodeError(info.status, info.detail)
-    if info.pixels > cfg.max_pixels:
-        raise DecodeError("too_large", f"{info.width}x{info.height} is over the pixel cap {cfg.max_pixels}")
+    if info.pixels > limits.max_pixels:
+        raise DecodeError("too_large", f"{info.width}x{info.height} is over the pixel cap {limits.max_pixels}")
     return info
 
 
@@ -83,15 +72,18 @@ def reduced_scale(width: int, height: int, target: int | None, mode: str = "safe
     return 1
 
 
-def decode_image(data: bytes, cfg: PreprocessConfig, target: int | None = None) -> np.ndarray:
+def decode_image(data: bytes, cfg: PreprocessConfig, target: int | None = None,
+                 limits: DecodeConfig | None = None) -> np.ndarray:
     """Decode ``data`` to an HxWx3 RGB uint8 array; raises DecodeError with a manifest reason code.
 
+    ``limits`` is the ``[decode]`` section (caps and formats; defaults when None).
     ``target`` is the smallest shorter side the caller needs; a JPEG large enough for it is decoded at
     1/2, 1/4 or 1/8 scale (OpenCV's IMREAD_REDUCED_*, much faster than a full decode) as
     ``cfg.reduced_decode`` allows (see ``reduced_scale``).
     """
-    info = check_header(data, cfg)
-    cv2 = cv2_module(cfg.max_pixels)
+    limits = limits or DecodeConfig()
+    info = check_header(data, limits)
+    cv2 = decoder_cv2(limits.max_pixels)
     buf = np.frombuffer(data, np.uint8)
     try:
         with quiet_decoder():
@@ -100,16 +92,14 @@ def decode_image(data: bytes, cfg: PreprocessConfig, target: int | None = None) 
             else:
                 img = _decode_other(cv2, buf, info, cfg)
     except cv2.error as exc:
-        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else "cv2.error"
-        if "limit" in msg.lower() or "pixels" in msg.lower():
-            raise DecodeError("too_large", f"OpenCV refused the size: {msg}") from None
-        raise DecodeError("undecodable", f"OpenCV error: {msg}") from None
+        raise DecodeError(*cv2_error_verdict(exc)) from None
     if img is None or img.size == 0:
         raise DecodeError("undecodable", f"OpenCV could not decode the {info.format} data")
     return to_rgb8(cv2, img, cfg)
 
 
-def _decode_jpeg(cv2: Any, buf: np.ndarray, info: HeaderInfo, cfg: PreprocessConfig, target: int | None) -> np.ndarray:
+def _decode_jpeg(cv2: Any, buf: np.ndarray, info: HeaderInfo, cfg: PreprocessConfig,
+                 target: int | None) -> np.ndarray | None:
     # IMREAD_COLOR (and its reduced forms) converts grey and CMYK to BGR and applies the EXIF orientation.
     scale = reduced_scale(info.width or 0, info.height or 0, target, cfg.reduced_decode)
     flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,

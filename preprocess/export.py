@@ -42,14 +42,15 @@ log = logging.getLogger(__name__)
 PREP_KIND = "prep"
 PREP_CODE_VERSION = "prep-2"
 """Bump when a code change alters the pixels written for the same inputs and config."""
-_DECODE_KEYS = ("interpolation", "alpha", "background", "exif_orientation", "reduced_decode", "max_bytes",
-                "max_pixels", "formats", "max_jpeg_scans")
+_PIXEL_KEYS = ("interpolation", "alpha", "background", "exif_orientation", "reduced_decode")
+"""The ``[preprocess]`` keys that change exported pixels (with every ``[decode]`` key)."""
 
 
 def prep_fingerprint(cfg: Config) -> str:
     """sha256 (16 hex) over everything that changes the pixels or the shard layout of a prep export."""
     pre = dataclasses.asdict(cfg.preprocess)
-    data = {"prep": dataclasses.asdict(cfg.prep), "preprocess": {k: pre[k] for k in _DECODE_KEYS},
+    pixels = {**{k: pre[k] for k in _PIXEL_KEYS}, **dataclasses.asdict(cfg.decode)}
+    data = {"prep": dataclasses.asdict(cfg.prep), "preprocess": pixels,
             "code_version": PREP_CODE_VERSION}
     return canonical_digest(data)
 
@@ -144,7 +145,7 @@ def _write_shards(cfg: Config, table: Any, ids: list[str], todo: list[int], out:
                   classes: list[str]) -> None:
     p = cfg.prep
     pre = prep_preprocess_config(cfg)
-    dataset = ManifestDataset(table, pre, size=p.size, policy=p.resize_policy, resize_shorter=p.size)
+    dataset = ManifestDataset(table, pre, size=p.size, policy=p.resize_policy, resize_shorter=p.size, limits=cfg.decode)
     n = len(dataset)
     indices = [i for k in todo for i in range(k * p.rows_per_shard, min(n, (k + 1) * p.rows_per_shard))]
     attrs = {"config": cfg.to_dict(), "fingerprint": fingerprint, "size": p.size, "resize_policy": p.resize_policy,

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from imgfeat.metadata.config import PreprocessConfig
+from imgfeat.metadata.config import DecodeConfig, PreprocessConfig
 from imgfeat.metadata.contracts.cv2_env import import_cv2
-from imgfeat.preprocess.dataset import Batch, Item, collate
+from imgfeat.preprocess.dataset import Batch, Item, ManifestDataset, collate
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,12 @@ def make_loader(dataset: Dataset, cfg: PreprocessConfig, batch_size: int | None 
     prefetch and persistent workers. Batches are ``preprocess.dataset.LoadedBatch`` tuples, built by the
     dataset's ``__getitems__`` where it has one."""
     workers = resolve_workers(cfg, num_workers)
+    max_pixels = (dataset.limits if isinstance(dataset, ManifestDataset) else DecodeConfig()).max_pixels
     kwargs: dict[str, Any] = dict(
         num_workers=workers,
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
-        worker_init_fn=functools.partial(worker_init, max_pixels=cfg.max_pixels, parent=os.getpid()) if workers else None,
+        worker_init_fn=functools.partial(worker_init, max_pixels=max_pixels, parent=os.getpid()) if workers else None,
     )
     if batch_sampler is not None:
         kwargs["batch_sampler"] = batch_sampler
@@ -96,7 +97,7 @@ def make_loader(dataset: Dataset, cfg: PreprocessConfig, batch_size: int | None 
     if workers:
         kwargs.update(persistent_workers=True, prefetch_factor=cfg.prefetch_factor)
     else:
-        import_cv2(cfg.max_pixels, threads=1)
+        import_cv2(max_pixels, threads=1)
     kwargs.update(overrides)
     return DataLoader(dataset, **kwargs)
 
@@ -197,8 +198,11 @@ def _describe(dataset: Dataset, i: int) -> str:
 
 
 def _crashed_item(dataset: Dataset, i: int, why: str) -> Item:
-    size = getattr(dataset, "size", None)
-    image = dataset.empty_image() if hasattr(dataset, "empty_image") else torch.zeros((3, size, size), dtype=torch.uint8)
+    if isinstance(dataset, ManifestDataset):
+        image = dataset.empty_image()
+    else:
+        size = int(getattr(dataset, "size", 0))
+        image = torch.zeros((3, size, size), dtype=torch.uint8)
     return image, int(i), False, f"{CRASH_REASON}: decoder crashed ({why})"
 
 

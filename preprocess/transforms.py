@@ -24,10 +24,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _cv2() -> Any:
-    from imgfeat.metadata.contracts.cv2_env import DEFAULT_MAX_PIXELS
-    from imgfeat.preprocess.decode import cv2_module
+    from imgfeat.metadata.contracts.cv2_env import decoder_cv2
 
-    return cv2_module(DEFAULT_MAX_PIXELS)
+    return decoder_cv2()
 
 
 def cv2_interpolation(interpolation: str, shrinking: bool) -> int:

@@ -222,19 +222,20 @@ def test_decode_wrapper_agrees_within_the_time_bound(corpus) -> None:
 
 
 def test_scan_cap_is_configurable() -> None:
-    from imgfeat.metadata.config import PreprocessConfig, load_config
+    from imgfeat.metadata.config import DecodeConfig, PreprocessConfig, load_config
     from imgfeat.preprocess.decode import DecodeError, decode_image
 
     data = scan_bomb_jpeg(32, 150)
+    pre = PreprocessConfig()
     with pytest.raises(DecodeError, match="155 scans > max 100"):
-        decode_image(data, PreprocessConfig())
-    assert decode_image(data, PreprocessConfig(max_jpeg_scans=155)).shape == (32, 32, 3)
-    assert decode_image(data, PreprocessConfig(max_jpeg_scans=0)).shape == (32, 32, 3)  # 0: no limit
+        decode_image(data, pre)
+    assert decode_image(data, pre, limits=DecodeConfig(max_jpeg_scans=155)).shape == (32, 32, 3)
+    assert decode_image(data, pre, limits=DecodeConfig(max_jpeg_scans=0)).shape == (32, 32, 3)  # 0: no limit
     with pytest.raises(DecodeError, match="too_large"):
-        decode_image(data, PreprocessConfig(max_jpeg_scans=154))
-    with pytest.raises(ValueError, match="preprocess.max_jpeg_scans"):
-        load_config(None, {"preprocess": {"max_jpeg_scans": -1}})
-    with pytest.raises(ValueError, match="manifest.max_jpeg_scans"):
+        decode_image(data, pre, limits=DecodeConfig(max_jpeg_scans=154))
+    with pytest.raises(ValueError, match="decode.max_jpeg_scans"):
+        load_config(None, {"decode": {"max_jpeg_scans": -1}})
+    with pytest.raises(ValueError, match="decode.max_jpeg_scans"):  # the old spelling is read as the new key
         load_config(None, {"manifest": {"max_jpeg_scans": -1}})
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from imgfeat.metadata.config import Config, dump_toml, load_config
+from imgfeat.metadata.config import Config, DecodeConfig, dump_toml, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,7 +20,30 @@ def test_defaults_validate_and_round_trip(tmp_path):
 def test_shipped_configs_load():
     for path in sorted((REPO / "configs").glob("*.toml")):
         load_config(path)
-    assert load_config(REPO / "configs" / "default.toml") == Config()
+    text = (REPO / "configs" / "default.toml").read_text()
+    body = text[text.index("\n[") + 1:]
+    assert body == dump_toml(Config()), "configs/default.toml must list every key with its default (dump_toml)"
+
+
+def test_one_decode_section_read_by_both_stages(tmp_path, caplog):
+    """The caps and formats live in [decode]; the old per-stage keys still load, as that one key."""
+    cfg = load_config(None, {"manifest": {"max_pixels": 5000}, "preprocess": {"max_pixels": 5000}})
+    assert cfg.decode.max_pixels == 5000 and "decode.max_pixels" in caplog.text
+    with pytest.raises(ValueError, match=r"manifest\.max_bytes = 10 and preprocess\.max_bytes = 20 disagree"):
+        load_config(None, {"manifest": {"max_bytes": 10}, "preprocess": {"max_bytes": 20}})
+    with pytest.raises(ValueError, match=r"decode\.formats: unknown format 'jpg'"):
+        load_config(None, {"preprocess": {"formats": ["jpg"]}})  # validated once, whichever name set it
+    assert load_config(None, settings=["manifest.max_jpeg_scans=7"]).decode.max_jpeg_scans == 7
+
+
+def test_stage_fingerprints_unchanged_by_the_decode_section():
+    """Fingerprints hash the [decode] keys inside the sections that read them, as before the section
+    existed: a run folder made by the previous release stays up to date (values from that release)."""
+    cfg = Config()
+    assert cfg.fingerprint("manifest") == "a160d497e79538d4"
+    assert cfg.fingerprint("manifest") != Config(decode=DecodeConfig(max_pixels=5)).fingerprint("manifest")
+    assert cfg.fingerprint("featurize", "preprocess") != Config(decode=DecodeConfig(max_pixels=5)).fingerprint(
+        "featurize", "preprocess")
 
 
 def test_file_values_and_flag_overrides(tmp_path):

@@ -17,5 +17,5 @@ def test_readme_config_reference_is_in_sync():
 def test_readme_commands_exist():
     text = (REPO / "README.md").read_text()
     assert "bash .ci/setup && .venv/bin/imgfeat run --config configs/demo.toml" in text
-    test_command = "bash .ci/setup && .venv/bin/ruff check . && .venv/bin/python -m pytest"
+    test_command = "bash .ci/setup && .venv/bin/ruff check . && bash .ci/typecheck && .venv/bin/python -m pytest"
     assert test_command in text and test_command in (REPO / ".ci" / "run").read_text()  # CI runs what the README says

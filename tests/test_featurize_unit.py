@@ -129,11 +129,12 @@ def test_register_adds_subcommand() -> None:
     import argparse
 
     from imgfeat.featurize.stage_cli import register
+    from imgfeat.metadata.config_flags import given
 
     parser = argparse.ArgumentParser(prog="imgfeat")
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["featurize", "--manifest", "M", "--out", "F", "--model", "resnet18"])
-    assert args.command == "featurize" and args.model == "resnet18" and callable(args.func)
+    assert args.command == "featurize" and given(args, "featurize.model") == "resnet18" and callable(args.func)
     assert os.environ.get("RANK") is None
 
 

@@ -11,14 +11,15 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imgfeat.metadata.config import PreprocessConfig
+from imgfeat.metadata.config import DecodeConfig, PreprocessConfig
 from imgfeat.metadata.contracts.sniff import parse_header
 from imgfeat.preprocess.decode import DECODE_REASONS, DecodeError, decode_image
 
 from helpers import gradient_image
 
 SNIFF_STATUSES = {"ok", "zero_bytes", "not_image", "unsupported_format", "truncated", "undecodable", "too_large"}
-CFG = PreprocessConfig(max_pixels=4_000_000)  # a small cap keeps any accepted header cheap to decode
+CFG = PreprocessConfig()
+LIMITS = DecodeConfig(max_pixels=4_000_000)  # a small cap keeps any accepted header cheap to decode
 FAST = settings(max_examples=200, deadline=1000, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -120,7 +121,7 @@ def mutated(draw: st.DrawFn) -> bytes:
 
 def _decode_or_our_error(data: bytes) -> None:
     try:
-        img = decode_image(data, CFG, target=32)
+        img = decode_image(data, CFG, target=32, limits=LIMITS)
     except DecodeError as exc:
         assert exc.reason in DECODE_REASONS and exc.detail, exc
         return

@@ -215,7 +215,7 @@ def test_caps_from_config(spark, tmp_path):
     src = tmp_path / "src" / "a"
     write_image(src / "big.png", gradient_image(100, 100), ".png")
     write_image(src / "small.png", gradient_image(10, 10), ".png")
-    cfg = load_config(None, {"manifest": {"max_pixels": 5000}})
+    cfg = load_config(None, {"decode": {"max_pixels": 5000}})
     run_manifest(cfg, [str(tmp_path / "src")], str(tmp_path / "out"))
     got = {r["rel_path"]: (r["status"], r["status_detail"]) for r in read_manifest(str(tmp_path / "out")).to_pylist()}
     assert got["a/small.png"][0] == "ok"

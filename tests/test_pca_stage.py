@@ -150,7 +150,8 @@ def test_equals_spark_ml_and_sklearn(spark, tmp_path, standardize: bool) -> None
     from pyspark.ml.functions import array_to_vector
     from sklearn.decomposition import PCA as SkPCA
 
-    from imgfeat.metadata.pca.job import features_dataframe, run_pca
+    from imgfeat.metadata.pca.job import run_pca
+    from imgfeat.metadata.pca.shard_io import features_dataframe
 
     data = make_data(tmp_path, n=200, d=12, per_shard=50, fmt="hdf5", seed=5)
     summary = run_pca(cfg(k=4, standardize=standardize, fit_split=""), data["manifest"], data["features"],
@@ -244,7 +245,7 @@ def test_randomized_method_matches_exact_through_spark(spark, tmp_path) -> None:
 
 
 def test_cli(spark, tmp_path) -> None:
-    from imgfeat.metadata.pca.cli import main
+    from imgfeat.cli import main
 
     data = make_data(tmp_path, n=50, per_shard=25)
     out = tmp_path / "red"

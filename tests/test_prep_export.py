@@ -165,7 +165,7 @@ def test_register_adds_prep_subcommand(tmp_path, manifest):
     parser = argparse.ArgumentParser(prog="imgfeat")
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["prep", "--manifest", str(manifest), "--out", str(tmp_path / "prep"), "--size", "16",
-                              "--format", "npy", "--rows-per-shard", "5", "--workers", "0"])
+                              "--format", "npy", "--rows-per-shard", "5", "--num-workers", "0"])
     assert args.func(args) == 0
     assert len(list_markers(str(tmp_path / "prep"))) == 3
     args = parser.parse_args(["prep", "--out", str(tmp_path / "x")])

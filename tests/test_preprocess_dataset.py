@@ -127,10 +127,10 @@ def test_worker_defaults():
 def _crashing_decode(crash_on: bytes):
     real = dataset_mod.decode_image
 
-    def decode(data, cfg, target=None):
+    def decode(data, cfg, target=None, limits=None):
         if data == crash_on:
             os.kill(os.getpid(), signal.SIGSEGV)  # what a native codec crash looks like
-        return real(data, cfg, target)
+        return real(data, cfg, target, limits)
 
     return decode
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from imgfeat.metadata.config import PreprocessConfig
+from imgfeat.metadata.config import DecodeConfig, PreprocessConfig
 from imgfeat.preprocess import decode as decode_mod
 from imgfeat.preprocess.decode import SAFE_MARGIN, DecodeError, decode_image, exif_orientation, reduced_scale
 
@@ -188,7 +188,7 @@ def bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
 
 
 def test_png_bomb_refused_before_decoding(monkeypatch):
-    monkeypatch.setattr(decode_mod, "cv2_module", lambda *_: pytest.fail("cv2 must not be reached"))
+    monkeypatch.setattr(decode_mod, "decoder_cv2", lambda *_: pytest.fail("cv2 must not be reached"))
     with pytest.raises(DecodeError) as err:
         decode_image(bomb_png(), CFG)
     assert err.value.reason == "too_large" and "50000x50000" in err.value.detail
@@ -203,14 +203,14 @@ def test_jpeg_header_bomb_and_pixel_cap():
     assert err.value.reason == "too_large"
     small = pil_bytes(Image.fromarray(gradient_image(40, 40)), "PNG")
     with pytest.raises(DecodeError) as err:
-        decode_image(small, PreprocessConfig(max_pixels=1000))
+        decode_image(small, PreprocessConfig(), limits=DecodeConfig(max_pixels=1000))
     assert err.value.reason == "too_large"
 
 
 def test_byte_cap():
     data = pil_bytes(Image.fromarray(gradient_image(40, 40)), "PNG")
     with pytest.raises(DecodeError) as err:
-        decode_image(data, PreprocessConfig(max_bytes=100))
+        decode_image(data, PreprocessConfig(), limits=DecodeConfig(max_bytes=100))
     assert err.value.reason == "too_large"
 
 
@@ -250,7 +250,7 @@ def test_corrupt_scan_data_is_undecodable_or_decodes():
 def test_format_allowlist():
     data = pil_bytes(Image.fromarray(gradient_image(8, 8)), "BMP")
     with pytest.raises(DecodeError) as err:
-        decode_image(data, PreprocessConfig(formats=["jpeg", "png"]))
+        decode_image(data, PreprocessConfig(), limits=DecodeConfig(formats=["jpeg", "png"]))
     assert err.value.reason == "unsupported_format"
 
 

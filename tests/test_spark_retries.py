@@ -92,12 +92,13 @@ def test_pca_survives_failed_task_attempts(spark, tmp_path, monkeypatch):
     from test_pca_stage import cfg, make_data
 
     from imgfeat.metadata.pca import job as pca
+    from imgfeat.metadata.pca import project, reduce
 
     assert spark.sparkContext.master == "local[2,3]"
     data = make_data(tmp_path, n=120, per_shard=20)
     pca.run_pca(cfg(k=3), data["manifest"], data["features"], str(tmp_path / "clean"), spark=spark, plots=False)
 
-    real_groups, real_project = pca._shard_groups, pca._project_task
+    real_groups, real_project = reduce.shard_groups, project.project_task
     fit_flag, write_flag = tmp_path / "fit-injected", tmp_path / "write-injected"
 
     def dies_once(flag, items):
@@ -117,8 +118,8 @@ def test_pca_survives_failed_task_attempts(spark, tmp_path, monkeypatch):
         run = real_project(folder, markers, model, *rest)
         return lambda batches: dies_once(write_flag, run(batches))
 
-    monkeypatch.setattr(pca, "_shard_groups", flaky_groups)
-    monkeypatch.setattr(pca, "_project_task", flaky_project)
+    monkeypatch.setattr(reduce, "shard_groups", flaky_groups)  # as the fit's tasks read their rows
+    monkeypatch.setattr(project, "project_task", flaky_project)
     pca.run_pca(cfg(k=3), data["manifest"], data["features"], str(tmp_path / "retried"), spark=spark, plots=False)
     assert fit_flag.exists() and write_flag.exists(), "a failure was never injected"
     clean, retried = _reduced_rows(tmp_path / "clean"), _reduced_rows(tmp_path / "retried")
@@ -134,6 +135,7 @@ def test_failed_pca_rerun_keeps_previous_output(spark, tmp_path, monkeypatch):
 
     from imgfeat.metadata.contracts.shards import ShardVerificationError
     from imgfeat.metadata.pca import job as pca
+    from imgfeat.metadata.pca import project
 
     data = make_data(tmp_path, n=60, per_shard=20)
     out = tmp_path / "red"
@@ -150,7 +152,7 @@ def test_failed_pca_rerun_keeps_previous_output(spark, tmp_path, monkeypatch):
         return run
 
     with monkeypatch.context() as m:
-        m.setattr(pca, "_project_task", always_fails)
+        m.setattr(project, "project_task", always_fails)
         with pytest.raises(Exception, match="injected write failure"):
             pca.run_pca(cfg(k=2), data["manifest"], data["features"], str(out), spark=spark, plots=False)
     victim = tmp_path / "feat" / "part-00001.features.npy"

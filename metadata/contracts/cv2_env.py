@@ -39,6 +39,27 @@ def import_cv2(max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = 1) ->
     return cv2
 
 
+_decoder_cv2: ModuleType | None = None
+
+
+def decoder_cv2(max_pixels: int = DEFAULT_MAX_PIXELS) -> ModuleType:
+    """cv2 for a decode loop: imported once per process through ``import_cv2`` (one thread), then cached."""
+    global _decoder_cv2
+    if _decoder_cv2 is None:
+        _decoder_cv2 = import_cv2(max_pixels)
+    return _decoder_cv2
+
+
+def cv2_error_verdict(exc: BaseException) -> tuple[str, str]:
+    """A ``cv2.error`` from a decode as a manifest (status, detail): ``too_large`` when OpenCV refused the
+    size, else ``undecodable``; the detail is OpenCV's last message line."""
+    text = str(exc).strip()
+    msg = text.splitlines()[-1] if text else "cv2.error"
+    if "limit" in msg.lower() or "pixels" in msg.lower():
+        return "too_large", f"OpenCV refused the size: {msg}"
+    return "undecodable", f"OpenCV error: {msg}"
+
+
 def decoder_logs() -> bool:
     """Whether the decoders' own output is wanted (``IMGFEAT_DECODER_LOGS=1``)."""
     return os.environ.get(DECODER_LOGS_ENV, "") not in ("", "0")

@@ -126,7 +126,7 @@ def read_feature_head(folder: str, stem: str, marker: dict[str, Any], rows: int)
             version = np.lib.format.read_magic(fh)
             header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
             shape, fortran, dtype = header(fh) if header else ((), True, None)
-            if fortran or len(shape) != 2:
+            if fortran or len(shape) != 2 or dtype is None:
                 return read_feature_shard(folder, stem, marker)[1][:take]
             data = fh.read(take * shape[1] * dtype.itemsize)
         return np.frombuffer(data, dtype=dtype).reshape(take, shape[1])

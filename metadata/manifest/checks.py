@@ -13,7 +13,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from imgfeat.metadata.contracts.cv2_env import import_cv2, quiet_decoder
+from imgfeat.metadata.contracts.cv2_env import cv2_error_verdict, decoder_cv2, quiet_decoder
 from imgfeat.metadata.contracts.schema import image_id_for
 from imgfeat.metadata.contracts.sniff import DEFAULT_MAX_JPEG_SCANS, parse_header
 from imgfeat.metadata.manifest.listing import Entry, rel_path
@@ -172,6 +172,8 @@ def check_entry(entry: Entry, validation: str, max_bytes: int, max_pixels: int, 
         return dict(row, status="too_large", status_detail=f"{entry.size} bytes is over the byte cap {max_bytes}")
     if data is None:
         data = read_or_error(entry, max_bytes)
+    if data is None:  # not reached: read_or_error reads every file the checks above let through
+        return dict(row, status="internal_error", status_detail="the file was not read")
     if isinstance(data, Exception):
         exc = data
         return dict(row, status="unreadable", status_detail=f"read failed: {getattr(exc, 'strerror', None) or exc}")
@@ -198,29 +200,17 @@ def check_entry(entry: Entry, validation: str, max_bytes: int, max_pixels: int, 
 
 def decode_check(data: bytes, max_pixels: int, is_jpeg: bool = False) -> tuple[str, str, int | None]:
     """Decode with OpenCV: (status, detail, channels; None when the decode does not tell)."""
-    cv2 = _cv2(max_pixels)
+    cv2 = decoder_cv2(max_pixels)
     # A JPEG decoded at 1/8 scale still entropy-decodes every scan (what finds corruption) at ~2x speed.
     flag = cv2.IMREAD_REDUCED_GRAYSCALE_8 if is_jpeg else cv2.IMREAD_UNCHANGED
     try:
         with quiet_decoder():
             img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     except cv2.error as exc:
-        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else "cv2.error"
-        if "limit" in msg.lower() or "pixels" in msg.lower():
-            return "too_large", f"OpenCV refused the size: {msg}", None
-        return "undecodable", f"OpenCV error: {msg}", None
+        return (*cv2_error_verdict(exc), None)
     if img is None or img.size == 0:
         return "undecodable", "OpenCV could not decode the data", None
     if is_jpeg:
         return "ok", "", None
     return "ok", "", 1 if img.ndim == 2 else int(img.shape[2])
 
-
-_CV2 = None
-
-
-def _cv2(max_pixels: int):
-    global _CV2
-    if _CV2 is None:
-        _CV2 = import_cv2(max_pixels)
-    return _CV2

@@ -6,16 +6,19 @@ import json
 from typing import Any
 
 from imgfeat.metadata.cli_common import add_common_args, build_config
+from imgfeat.metadata.config_flags import add_config_flags, config_overrides
 from imgfeat.metadata.contracts.schema import STATUS_CODES, read_summary
+
+MANIFEST_FLAGS = ("spark.master", "spark.partitions", "manifest.validation", "manifest.label_from",
+                  "manifest.rows_per_shard")
+"""Config keys offered as flags (every other key: ``--set``)."""
 
 
 def add_manifest_arguments(parser: argparse.ArgumentParser) -> None:
     """The manifest job's flags (shared by ``imgfeat manifest`` and ``python -m imgfeat.metadata``)."""
     parser.add_argument("sources", nargs="*", metavar="SRC", help="folders or fsspec URLs (s3://bucket/prefix, file://...)")
     parser.add_argument("--out", help="output folder or URL; the manifest goes to OUT/manifest/")
-    parser.add_argument("--master", help="Spark master URL (default: spark.master in the config, local[*])")
-    parser.add_argument("--validation", choices=["header", "full"], help="per-file check depth (default full)")
-    parser.add_argument("--rows-per-shard", type=int, help="ok rows per featurize shard")
+    add_config_flags(parser, MANIFEST_FLAGS)
     parser.add_argument("--incremental", action="store_true", help="re-check only new or changed files of the manifest at OUT")
     parser.add_argument("--show", metavar="OUT", help="print the summary of the manifest at OUT and exit")
     parser.add_argument("--json", action="store_true", help="with --show: print the summary JSON as it is")
@@ -32,10 +35,10 @@ def manifest_command(args: argparse.Namespace) -> int:
         raise ValueError("--out is required (the folder the manifest is written to)")
     if not args.sources:
         raise ValueError("SRC: give at least one source folder or URL")
-    cfg = build_config(args, {"manifest": {"validation": args.validation, "rows_per_shard": args.rows_per_shard}})
+    cfg = build_config(args, config_overrides(args))
     from imgfeat.metadata.manifest.job import run_manifest
 
-    summary = run_manifest(cfg, args.sources, args.out, master=args.master, incremental=args.incremental)
+    summary = run_manifest(cfg, args.sources, args.out, incremental=args.incremental)
     print(format_summary(summary))
     return 0
 

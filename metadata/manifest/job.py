@@ -46,7 +46,7 @@ from imgfeat.metadata.manifest.store import (
 )
 from imgfeat.metadata.spark.parquet import dataset_files, write_parquet_dataset
 from imgfeat.metadata.spark.session import get_spark, num_tasks
-from imgfeat.metadata.storage import join, read_json, remove_folder, staged_file, write_bytes_atomic, write_json_atomic
+from imgfeat.metadata.storage import join, read_json, read_json_required, remove_folder, staged_file, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ _ORGANIZED = "organized.json"
 def _labeller(mc: ManifestConfig) -> Callable[[dict[str, Any]], None]:
     """Sets ``label`` on a row and turns an ``ok`` row with a bad or missing label into ``bad_label``."""
     mode = mc.label_from
-    pattern = re.compile(mc.label_regex) if mode == "regex" else None
+    pattern = re.compile(mc.label_regex if mode == "regex" else "")
     csv_url = mc.labels_csv
     csv_maps: list[dict[str, str]] = []  # filled in the task on first use: by URI, by relative path
     problems: dict[str, str | None] = {}
@@ -104,9 +104,9 @@ def _labeller(mc: ManifestConfig) -> Callable[[dict[str, Any]], None]:
 
 def _make_checker(cfg: Config):
     """The check task: for each input row (slice, slices, root, previous), the checked rows of that slice."""
-    mc = cfg.manifest
-    validation, max_bytes, max_pixels, formats = mc.validation, mc.max_bytes, mc.max_pixels, tuple(mc.formats)
-    max_scans, split_from_folders = mc.max_jpeg_scans, mc.split_from_folders
+    mc, dc = cfg.manifest, cfg.decode
+    validation, max_bytes, max_pixels, formats = mc.validation, dc.max_bytes, dc.max_pixels, tuple(dc.formats)
+    max_scans, split_from_folders = dc.max_jpeg_scans, mc.split_from_folders
     label = _labeller(mc)
     names = CHECKED_SCHEMA.names
     as_tuple = operator.itemgetter(*names)
@@ -147,7 +147,7 @@ def _make_checker(cfg: Config):
             # leaves it, so that feature shard's members change and it is recomputed.
             same_file = (p is not None and p["status"] == "ok" and row["status"] == "ok"
                          and p["content_hash"] == row.get("content_hash"))
-            row["_pshard"] = p["shard"] if same_file else None
+            row["_pshard"] = p["shard"] if p is not None and same_file else None
             yield row
             while kept:
                 yield kept.pop()
@@ -304,7 +304,7 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
             write_parquet_dataset(single, staging, schema=MANIFEST_SCHEMA, transform=organizer)
         else:
             single.mapInArrow(organizer, "x long").collect()
-        counts = read_json(join(work, _ORGANIZED))
+        counts = read_json_required(join(work, _ORGANIZED))
         if not one_task:
             indices = spark.range(0, len(files), 1, min(len(files), slices))
             write_parquet_dataset(indices, staging, schema=MANIFEST_SCHEMA,

@@ -35,6 +35,94 @@ SINGLE_MIN_DIM = 512
 
 
 @dataclass
+class _Settled:
+    """``n`` rows folded into their mean [d] and centered co-moments ``m2`` (d x d when full, else the diagonal)."""
+
+    n: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+
+@dataclass
+class _ShiftedSums:
+    """Rows centered on a float64 ``shift``: ``n``, ``s`` = sum(x - shift) [d] and ``S`` = sum (x - shift)(x - shift)^T
+    (full: the upper blocks that :func:`add_upper_gram` fills; else the diagonal [d]).
+
+    Rows are centered into ``buf`` (built by the first :meth:`add`: float32 for wide float32/float16
+    input, else float64) and folded into the sums a full buffer at a time (:meth:`flush`).
+    """
+
+    shift: np.ndarray
+    full: bool
+    s: np.ndarray
+    S: np.ndarray
+    n: int = 0
+    buf: np.ndarray | None = None
+    fill: int = 0
+
+    @classmethod
+    def zeros(cls, shift: np.ndarray, full: bool) -> _ShiftedSums:
+        """Empty sums around ``shift``."""
+        d = shift.shape[0]
+        return cls(shift, full, np.zeros(d), np.zeros((d, d) if full else d))
+
+    def add(self, x: np.ndarray) -> None:
+        """Center rows ``x`` [m, d] into the buffer; fold each full buffer into the sums."""
+        buf = self.buf
+        if buf is None:
+            d = x.shape[1]
+            single = x.dtype in (np.float32, np.float16) and d >= SINGLE_MIN_DIM
+            dtype = np.dtype(np.float32 if single else np.float64)
+            buf = self.buf = np.empty((max(64, min(CHUNK_ROWS, BUFFER_BYTES // (d * dtype.itemsize))), d), dtype=dtype)
+            self.fill = 0
+        shift = self.shift  # subtracted in float64, rounded once into the buffer: the mean stays exact
+        start = 0
+        while start < x.shape[0]:
+            take = min(x.shape[0] - start, buf.shape[0] - self.fill)
+            np.subtract(x[start : start + take], shift, out=buf[self.fill : self.fill + take], casting="unsafe")
+            self.fill += take
+            start += take
+            if self.fill == buf.shape[0]:
+                self.flush()
+
+    def flush(self) -> None:
+        """Fold the buffered rows into the sums."""
+        if self.buf is None or not self.fill:
+            return
+        xc = self.buf[: self.fill]
+        self.n += self.fill
+        self.s += xc.sum(axis=0, dtype=np.float64)
+        if not self.full:
+            self.S += np.einsum("ij,ij->j", xc, xc, dtype=np.float64)
+        else:
+            add_upper_gram(self.S, xc)
+        self.fill = 0
+
+    def absorb(self, other: _ShiftedSums) -> None:
+        """Add ``other``'s flushed sums (around the same shift) to these."""
+        self.s += other.s
+        self.S += other.S
+        self.n += other.n
+
+    def copy(self) -> _ShiftedSums:
+        """These sums without the buffer (flush first)."""
+        return _ShiftedSums(self.shift, self.full, self.s.copy(), self.S.copy(), self.n)
+
+    def settled(self) -> _Settled:
+        """The sums as (n, mean, m2); ``n`` must be positive."""
+        n = self.n
+        mean_c = self.s / n
+        m2: np.ndarray
+        if self.full:
+            m2 = np.triu(self.S)  # only the upper triangle is accumulated
+            m2 += m2.T
+            m2[np.diag_indices_from(m2)] *= 0.5
+            m2 -= np.outer(self.s, self.s) / n
+        else:
+            m2 = self.S - self.s * self.s / n
+        return _Settled(n, self.shift + mean_c, np.ascontiguousarray(m2))
+
+
 class Moments:
     """Count, mean and centered co-moments of a set of rows (``full``: d x d, else the diagonal only).
 
@@ -43,32 +131,65 @@ class Moments:
     folds them into (mean, m2), and ``merge`` combines settled moments with Chan's formula. Moments
     that share a common shift and are not settled yet merge by plain addition of their sums: that
     is how the tasks of one fit are combined on the driver (one d x d add per task).
+
+    The state is built as rows arrive: the shifted sums with the first block of rows, the settled
+    (n, mean, m2) with the first :meth:`settle` that has rows to fold. ``mean`` and ``m2`` raise
+    ValueError while nothing is settled.
     """
 
-    n: int = 0
-    mean: np.ndarray | None = None
-    m2: np.ndarray | None = None
-    full: bool = True
-    _shift: np.ndarray | None = None
-    _n: int = 0
-    _s: np.ndarray | None = None
-    _S: np.ndarray | None = None
-    _buf: np.ndarray | None = None
-    _fill: int = 0
-    _fixed: bool = False
+    def __init__(self, full: bool = True) -> None:
+        """Empty moments (``full``: d x d co-moments, else the diagonal only)."""
+        self.full = full
+        self._settled: _Settled | None = None
+        # The common shift of with_shift (kept by settle); None: each batch of sums picks its own.
+        self._fixed_shift: np.ndarray | None = None
+        self._sums: _ShiftedSums | None = None
 
     @classmethod
-    def with_shift(cls, shift: np.ndarray, full: bool = True) -> "Moments":
+    def with_shift(cls, shift: np.ndarray, full: bool = True) -> Moments:
         """Empty moments that accumulate around ``shift`` (a float64 [d] vector close to the data's mean).
 
         Every task of a fit gets the same shift, so their unsettled sums add up exactly.
         """
         m = cls(full=full)
-        m._shift = np.asarray(shift, dtype=np.float64).copy()
-        m._fixed = True
+        m._fixed_shift = np.asarray(shift, dtype=np.float64).copy()
         return m
 
-    def add(self, x: np.ndarray) -> "Moments":
+    @classmethod
+    def from_settled(cls, n: int, mean: np.ndarray, m2: np.ndarray, full: bool = True) -> Moments:
+        """Settled moments of ``n`` rows (empty when ``n`` is 0)."""
+        m = cls(full=full)
+        if n:
+            m._settled = _Settled(n, mean, m2)
+        return m
+
+    @property
+    def n(self) -> int:
+        """Rows settled into ``mean`` and ``m2`` (rows still in the shifted sums are not counted)."""
+        return self._settled.n if self._settled is not None else 0
+
+    @property
+    def _n(self) -> int:
+        """Rows folded into the shifted sums, not settled yet."""
+        return self._sums.n if self._sums is not None else 0
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Mean of the settled rows [d]."""
+        return self._require_settled().mean
+
+    @property
+    def m2(self) -> np.ndarray:
+        """Centered co-moments of the settled rows: sum (x - mean)(x - mean)^T [d, d], or its diagonal [d]."""
+        return self._require_settled().m2
+
+    def _require_settled(self) -> _Settled:
+        """The settled state; ValueError while there is none."""
+        if self._settled is None:
+            raise ValueError("Moments: no rows settled yet (add rows, then settle())")
+        return self._settled
+
+    def add(self, x: np.ndarray) -> Moments:
         """Fold rows ``x`` [m, d] into these moments (in place).
 
         Rows are centered on a float64 shift (the first rows' mean) into a buffer of CHUNK_ROWS rows,
@@ -83,115 +204,94 @@ class Moments:
         if x.ndim != 2 or x.shape[0] == 0:
             return self
         d = x.shape[1]
-        if self._shift is None:
-            self._shift = np.asarray(x[:CHUNK_ROWS], dtype=np.float64).mean(axis=0)
-        elif self._shift.shape[0] != d:
-            raise ValueError(f"rows have {d} columns, the moments {self._shift.shape[0]}")
-        if self._s is None:
-            self._s = np.zeros(d)
-            self._S = np.zeros((d, d) if self.full else d)
-        if self._buf is None:
-            single = x.dtype in (np.float32, np.float16) and d >= SINGLE_MIN_DIM
-            dtype = np.dtype(np.float32 if single else np.float64)
-            self._buf = np.empty((max(64, min(CHUNK_ROWS, BUFFER_BYTES // (d * dtype.itemsize))), d), dtype=dtype)
-            self._fill = 0
-        shift = self._shift  # subtracted in float64, rounded once into the buffer: the mean stays exact
-        start = 0
-        while start < x.shape[0]:
-            take = min(x.shape[0] - start, self._buf.shape[0] - self._fill)
-            np.subtract(x[start : start + take], shift, out=self._buf[self._fill : self._fill + take], casting="unsafe")
-            self._fill += take
-            start += take
-            if self._fill == self._buf.shape[0]:
-                self._flush()
+        sums = self._sums
+        if sums is None:
+            shift = self._fixed_shift
+            if shift is None:
+                shift = np.asarray(x[:CHUNK_ROWS], dtype=np.float64).mean(axis=0)
+            sums = _ShiftedSums.zeros(shift, self.full)
+        if sums.shift.shape[0] != d:
+            raise ValueError(f"rows have {d} columns, the moments {sums.shift.shape[0]}")
+        self._sums = sums
+        sums.add(x)
         return self
 
     def _flush(self) -> None:
         """Fold the buffered rows into the shifted sums."""
-        if not self._fill:
-            return
-        xc = self._buf[: self._fill]
-        self._n += self._fill
-        self._s += xc.sum(axis=0, dtype=np.float64)
-        if not self.full:
-            self._S += np.einsum("ij,ij->j", xc, xc, dtype=np.float64)
-        else:
-            add_upper_gram(self._S, xc)
-        self._fill = 0
+        if self._sums is not None:
+            self._sums.flush()
 
-    def settle(self) -> "Moments":
+    def settle(self) -> Moments:
         """Fold the pending shifted sums into (n, mean, m2); returns self."""
-        self._flush()
-        if self._n:
-            n = self._n
-            mean_c = self._s / n
-            if self.full:
-                m2 = np.triu(self._S)  # only the upper triangle is accumulated
-                m2 += m2.T
-                m2[np.diag_indices_from(m2)] *= 0.5
-                m2 -= np.outer(self._s, self._s) / n
-            else:
-                m2 = self._S - self._s * self._s / n
-            pending = Moments(n, self._shift + mean_c, np.ascontiguousarray(m2), self.full)
-            self._merge_settled(pending)
-        if not self._fixed:
-            self._shift = None
-        self._n, self._s, self._S, self._buf, self._fill = 0, None, None, None, 0
+        sums = self._sums
+        if sums is not None:
+            sums.flush()
+            if sums.n:
+                self._merge_settled(sums.settled())
+        self._sums = None
         return self
 
     @classmethod
-    def of(cls, x: np.ndarray, full: bool = True) -> "Moments":
+    def of(cls, x: np.ndarray, full: bool = True) -> Moments:
+        """Settled moments of rows ``x`` [m, d]."""
         return cls(full=full).add(x).settle()
 
-    def merge(self, other: "Moments") -> "Moments":
+    def merge(self, other: Moments) -> Moments:
         """Add ``other`` (in place); returns self.
 
         Unsettled moments around the same common shift add their sums; anything else is settled
         and combined with Chan et al.'s pairwise update.
         """
-        if self._sums_only() and other._sums_only() and np.array_equal(self._shift, other._shift):
+        mine, theirs = self._sums_shift(), other._sums_shift()
+        if mine is not None and theirs is not None and np.array_equal(mine, theirs):
             self._flush()
             other._flush()
-            if other._s is not None:
-                if self._s is None:
-                    self._s, self._S = other._s.copy(), other._S.copy()
+            if other._sums is not None:
+                if self._sums is None:
+                    self._sums = other._sums.copy()
                 else:
-                    self._s += other._s
-                    self._S += other._S
-                self._n += other._n
+                    self._sums.absorb(other._sums)
             return self
         self.settle()
         other.settle()
-        return self._merge_settled(other)
-
-    def _sums_only(self) -> bool:
-        """True when these moments are a common-shift accumulator with nothing settled yet."""
-        return self._fixed and self.n == 0
-
-    def _merge_settled(self, other: "Moments") -> "Moments":
-        if other.n == 0:
-            return self
-        if self.n == 0:
-            self.n, self.mean, self.m2 = other.n, other.mean.copy(), other.m2.copy()
-            return self
-        n = self.n + other.n
-        delta = other.mean - self.mean
-        factor = self.n * other.n / n
-        self.m2 += other.m2
-        if self.full:
-            self.m2 += np.outer(delta, delta) * factor
-        else:
-            self.m2 += delta * delta * factor
-        self.mean += delta * (other.n / n)
-        self.n = n
+        if other._settled is not None:
+            self._merge_settled(other._settled)
         return self
+
+    def _sums_shift(self) -> np.ndarray | None:
+        """The common shift when these moments are a common-shift accumulator with nothing settled yet, else None."""
+        return self._fixed_shift if self._settled is None else None
+
+    def _merge_settled(self, other: _Settled) -> None:
+        """Combine settled moments ``other`` into these (Chan et al.)."""
+        mine = self._settled
+        if mine is None:
+            self._settled = _Settled(other.n, other.mean.copy(), other.m2.copy())
+            return
+        n = mine.n + other.n
+        delta = other.mean - mine.mean
+        factor = mine.n * other.n / n
+        mine.m2 += other.m2
+        if self.full:
+            mine.m2 += np.outer(delta, delta) * factor
+        else:
+            mine.m2 += delta * delta * factor
+        mine.mean += delta * (other.n / n)
+        mine.n = n
+
+    def _restore_sums(self, n: int, s: np.ndarray, S: np.ndarray) -> None:
+        """Set the shifted sums around the common shift (as :func:`load_accumulator` reads them)."""
+        if self._fixed_shift is None:
+            raise ValueError("Moments: shifted sums need a common shift (Moments.with_shift)")
+        self._sums = _ShiftedSums(self._fixed_shift, self.full, s, S, n)
 
     @property
     def variance(self) -> np.ndarray:
         """Per-column variance (ddof = 1)."""
         self.settle()
-        diag = np.diag(self.m2) if self.full else self.m2
-        return diag / max(self.n - 1, 1)
+        settled = self._require_settled()
+        diag = np.diag(settled.m2) if self.full else settled.m2
+        return diag / max(settled.n - 1, 1)
 
 
 def add_upper_gram(acc: np.ndarray, x: np.ndarray) -> None:
@@ -226,6 +326,7 @@ def unpack_upper(packed: np.ndarray, d: int, block: int) -> np.ndarray:
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
+    """``a.merge(b)``: the reduce's merge for moments."""
     return a.merge(b)
 
 
@@ -239,7 +340,8 @@ class CovProduct:
     n: int = 0
     z: np.ndarray | None = None
 
-    def add(self, x: np.ndarray) -> "CovProduct":
+    def add(self, x: np.ndarray) -> CovProduct:
+        """Add rows ``x`` [m, d]'s share of the product (in place)."""
         for start in range(0, x.shape[0], CHUNK_ROWS):
             xs = (np.asarray(x[start : start + CHUNK_ROWS], dtype=np.float64) - self.mean) / self.scale
             part = xs.T @ (xs @ self.q)
@@ -247,31 +349,42 @@ class CovProduct:
             self.n += xs.shape[0]
         return self
 
-    def merge(self, other: "CovProduct") -> "CovProduct":
+    def merge(self, other: CovProduct) -> CovProduct:
+        """Add ``other``'s product (in place); returns self."""
         if other.z is not None:
             self.z = other.z.copy() if self.z is None else self.z + other.z
         self.n += other.n
         return self
 
-    def light(self) -> "CovProduct":
+    def light(self) -> CovProduct:
         """A copy without the (broadcast) inputs, for shipping the result back."""
         return CovProduct(np.empty(0), np.empty(0), np.empty((0, 0)), self.n, self.z)
 
+    def result(self) -> np.ndarray:
+        """The summed product C Q (unnormalized) [d, l]; RuntimeError when no rows were added."""
+        if self.z is None:
+            raise RuntimeError("CovProduct: no rows reached the covariance product")
+        return self.z
+
 
 def merge_products(a: CovProduct, b: CovProduct) -> CovProduct:
+    """``a.merge(b)``: the reduce's merge for covariance products."""
     return a.merge(b)
 
 
-def dump_accumulator(acc: "Moments | CovProduct") -> bytes:
+def dump_accumulator(acc: Moments | CovProduct) -> bytes:
     """Serialize a task's settled accumulator (``.npz``, no pickle); full moments keep only the upper triangle."""
     buf = io.BytesIO()
-    if isinstance(acc, Moments) and acc._sums_only():
+    shift = acc._sums_shift() if isinstance(acc, Moments) else None
+    if isinstance(acc, Moments) and shift is not None:
         acc._flush()
-        d = int(acc._shift.shape[0])
-        extra = {}
-        if acc._s is not None:
-            extra = {"s": acc._s, "S": pack_upper(acc._S, GRAM_BLOCK) if acc.full else acc._S}
-        np.savez(buf, kind="sums", n=acc._n, full=acc.full, shift=acc._shift, block=GRAM_BLOCK, d=d, **extra)
+        d = int(shift.shape[0])
+        sums = acc._sums
+        if sums is None:
+            np.savez(buf, kind="sums", n=0, full=acc.full, shift=shift, block=GRAM_BLOCK, d=d)
+        else:
+            packed = pack_upper(sums.S, GRAM_BLOCK) if acc.full else sums.S
+            np.savez(buf, kind="sums", n=sums.n, full=acc.full, shift=shift, block=GRAM_BLOCK, d=d, s=sums.s, S=packed)
     elif isinstance(acc, Moments):
         acc.settle()
         if acc.n == 0:
@@ -279,12 +392,14 @@ def dump_accumulator(acc: "Moments | CovProduct") -> bytes:
         else:
             m2 = acc.m2[np.triu_indices(acc.m2.shape[0])] if acc.full else acc.m2
             np.savez(buf, kind="moments", n=acc.n, full=acc.full, mean=acc.mean, m2=m2)
+    elif acc.z is None:
+        np.savez(buf, kind="product", n=acc.n)
     else:
-        np.savez(buf, kind="product", n=acc.n, **({"z": acc.z} if acc.z is not None else {}))
+        np.savez(buf, kind="product", n=acc.n, z=acc.z)
     return buf.getvalue()
 
 
-def load_accumulator(data: bytes) -> "Moments | CovProduct":
+def load_accumulator(data: bytes) -> Moments | CovProduct:
     """The inverse of :func:`dump_accumulator` (a product comes back without its broadcast inputs)."""
     with np.load(io.BytesIO(data), allow_pickle=False) as f:
         n = int(f["n"])
@@ -294,8 +409,7 @@ def load_accumulator(data: bytes) -> "Moments | CovProduct":
         if str(f["kind"]) == "sums":
             m = Moments.with_shift(f["shift"], full=full)
             if "s" in f.files:
-                m._n, m._s = n, f["s"]
-                m._S = unpack_upper(f["S"], int(f["d"]), int(f["block"])) if full else f["S"]
+                m._restore_sums(n, f["s"], unpack_upper(f["S"], int(f["d"]), int(f["block"])) if full else f["S"])
             return m
         if n == 0:
             return Moments(full=full)
@@ -305,7 +419,7 @@ def load_accumulator(data: bytes) -> "Moments | CovProduct":
         packed, m2 = m2, np.zeros((d, d))
         m2[np.triu_indices(d)] = packed
         m2 += np.triu(m2, 1).T
-    return Moments(n=n, mean=mean, m2=m2, full=full)
+    return Moments.from_settled(n, mean, m2, full=full)
 
 
 @dataclass
@@ -330,10 +444,12 @@ class PcaModel:
 
     @property
     def k(self) -> int:
+        """Number of components."""
         return int(self.components.shape[0])
 
     @property
     def dim(self) -> int:
+        """Feature dimension d the model projects from."""
         return int(self.components.shape[1])
 
     def transform(self, x: np.ndarray) -> np.ndarray:
@@ -363,7 +479,8 @@ class PcaModel:
         write_bytes_atomic(url, buf.getvalue())
 
     @classmethod
-    def load(cls, url: str) -> "PcaModel":
+    def load(cls, url: str) -> PcaModel:
+        """Read a model written by :meth:`save` (ValueError when absent or not a model file)."""
         try:
             with fsspec.open(url, "rb") as fh:
                 data = np.load(io.BytesIO(fh.read()), allow_pickle=False)
@@ -418,7 +535,8 @@ def choose_k(ratio: np.ndarray, k: int, variance: float, rank: int) -> int:
     return k
 
 
-def _check_fit_rows(n: int, d: int) -> None:
+def _check_fit_rows(n: int) -> None:
+    """ValueError unless there are at least 2 fit rows."""
     if n < 2:
         raise ValueError(f"pca.fit_split: {n} fit row(s); PCA needs at least 2")
 
@@ -459,8 +577,8 @@ def fit_exact(mom: Moments, k: int, variance: float, standardize: bool) -> PcaMo
     from threadpoolctl import threadpool_limits
 
     mom.settle()
+    _check_fit_rows(mom.n)
     d = int(mom.mean.shape[0])
-    _check_fit_rows(mom.n, d)
     cov = mom.m2 / (mom.n - 1)
     scale = scale_from_variance(np.diag(cov).copy(), standardize)
     if standardize:
@@ -501,9 +619,9 @@ def fit_randomized(
     ``max(k, max_components)`` components, the most this method computes.
     """
     diag.settle()
-    d = int(diag.mean.shape[0])
     n = diag.n
-    _check_fit_rows(n, d)
+    _check_fit_rows(n)
+    d = int(diag.mean.shape[0])
     col_var = diag.variance
     scale = scale_from_variance(col_var.copy(), standardize)
     total = float(np.sum(col_var / scale**2))
@@ -514,9 +632,9 @@ def fit_randomized(
     rng = np.random.default_rng(seed)
     q, _ = np.linalg.qr(rng.standard_normal((d, block)))
     for _ in range(power_iters):
-        z = cov_product(diag.mean, scale, q).z / (n - 1)
+        z = cov_product(diag.mean, scale, q).result() / (n - 1)
         q, _ = np.linalg.qr(z)
-    z = cov_product(diag.mean, scale, q).z / (n - 1)
+    z = cov_product(diag.mean, scale, q).result() / (n - 1)
     b = q.T @ z
     b = (b + b.T) * 0.5
     evals, w = np.linalg.eigh(b)

@@ -72,7 +72,7 @@ def dataset_files(url: str) -> list[str]:
 def _prune(url: str, keep: set[str]) -> list[str]:
     """Remove every entry of ``url`` that is not in ``keep``; return the removed names."""
     fs, root = fsspec.core.url_to_fs(url)
-    removed = []
+    removed: list[str] = []
     if not fs.exists(root):
         return removed
     for entry in fs.ls(root, detail=False):

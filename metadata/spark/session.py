@@ -53,7 +53,7 @@ def get_spark(cfg: SparkConfig, master: str | None = None):
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
-    master = spark.sparkContext.master
+    master = spark.sparkContext.master or ""
     if not master.startswith("local"):
         spark.sparkContext.addPyFile(_package_zip())
     log.info("Spark %s on %s (default parallelism %d)", spark.version, master, spark.sparkContext.defaultParallelism)
