@@ -289,17 +289,19 @@ def test_labels_from_csv_and_regex(spark, tmp_path):
     assert got["flat/a_1.jpg"] == ("a", "ok") and got["flat/d_4.jpg"] == (None, "bad_label")
 
 
-def test_slices_split_the_listing_exactly(messy_tree):
-    from imgfeat.metadata.contracts.schema import normalize_uri
-    from imgfeat.metadata.manifest.listing import Unit, list_unit, slice_of
+def test_spark_listing_gives_the_same_manifest(spark, messy_tree, messy_manifest, tmp_path, monkeypatch):
+    """Sources too big for the driver's walk are listed on Spark, a job per folder depth: same rows, same counts."""
+    from imgfeat.metadata.manifest import job as manifest_job
 
-    root = normalize_uri(str(messy_tree[0]))
-    unit = Unit(root, root, True)
-    whole = sorted((e.path, e.size, e.error) for e in list_unit(unit))
-    parts = [sorted((e.path, e.size, e.error) for e in list_unit(unit, lambda u, i=i: slice_of(u, 3) == i))
-             for i in range(3)]
-    assert sorted(p for part in parts for p in part) == whole
-    assert all(parts) and len(whole) == len(messy_tree[1])
+    root, _ = messy_tree
+    _, summary, rows = messy_manifest
+    monkeypatch.setattr(manifest_job, "walk_small_local", lambda roots: None)
+    cfg = load_config(None, {"manifest": {"rows_per_shard": 5}})
+    again = manifest_job.run_manifest(cfg, [str(root)], str(tmp_path / "out"))
+    got = read_manifest(str(tmp_path / "out")).to_pylist()
+    assert sorted(got, key=lambda r: r["path"]) == sorted(rows, key=lambda r: r["path"])
+    skip = ("timings", "files_per_s", "version", "listing_digest")
+    assert {k: v for k, v in again.items() if k not in skip} == {k: v for k, v in summary.items() if k not in skip}
 
 
 def test_parallel_write_path_gives_the_same_rows(spark, messy_tree, messy_manifest, tmp_path, monkeypatch):

@@ -1,18 +1,18 @@
-"""The manifest job on Spark: check every file in executor tasks, then organize and write with pyarrow.
+"""The manifest job on Spark: list, check every file in executor tasks, then organize and write.
 
-Two Spark jobs of a few Python tasks each and no shuffle (each job and each Python task has a fixed
-cost, which dominated the run at 60k files):
-
-1. check: task i of n walks every SRC and keeps the files of slice i (``listing.slice_of``, a stable
-   hash of the path), so files are dealt out evenly with no shuffle. It reads each file once (sha256,
-   header sniff, optional decode), labels it and writes its rows as Parquet to a work folder; only
-   file names and row counts come back.
-2. organize: one task reads the checked rows (narrow columns only, never bytes), finds duplicates,
+1. list (``manifest.discover``): breadth-first over folders, one Spark job per depth, each folder
+   listed by one task; every entry goes to Parquet in a work folder, the driver sees folder names.
+2. check: the listed files, joined by path to the previous manifest on an incremental run (a Spark
+   join: no task reads the whole previous manifest), are shuffled over the tasks by path. Each task
+   reads each of its files once (sha256, header sniff, optional decode), labels it and writes its
+   rows as Parquet; only file names and row counts come back. Unchanged files keep their row unread.
+3. organize: one task reads the checked rows (narrow columns only, never bytes), finds duplicates,
    splits and shards (``imgfeat.metadata.manifest.organize``), writes the summary counts, and writes the manifest as
    one file sorted by path. Above ``ONE_TASK_ROWS`` rows it writes per-file plans instead and a third
    job writes one manifest file per checked file in parallel.
 
-The driver sees SRC names, file names, label names and counts. Every file found is exactly one row.
+The driver sees SRC names, folder names, file names of the work datasets, label names and counts.
+Every file found is exactly one row.
 """
 from __future__ import annotations
 
@@ -33,18 +33,18 @@ from imgfeat.metadata.contracts.schema import CONFIG_FILE, MANIFEST_SCHEMA, SUMM
 from imgfeat.metadata.manifest import labels as labels_mod
 from imgfeat.metadata.manifest import organize as org
 from imgfeat.metadata.manifest.checks import check_entry, prefetched
-from imgfeat.metadata.manifest.listing import Entry, Unit, check_source, list_unit, slice_of
+from imgfeat.metadata.manifest.discover import list_on_spark, listed_entry, listed_files, walk_small_local, write_listing
+from imgfeat.metadata.manifest.listing import Entry, check_source
 from imgfeat.metadata.manifest.row_guard import failed_row, to_record_batch
 from imgfeat.metadata.manifest.store import (
     current_version,
     labels_digest,
-    listing_digest,
     previous_manifest,
     publish_manifest,
     same_rows,
     staging_url,
 )
-from imgfeat.metadata.spark.parquet import dataset_files, write_parquet_dataset
+from imgfeat.metadata.spark.parquet import dataset_files, read_parquet_dataset, write_parquet_dataset
 from imgfeat.metadata.spark.session import get_spark, num_tasks
 from imgfeat.metadata.storage import join, read_json, read_json_required, remove_folder, staged_file, write_bytes_atomic, write_json_atomic
 
@@ -102,8 +102,10 @@ def _labeller(mc: ManifestConfig) -> Callable[[dict[str, Any]], None]:
     return apply
 
 
-def _make_checker(cfg: Config):
-    """The check task: for each input row (slice, slices, root, previous), the checked rows of that slice."""
+def _make_checker(cfg: Config) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The check task: listed entries (``discover.LISTED_SCHEMA`` plus ``prev``, the previous manifest's
+    row of the same path or None) to checked rows. An unchanged file (same size and mtime) keeps its
+    previous row without being read."""
     mc, dc = cfg.manifest, cfg.decode
     validation, max_bytes, max_pixels, formats = mc.validation, dc.max_bytes, dc.max_pixels, tuple(dc.formats)
     max_scans, split_from_folders = dc.max_jpeg_scans, mc.split_from_folders
@@ -118,30 +120,31 @@ def _make_checker(cfg: Config):
             folder_splits[folder] = labels_mod.folder_split(rel)
         return folder_splits[folder]
 
-    def rows_of(task: dict[str, Any], previous_cache: dict) -> Iterator[dict[str, Any]]:
-        part, slices = task["slice"], task["slices"]
-        prev = _previous_slice(task["previous"], part, slices, previous_cache) if task["previous"] else {}
+    def rows_of(listed: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        prev: dict[str, dict[str, Any]] = {}
         kept: list[dict[str, Any]] = []
 
-        def fresh(entries: Iterator[Entry]) -> Iterator[Entry]:
-            for e in entries:
-                p = prev.get(e.path)
+        def fresh() -> Iterator[Entry]:
+            for item in listed:
+                e = listed_entry(item)
+                p = item.get("prev")
                 if p is not None and e.error is None and p["size_bytes"] == e.size and p["mtime"] == e.mtime:
                     row = _kept_row(p)
                     label(row)  # labels from a CSV may have changed since
                     kept.append(row)
-                else:
-                    yield e
+                    continue
+                if p is not None:
+                    prev[e.path] = p
+                yield e
 
-        entries = list_unit(Unit(task["root"], task["root"], True), lambda uri: slice_of(uri, slices) == part)
-        for entry, data in prefetched(fresh(entries), max_bytes):
+        for entry, data in prefetched(fresh(), max_bytes):
             try:  # one file's failure of any kind is that file's row, never the task's
                 row = check_entry(entry, validation, max_bytes, max_pixels, formats, data, max_scans)
                 label(row)
                 row["folder_split"] = folder_split(row["rel_path"]) if split_from_folders else None
             except Exception as exc:
                 row = dict(failed_row(entry, exc), folder_split=None)
-            p = prev.get(row["path"])
+            p = prev.pop(row["path"], None)
             row["_kept"], row["_prev"] = False, p is not None
             # Only the same bytes keep the previous shard: a file changed in place (even at the same size)
             # leaves it, so that feature shard's members change and it is recomputed.
@@ -158,15 +161,13 @@ def _make_checker(cfg: Config):
         return to_record_batch(rows, CHECKED_SCHEMA)
 
     def check(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        previous_cache: dict = {}
         rows: list[tuple] = []
-        for batch in batches:
-            for task in batch.to_pylist():
-                for row in rows_of(task, previous_cache):
-                    rows.append(as_tuple(row))
-                    if len(rows) == _BATCH_ROWS:
-                        yield to_batch(rows)
-                        rows = []
+        listed = (item for batch in batches for item in batch.to_pylist())
+        for row in rows_of(listed):
+            rows.append(as_tuple(row))
+            if len(rows) == _BATCH_ROWS:
+                yield to_batch(rows)
+                rows = []
         if rows:
             yield to_batch(rows)
 
@@ -184,19 +185,6 @@ def _kept_row(p: dict[str, Any]) -> dict[str, Any]:
     if p["status"] == "duplicate":
         row.update(status="ok", status_detail="")
     return row
-
-
-def _previous_slice(url: str, part: int, slices: int, cache: dict) -> dict[str, dict[str, Any]]:
-    """The previous manifest's rows of one slice, by path (read once per task)."""
-    key = (url, part, slices)
-    if key not in cache:
-        import pyarrow.dataset as ds
-
-        fs, root = fsspec.core.url_to_fs(url)
-        table = ds.dataset(root, filesystem=fs, format="parquet", ignore_prefixes=["_", "."]).to_table()
-        mask = pa.array([slice_of(p, slices) == part for p in table["path"].to_pylist()], pa.bool_())
-        cache[key] = {r["path"]: r for r in table.filter(mask).to_pylist()}
-    return cache[key]
 
 
 def _read_parts(files: list[str], columns: list[str] | None = None) -> list[pa.Table]:
@@ -272,7 +260,9 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
     if cfg.manifest.label_from == "csv":
         _check_labels_csv(cfg.manifest.labels_csv)
     labels_sha = labels_digest(cfg.manifest.labels_csv) if cfg.manifest.label_from == "csv" else None
-    listing = listing_digest(roots)  # before the check job: a file changed while it runs changes the next listing
+    # Before the check job: a file changed while it runs changes the next listing.
+    small = walk_small_local(roots)
+    listing = small[1] if small is not None else None
     if incremental and listing is not None:
         kept = _kept_summary(cfg, out, roots, listing, labels_sha, t0)
         if kept is not None:
@@ -286,12 +276,18 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
     work, staging = staging_url(out, "work"), staging_url(out)
     try:
         t1 = time.perf_counter()
-        # One row per (slice, SRC), made in the JVM: partition i holds slice i, no Python runs to make it.
-        tasks = spark.range(0, slices, 1, slices).select(
-            F.col("id").cast("int").alias("slice"), F.lit(slices).alias("slices"),
-            F.explode(F.array(*[F.lit(r) for r in roots])).alias("root"),
-            F.lit(previous).cast("string").alias("previous"))
-        checked = write_parquet_dataset(tasks, join(work, "checked"), schema=CHECKED_SCHEMA,
+        listed_url = join(work, "listed")
+        listing_info = (write_listing(small[0], listed_url, slices) if small is not None
+                        else list_on_spark(spark, roots, listed_url, slices))
+        timings["list_s"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        entries = listed_files(spark, listing_info, slices)
+        if previous is not None:
+            before = read_parquet_dataset(spark, previous, num_partitions=slices)
+            entries = entries.join(before.select("path", F.struct(*before.columns).alias("prev")), "path", "left")
+        # The shuffle spreads the files over the tasks evenly, whatever folder listed them.
+        entries = entries.repartition(slices, "path").sortWithinPartitions("path")
+        checked = write_parquet_dataset(entries, join(work, "checked"), schema=CHECKED_SCHEMA,
                                         transform=_make_checker(cfg))
         files = [join(work, "checked/" + f) for f in checked["files"]]
         timings["check_s"] = time.perf_counter() - t1

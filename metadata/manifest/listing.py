@@ -1,19 +1,17 @@
-"""Listing a source tree inside executor tasks (the driver's memory stays flat in files).
+"""Listing a source tree one folder at a time, so that every file is listed once by exactly one task.
 
-The one exception is bounded: an incremental rerun streams a listing of at most
-``store.DRIVER_LISTING_MAX`` local files on the driver to tell that nothing changed without Spark.
-
-Each task walks the tree (locally with ``os.scandir``, remotely through fsspec) and keeps the files of
-its own slice (``slice_of``: a stable hash of the URI), so the files are split evenly over tasks with no
-shuffle; only the kept files are stat'ed. It yields one ``Entry`` per file, or per thing that could not
-be listed (broken links, symlink loops, unreadable folders), so nothing vanishes.
+``list_folder`` lists one folder (locally with ``os.scandir``, remotely with one delimiter listing
+through fsspec): its files with size and mtime, its subfolders (``is_folder``), and one entry per thing
+that could not be listed (broken links, symlink loops, unreadable folders), so nothing vanishes.
+``manifest.discover`` runs it breadth-first on Spark, a depth per job, each folder in one task: the
+total listing work grows with files + folders, not with files x tasks. ``list_unit`` walks a tree
+with the same function in one process (the driver's bounded listing digest, benchmarks, tests).
 """
 from __future__ import annotations
 
 import os
 import stat as stat_mod
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import fsspec
@@ -33,13 +31,14 @@ class Unit:
 
 @dataclass(frozen=True)
 class Entry:
-    """A listed file. ``error`` is set when it could not be stat'ed (then size/mtime are None)."""
+    """A listed file or folder. ``error`` is set when it could not be stat'ed (then size/mtime are None)."""
 
     root: str
     path: str
     size: int | None
     mtime: float | None
     error: str | None = None
+    is_folder: bool = False
 
 
 def _local_path(uri: str) -> str:
@@ -70,91 +69,86 @@ def _is_loop(child: str, folder: str) -> bool:
     return real_folder == real_child or real_folder.startswith(real_child.rstrip("/") + "/")
 
 
-def slice_of(uri: str, slices: int) -> int:
-    """The slice (0 .. ``slices`` - 1) a file belongs to: a stable hash of its URI, the same in every process."""
-    return zlib.crc32(uri.encode("utf-8", "surrogateescape")) % slices
+def list_folder(root: str, folder: str) -> Iterator[Entry]:
+    """The entries of one folder (not recursive): files, subfolders (``is_folder``) and what cannot be listed.
 
-
-def list_unit(unit: Unit, keep: Callable[[str], bool] | None = None) -> Iterator[Entry]:
-    """Every file in a unit, with size and mtime; unlistable things become entries with ``error``.
-
-    ``keep(uri)``, when given, selects the entries to yield; the others are never stat'ed (the walk
-    itself reads directories only), so tasks that each keep one slice share the cost of the stats.
-    """
-    if unit.folder.startswith("file://"):
-        yield from _list_local(unit, keep)
+    Streams: memory stays flat however many files the folder holds (remote listings are paged by the
+    store; fsspec holds one folder's page list)."""
+    if folder.startswith("file://"):
+        yield from _list_local_folder(root, folder)
     else:
-        yield from (e for e in _list_remote(unit) if keep is None or keep(e.path))
+        yield from _list_remote_folder(root, folder)
 
 
-def _list_local(unit: Unit, keep: Callable[[str], bool] | None = None) -> Iterator[Entry]:
-    stack = [_local_path(unit.folder)]
+def list_unit(unit: Unit) -> Iterator[Entry]:
+    """Every file of ``unit`` (its subtree when ``recursive``) listed in this process; folders are walked,
+    not yielded, and what cannot be listed is an entry with ``error``."""
+    stack = [unit.folder]
     while stack:
-        folder = stack.pop()
-        try:
-            with os.scandir(folder) as it:
-                # Inode order (free from the directory entry) roughly follows the disk layout: cold reads go faster.
-                entries = sorted(it, key=lambda e: e.inode())
-        except OSError as exc:
-            uri = "file://" + folder
-            if keep is None or keep(uri):
-                yield Entry(unit.root, uri, None, None, f"folder cannot be listed: {exc.strerror or exc}")
-            continue
-        for e in entries:
+        for e in list_folder(unit.root, stack.pop()):
+            if e.is_folder:
+                if unit.recursive:
+                    stack.append(e.path)
+            else:
+                yield e
+
+
+def _list_local_folder(root: str, folder_uri: str) -> Iterator[Entry]:
+    folder = _local_path(folder_uri)
+    try:
+        it = os.scandir(folder)
+    except OSError as exc:
+        yield Entry(root, folder_uri, None, None, f"folder cannot be listed: {exc.strerror or exc}")
+        return
+    with it:
+        for e in it:
             uri = "file://" + e.path
-            mine = keep is None or keep(uri)
             try:
-                # The directory entry's type needs no stat: plain folders are walked by every task (a plain
-                # subfolder cannot link back up), plain files are stat'ed only by the task that keeps them.
-                if not e.is_symlink():
-                    if e.is_dir(follow_symlinks=False):
-                        if unit.recursive:
-                            stack.append(e.path)
-                        continue
-                    if not mine:
-                        continue
+                # The directory entry's type needs no stat: a plain subfolder cannot link back up.
+                if not e.is_symlink() and e.is_dir(follow_symlinks=False):
+                    yield Entry(root, uri, None, None, is_folder=True)
+                    continue
             except OSError:
                 pass  # the stat below reports it
             try:
                 st = os.stat(e.path)
             except OSError as exc:
-                if mine:
-                    reason = "symlink loop" if exc.errno == 40 else ("broken symlink" if e.is_symlink() else (exc.strerror or str(exc)))
-                    yield Entry(unit.root, uri, None, None, reason)
+                reason = "symlink loop" if exc.errno == 40 else ("broken symlink" if e.is_symlink() else (exc.strerror or str(exc)))
+                yield Entry(root, uri, None, None, reason)
                 continue
             if stat_mod.S_ISDIR(st.st_mode):
                 # A link back to this folder or above would recurse forever: record it, don't follow.
                 if _is_loop(e.path, folder):
-                    if mine:
-                        yield Entry(unit.root, uri, None, None, "symlink loop: links to a folder above it")
-                elif unit.recursive:
-                    stack.append(e.path)
-            elif not mine:
-                continue
+                    yield Entry(root, uri, None, None, "symlink loop: links to a folder above it")
+                else:
+                    yield Entry(root, uri, None, None, is_folder=True)
             elif stat_mod.S_ISREG(st.st_mode):
-                yield Entry(unit.root, uri, st.st_size, st.st_mtime)
+                yield Entry(root, uri, st.st_size, st.st_mtime)
             else:
-                yield Entry(unit.root, uri, None, None, "not a regular file")
+                yield Entry(root, uri, None, None, "not a regular file")
 
 
-def _list_remote(unit: Unit) -> Iterator[Entry]:
-    fs, path = fsspec.core.url_to_fs(unit.folder)
-    scheme = unit.folder.split("://", 1)[0]
+def _list_remote_folder(root: str, folder_uri: str) -> Iterator[Entry]:
+    fs, path = fsspec.core.url_to_fs(folder_uri)
+    scheme = folder_uri.split("://", 1)[0]
     try:
-        if unit.recursive:
-            found = fs.find(path, detail=True, withdirs=False)
-        else:
-            found = {e["name"]: e for e in fs.ls(path, detail=True) if e.get("type") != "directory"}
+        infos = fs.ls(path, detail=True)
     except OSError as exc:
-        yield Entry(unit.root, unit.folder, None, None, f"prefix cannot be listed: {exc}")
+        yield Entry(root, folder_uri, None, None, f"prefix cannot be listed: {exc}")
         return
-    for name in sorted(found):
-        info = found[name]
+    own = path.rstrip("/")
+    for info in sorted(infos, key=lambda i: i["name"]):
+        name = info["name"].rstrip("/")
+        if name == own:  # some stores list a prefix's own placeholder object
+            continue
+        uri = f"{scheme}://{name}"
+        if info.get("type") == "directory":
+            yield Entry(root, uri, None, None, is_folder=True)
+            continue
         mtime = info.get("LastModified") or info.get("mtime") or info.get("created")
         if hasattr(mtime, "timestamp"):
             mtime = mtime.timestamp()
-        uri = f"{scheme}://{name}"
-        yield Entry(unit.root, uri, int(info.get("size") or 0), float(mtime) if mtime is not None else None)
+        yield Entry(root, uri, int(info.get("size") or 0), float(mtime) if mtime is not None else None)
 
 
 def rel_path(root: str, path: str) -> str:

@@ -1,12 +1,14 @@
 """Where manifest versions live: commit a new version, keep history, load the previous one."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 
 import fsspec
 
 from imgfeat.metadata.contracts.schema import HISTORY_DIR, MANIFEST_DIR, SUMMARY_FILE
+from imgfeat.metadata.manifest.listing import Entry, Unit, list_unit
 from imgfeat.metadata.storage import file_sha256, join, publish_folder, read_json
 
 log = logging.getLogger(__name__)
@@ -47,29 +49,40 @@ DRIVER_LISTING_MAX = 100_000
 """Up to this many files the driver lists local sources itself to tell a no-change rerun without Spark."""
 
 
+class ListingDigest:
+    """An order-free digest of listed entries: each path with its size and mtime, or its listing error."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.count = 0
+
+    def add(self, e: Entry) -> None:
+        """Count one listed entry."""
+        h = hashlib.blake2b(repr((e.path, e.size, e.mtime, e.error)).encode("utf-8", "surrogateescape"),
+                            digest_size=16).digest()
+        self.total = (self.total + int.from_bytes(h, "big")) % (1 << 128)
+        self.count += 1
+
+    def value(self) -> str:
+        """The digest as text: the entry count and the 128-bit sum."""
+        return f"{self.count}-{self.total:032x}"
+
+
 def listing_digest(roots: list[str], limit: int = DRIVER_LISTING_MAX) -> str | None:
-    """An order-free digest of what listing local ``roots`` finds: each path with its size and mtime, or its
-    listing error. None when a root is on an object store or the sources hold more than ``limit`` files:
-    listing at scale belongs to the check tasks, never to the driver.
+    """The ``ListingDigest`` of local ``roots``; None when a root is on an object store or the sources
+    hold more than ``limit`` files: listing at scale belongs to the Spark tasks, never to the driver.
 
     Streams the walk: memory stays flat, and the cost is bounded by ``limit`` stat calls (about a second
     per 100,000 local files)."""
-    import hashlib
-
-    from imgfeat.metadata.manifest.listing import Unit, list_unit
-
     if not all(r.startswith("file://") for r in roots):
         return None
-    total, n = 0, 0
+    digest = ListingDigest()
     for root in roots:
         for e in list_unit(Unit(root, root, True)):
-            if n >= limit:
+            if digest.count >= limit:
                 return None
-            h = hashlib.blake2b(repr((e.path, e.size, e.mtime, e.error)).encode("utf-8", "surrogateescape"),
-                                digest_size=16).digest()
-            total = (total + int.from_bytes(h, "big")) % (1 << 128)
-            n += 1
-    return f"{n}-{total:032x}"
+            digest.add(e)
+    return digest.value()
 
 
 def same_rows(a: str, b: str, paths: list[str]) -> bool:

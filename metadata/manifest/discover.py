@@ -1,0 +1,138 @@
+"""Listing the sources on Spark, breadth-first: one job per folder depth, each folder listed by one task.
+
+Depth 0 is the SRC folders. A job lists the folders of one depth (``listing.list_folder``: one
+``scandir`` or one paged delimiter listing each), spread over the tasks, and writes every entry it finds
+(files, what cannot be listed, and the subfolders) to ``URL/depth-NNN/``; the subfolders are the next
+depth's folders. So every file is listed once by exactly one task, and the listing work of the whole
+job grows with files + folders, not with files x tasks (a task holds one folder's page, streamed).
+The driver sees folder names only, one depth at a time.
+
+Cost: ``depth`` Spark jobs (each with a small read-back of the folder names), LIST requests about
+files / 1,000 + folders on an object store. A single huge flat prefix is listed by one task (paged);
+its files are spread over all tasks afterwards, by the check job's shuffle.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from imgfeat.metadata.manifest.listing import Entry, Unit, list_folder, list_unit
+from imgfeat.metadata.manifest.row_guard import storable_text
+from imgfeat.metadata.manifest.store import DRIVER_LISTING_MAX, ListingDigest
+from imgfeat.metadata.spark.parquet import PARQUET_SUFFIX, read_parquet_dataset, write_parquet_dataset
+from imgfeat.metadata.storage import SUCCESS_FILE, join, staged_file, write_bytes_atomic
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+
+LISTED_SCHEMA = pa.schema([
+    ("root", pa.string()), ("path", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()),
+    ("error", pa.string()), ("is_folder", pa.bool_()), ("raw_path", pa.binary()),
+])
+"""One listed entry: a file (size, mtime), a subfolder (``is_folder``) or what could not be listed (``error``).
+A name that is not UTF-8 is stored as text with ``\\xNN`` escapes and, to reach the file, as its bytes
+(``raw_path``, else null); its manifest row is then ``bad_path``."""
+
+_BATCH_ROWS = 4096
+
+
+def _lister(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """The listing task: for each (root, folder) row, the entries of that folder as LISTED_SCHEMA batches."""
+    rows: list[dict[str, Any]] = []
+    for batch in batches:
+        for task in batch.to_pylist():
+            for e in list_folder(task["root"], task["folder"].decode("utf-8", "surrogateescape")):
+                text = storable_text(e.path)
+                raw = e.path.encode("utf-8", "surrogateescape") if text != e.path else None
+                rows.append({"root": e.root, "path": text, "size": e.size, "mtime": e.mtime, "error": e.error,
+                             "is_folder": e.is_folder, "raw_path": raw})
+                if len(rows) == _BATCH_ROWS:
+                    yield pa.RecordBatch.from_pylist(rows, schema=LISTED_SCHEMA)
+                    rows = []
+    if rows:
+        yield pa.RecordBatch.from_pylist(rows, schema=LISTED_SCHEMA)
+
+
+def list_on_spark(spark: SparkSession, roots: list[str], url: str, tasks: int) -> dict[str, Any]:
+    """List every SRC in ``roots`` breadth-first into the Parquet datasets under ``url``.
+
+    Returns ``{"depths": [dataset URLs], "entries": rows written, "folders": folders listed}``."""
+    frontier: list[tuple[str, bytes]] = [(r, r.encode("utf-8", "surrogateescape")) for r in roots]
+    depths: list[str] = []
+    entries = folders = 0
+    while frontier:
+        depth_url = join(url, f"depth-{len(depths):03d}")
+        df = spark.sparkContext.parallelize(frontier, max(1, min(len(frontier), tasks))).toDF("root string, folder binary")
+        written = write_parquet_dataset(df, depth_url, schema=LISTED_SCHEMA, transform=_lister)
+        depths.append(depth_url)
+        folders += len(frontier)
+        entries += written["rows"]
+        found = (read_parquet_dataset(spark, depth_url, columns=["root", "path", "is_folder", "raw_path"],
+                                      num_partitions=tasks).where("is_folder").select("root", "path", "raw_path").collect())
+        frontier = sorted((r["root"], bytes(r["raw_path"]) if r["raw_path"] is not None else r["path"].encode()) for r in found)
+        log.info("listing depth %d: %d entries, %d subfolders", len(depths) - 1, written["rows"], len(frontier))
+    return {"depths": depths, "entries": entries, "folders": folders}
+
+
+def walk_small_local(roots: list[str], limit: int = DRIVER_LISTING_MAX) -> tuple[list[Entry], str] | None:
+    """Small local sources walked by the driver: (entries, ``ListingDigest``), or None when a source is
+    remote or they hold more than ``limit`` entries (then Spark lists them).
+
+    Bounded by ``limit`` (100,000 entries, about 20 MB and a second of stat calls): at 60,000 files it saves
+    a Spark job per folder depth, and the digest tells an incremental rerun that nothing changed
+    without starting Spark."""
+    if not all(r.startswith("file://") for r in roots):
+        return None
+    digest = ListingDigest()
+    entries: list[Entry] = []
+    for root in roots:
+        for e in list_unit(Unit(root, root, True)):
+            if digest.count >= limit:
+                return None
+            digest.add(e)
+            entries.append(e)
+    return entries, digest.value()
+
+
+def write_listing(entries: list[Entry], url: str, files: int) -> dict[str, Any]:
+    """``entries`` as a listed dataset of ``files`` Parquet files split by a stable hash of the path, so
+    the check job reads them as ``files`` even tasks with no shuffle. Returns what ``list_on_spark`` does."""
+    parts: list[list[dict[str, Any]]] = [[] for _ in range(files)]
+    for e in entries:
+        text = storable_text(e.path)
+        raw = e.path.encode("utf-8", "surrogateescape") if text != e.path else None
+        parts[zlib.crc32(text.encode()) % files].append(
+            {"root": e.root, "path": text, "size": e.size, "mtime": e.mtime, "error": e.error, "is_folder": False,
+             "raw_path": raw})
+    names = []
+    for i, rows in enumerate(parts):
+        if rows or i == 0:  # keep the schema readable even when nothing was found
+            names.append(f"part-{i:05d}{PARQUET_SUFFIX}")
+            with staged_file(join(url, names[-1])) as tmp:
+                pq.write_table(pa.Table.from_pylist(rows, schema=LISTED_SCHEMA), tmp)
+    write_bytes_atomic(join(url, SUCCESS_FILE), (json.dumps({"files": names, "rows": len(entries)}) + "\n").encode())
+    return {"depths": [url], "entries": len(entries), "folders": None}
+
+
+def listed_entry(item: dict[str, Any]) -> Entry:
+    """A LISTED_SCHEMA row (as a dict) back to the ``Entry`` it was, with the file's real name."""
+    raw = item.get("raw_path")
+    path = bytes(raw).decode("utf-8", "surrogateescape") if raw is not None else item["path"]
+    return Entry(item["root"], path, item["size"], item["mtime"], item["error"])
+
+
+def listed_files(spark: SparkSession, listing: dict[str, Any], tasks: int) -> DataFrame:
+    """The listed entries that are files or listing errors (not folders), from every depth."""
+    frames = [read_parquet_dataset(spark, u, num_partitions=tasks) for u in listing["depths"]]
+    df = frames[0]
+    for other in frames[1:]:
+        df = df.unionByName(other)
+    return df.where("NOT is_folder")
