@@ -5,7 +5,8 @@
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("manifest", "manifest-realsize", "preprocess", "decode", "featurize", "incremental", "pca", "reliability")
+ORDER = ("manifest", "manifest-realsize", "listing", "preprocess", "decode", "featurize", "featurize-scale", "incremental", "pca",
+         "reliability", "scale")
 
 
 def main() -> None:

@@ -24,11 +24,12 @@ from imgfeat.metadata.contracts.schema import CONFIG_FILE
 log = logging.getLogger("imgfeat.featurize.runner")
 
 
-def prepare_folder(cfg: Config, out: str, fields: dict[str, Any], work: dict[int, assign_mod.ShardWork]) -> list[int]:
+def prepare_folder(cfg: Config, out: str, fields: dict[str, Any], catalog: assign_mod.ShardCatalog) -> list[int]:
     """Rank 0 only: check/write the run file, clean temporaries, return the pending shards.
 
-    ``fields``: the run fingerprint fields (``fingerprint.run_fingerprint``); ``work``: the manifest's
-    shards. Raises ``ValueError`` when ``out`` holds another run's shards and overwrite is off."""
+    ``fields``: the run fingerprint fields (``fingerprint.run_fingerprint``); ``catalog``: the manifest's
+    shards (``assign.shard_catalog``). Raises ``ValueError`` when ``out`` holds another run's shards and
+    overwrite is off. Costs O(shards): the markers and two listings of ``out``; no data file is read."""
     fs, path = fsspec.core.url_to_fs(out)
     fs.makedirs(path, exist_ok=True)
     digest = fp_mod.digest(fields)
@@ -57,8 +58,11 @@ def prepare_folder(cfg: Config, out: str, fields: dict[str, Any], work: dict[int
     if state != "same":
         fp_mod.write_run_file(out, fields)
     storage.write_bytes_atomic(storage.join(out, CONFIG_FILE), dump_toml(cfg).encode())
-    orphans = assign_mod.orphan_shards(out, work)
+    if foreign:
+        gone = set(foreign)
+        markers = {s: m for s, m in markers.items() if s not in gone}
+    orphans = assign_mod.orphan_shards(out, catalog, markers)
     if orphans:
         log.warning("%s: %d committed shards are not in the manifest (%s...); read_features will include them",
                     out, len(orphans), orphans[0])
-    return assign_mod.pending_shards(out, work, digest)
+    return assign_mod.pending_shards(out, catalog, digest, markers, shards.folder_sizes(out))

@@ -1,10 +1,13 @@
 """The per-rank featurize run (``run_featurize``): set up the rank, claim the folder, compute this rank's
 shards, record the run. Run by every rank (or the single process). Order of work:
 
-1. rank, device, threads; read the manifest; build the model; compute the run fingerprint;
+1. rank, device, threads; rank 0 lists the manifest's shards (``assign.shard_catalog``: from the shard
+   index ``_shards.parquet``, O(shards), else from two manifest columns); build the model; compute the
+   run fingerprint;
 2. rank 0 claims ``FEAT`` (``featurize.folder``: checks ``_run.json``, refusing another run's shards
    unless overwrite, cleans stale temporaries, writes ``_run.json`` and ``config.resolved.toml``, lists
-   the pending shards) and broadcasts the pending shards; every rank takes its share (``featurize.assign``);
+   the pending shards from markers and file sizes) and broadcasts the shard list and the pending shards;
+   every rank takes its share (``featurize.assign``) and reads the manifest rows of those shards only;
 3. this rank's shards are computed and committed in order (``featurize.compute.ShardComputer``, decoding
    ahead across shards with ``featurize.prefetch``), each retried up to ``featurize.max_shard_attempts``;
 4. each rank records its stats (``featurize.stats``); the one that finds every shard committed writes
@@ -63,7 +66,15 @@ def run_featurize(cfg: Config, manifest: str, out: str, split: str | None = None
             torch.cuda.set_device(device)
         threads = set_threads(ctx, device)
         stats = RankStats(rank=ctx.rank, threads=threads, device=str(device))
-        work = assign_mod.manifest_shards(manifest, split=split)
+        catalog: dict[int, assign_mod.ShardEntry] | None = None
+        catalog_error = ""
+        if ctx.is_main:
+            try:
+                catalog = assign_mod.shard_catalog(manifest, split=split)
+            except ValueError as exc:
+                if ctx.world_size == 1:
+                    raise
+                catalog_error = str(exc)  # told to every rank with the claim
         model, info = build_model(cfg.featurize, cfg.preprocess.size, device)
         fields = fp_mod.run_fingerprint(cfg, info)
         digest = fp_mod.digest(fields)
@@ -71,21 +82,25 @@ def run_featurize(cfg: Config, manifest: str, out: str, split: str | None = None
         if len(set(digests)) > 1:
             raise ValueError(f"ranks disagree on the run fingerprint ({sorted(set(digests))}): different weights, "
                              "config or code on different nodes?")
-        # Rank 0 claims the folder and sends (pending shards, or None with the error; the attempt id) to all.
-        claim: tuple[list[int] | None, str, str] = (None, "", "")
+        # Rank 0 claims the folder and sends (pending shards, or None with the error; the attempt id; the
+        # manifest's shards) to all.
+        claim: tuple[list[int] | None, str, str, dict[int, assign_mod.ShardEntry] | None] = (None, "", "", None)
         if ctx.is_main:
             attempt = uuid.uuid4().hex[:12]  # names this attempt's per-rank stats files
             try:
-                claim = (prepare_folder(cfg, out, fields, work), "", attempt)
+                if catalog is None:
+                    raise ValueError(catalog_error)
+                claim = (prepare_folder(cfg, out, fields, catalog), "", attempt, catalog)
             except ValueError as exc:
-                claim = (None, str(exc), attempt)
-        claimed, error, attempt = ctx.broadcast(claim)
-        if claimed is None:
+                claim = (None, str(exc), attempt, None)
+        claimed, error, attempt, catalog = ctx.broadcast(claim)
+        if claimed is None or catalog is None:
             raise ValueError(error)
         pending = claimed
         mine = assign_mod.assign(pending, ctx.rank, ctx.world_size)
+        work = assign_mod.read_shard_rows(manifest, mine, split=split, catalog=catalog)
         log.info("rank %d: %d of %d pending shards (%d in the manifest), %d threads, %s",
-                 ctx.rank, len(mine), len(pending), len(work), threads, device)
+                 ctx.rank, len(mine), len(pending), len(catalog), threads, device)
         progress: Progress | None = None
         if ctx.is_main and mine and not os.environ.get("IMGFEAT_NO_PROGRESS"):
             from tqdm import tqdm
@@ -106,6 +121,6 @@ def run_featurize(cfg: Config, manifest: str, out: str, split: str | None = None
         if progress is not None:
             progress.close()
         stats.wall_s = time.perf_counter() - t_start
-        return finish_run(ctx, cfg, out, work, digest, info, stats, computed=len(pending) > 0, attempt=attempt)
+        return finish_run(ctx, cfg, out, catalog, digest, info, stats, computed=len(pending) > 0, attempt=attempt)
     finally:
         shutdown(ctx)

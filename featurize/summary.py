@@ -29,11 +29,12 @@ def read_summary(folder: str) -> dict[str, Any] | None:
     return storage.read_json(storage.join(folder, shards.FEATURES_SUMMARY))
 
 
-def build_summary(cfg: Config, folder: str, work: dict[int, assign_mod.ShardWork], fingerprint: str, info: ModelInfo,
+def build_summary(cfg: Config, folder: str, work: assign_mod.ShardCatalog, fingerprint: str, info: ModelInfo,
                   per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     """The summary payload from the committed markers and the ranks' stats of this run (``per_rank``: the
     ``RankStats`` records of ``finish_run``, as read back from JSON)."""
-    markers = {s: m for s, m in shards.list_markers(folder).items() if s in {w.stem for w in work.values()}}
+    stems = {w.stem for w in work.values()}
+    markers = {s: m for s, m in shards.list_markers(folder).items() if s in stems}
     rows = sum(int(m["rows"]) for m in markers.values())
     rejects = sum(int(m["rejects"]) for m in markers.values())
     reasons: Counter[str] = Counter()
@@ -80,8 +81,12 @@ STATS_DIR = "_stats"
 """Per-rank stats files of each attempt, ``FEAT/_stats/ATTEMPT-rankN.json``."""
 
 
-def _all_committed(folder: str, work: dict[int, assign_mod.ShardWork], fingerprint: str) -> bool:
-    """Every manifest shard has a marker of this run with the manifest's members (files checked by size)."""
+def _all_committed(folder: str, work: assign_mod.ShardCatalog, fingerprint: str) -> bool:
+    """Every manifest shard has a marker of this run with the manifest's members, its files of the sizes it
+    records. One listing first: while markers are missing (ranks still computing) none is read."""
+    sizes = shards.folder_sizes(folder)
+    if any(w.stem + shards.MARKER_SUFFIX not in sizes for w in work.values()):
+        return False
     markers = shards.list_markers(folder)
     for w in work.values():
         m = markers.get(w.stem)
@@ -89,13 +94,13 @@ def _all_committed(folder: str, work: dict[int, assign_mod.ShardWork], fingerpri
             return False
     try:
         for w in work.values():
-            shards.verify_shard(folder, w.stem, markers[w.stem], checksums=False)
+            shards.check_sizes(folder, w.stem, markers[w.stem], sizes)
     except shards.ShardVerificationError:
         return False
     return True
 
 
-def finish_run(ctx: DistContext, cfg: Config, folder: str, work: dict[int, assign_mod.ShardWork], fingerprint: str,
+def finish_run(ctx: DistContext, cfg: Config, folder: str, work: assign_mod.ShardCatalog, fingerprint: str,
                info: ModelInfo, stats: RankStats, computed: bool, attempt: str) -> dict[str, Any] | None:
     """Record this rank's stats; whichever rank finds every shard committed writes the summary (no collective:
     ranks that finish early do not wait on the slow ones). Returns the summary when this rank wrote or kept it."""

@@ -305,7 +305,7 @@ def test_spark_listing_gives_the_same_manifest(spark, messy_tree, messy_manifest
 
 
 def test_parallel_write_path_gives_the_same_rows(spark, messy_tree, messy_manifest, tmp_path, monkeypatch):
-    """Above ONE_TASK_ROWS the manifest is written by one task per checked file: same rows, same summary."""
+    """Above ONE_TASK_ROWS the manifest is organized and written on Spark: same rows, same summary, same index."""
     from imgfeat.metadata.manifest import job as manifest_job
 
     root, _ = messy_tree
@@ -315,7 +315,11 @@ def test_parallel_write_path_gives_the_same_rows(spark, messy_tree, messy_manife
     again = manifest_job.run_manifest(cfg, [str(root)], str(tmp_path / "out"))
     got = read_manifest(str(tmp_path / "out")).to_pylist()
     assert sorted(got, key=lambda r: r["path"]) == sorted(rows, key=lambda r: r["path"])
-    assert len(list((tmp_path / "out" / "manifest").glob("*.parquet"))) == 2  # one file per check task
+    from imgfeat.metadata.contracts.shard_index import read_shard_index, shard_rows
+
+    index = read_shard_index(str(tmp_path / "out")).select(["shard", "rows", "members"])
+    assert index.to_pylist() == shard_rows(read_manifest(str(tmp_path / "out"))).to_pylist()
+    assert index.num_rows == len({r["shard"] for r in rows if r["status"] == "ok"})
     skip = ("timings", "files_per_s", "version")
     assert {k: v for k, v in again.items() if k not in skip} == {k: v for k, v in summary.items() if k not in skip}
 

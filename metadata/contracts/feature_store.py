@@ -14,6 +14,7 @@ Pure Python + numpy/h5py; used by featurize (writer), pca (reader on executors) 
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from collections.abc import Sequence
@@ -90,25 +91,40 @@ def write_feature_shard(
     return shards.write_marker(folder, stem, names, payload)
 
 
-def _load_npy(fs: fsspec.AbstractFileSystem, path: str) -> np.ndarray:
-    if isinstance(fs, LocalFileSystem):
+def _load_npy(fs: fsspec.AbstractFileSystem, path: str | io.BytesIO) -> np.ndarray:
+    """An ``.npy`` array from a path on ``fs`` or from bytes already read."""
+    if isinstance(path, io.BytesIO) or isinstance(fs, LocalFileSystem):
         return np.load(path, allow_pickle=False)
     return np.load(io.BytesIO(fs.cat_file(path)), allow_pickle=False)
 
 
-def read_feature_shard(folder: str, stem: str, marker: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(image_ids [n] str, features [n, d]) of one committed shard, as its marker describes it."""
+def read_feature_shard(folder: str, stem: str, marker: dict[str, Any], verify: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(image_ids [n] str, features [n, d]) of one committed shard, as its marker describes it.
+
+    ``verify``: check every file the marker lists (size and sha256): the data files on the very bytes that
+    are parsed (one read), the others (rejects) by themselves; ``ShardVerificationError`` names the file."""
     fs, _ = fsspec.core.url_to_fs(folder)
+    expected: dict[str, Any] = dict(marker.get("files", {})) if verify else {}
+
+    def load(name: str) -> Any:
+        """A file to parse: its verified bytes (``verify``), else a path or the bytes (remote)."""
+        if verify:
+            return io.BytesIO(shards.read_verified(folder, name, expected.pop(name, None)))
+        return fsspec.core.url_to_fs(storage.join(folder, name))[1]
+
     if marker["format"] == "npy":
-        feats = _load_npy(fs, fsspec.core.url_to_fs(storage.join(folder, shards.FEATURES_NPY.format(stem=stem)))[1])
-        ids = _load_npy(fs, fsspec.core.url_to_fs(storage.join(folder, shards.IDS_NPY.format(stem=stem)))[1])
+        feats = _load_npy(fs, load(shards.FEATURES_NPY.format(stem=stem)))
+        ids = _load_npy(fs, load(shards.IDS_NPY.format(stem=stem)))
     else:
         import h5py
 
-        with fs.open(fsspec.core.url_to_fs(storage.join(folder, shards.FEATURES_H5.format(stem=stem)))[1], "rb") as fh:
+        src = load(shards.FEATURES_H5.format(stem=stem))
+        with (contextlib.nullcontext(src) if verify else fs.open(src, "rb")) as fh:
             with h5py.File(fh, "r") as h5:
                 feats = h5["features"][...]
                 ids = h5["image_id"][...].astype(ID_DTYPE)
+    for name, expect in expected.items():  # the files not parsed here (rejects)
+        shards.verify_file(folder, name, expect)
     if feats.shape[0] != marker["rows"] or ids.shape[0] != marker["rows"]:
         raise shards.ShardVerificationError(
             f"{storage.join(folder, stem)}: {feats.shape[0]} rows on disk, marker says {marker['rows']}"
@@ -152,13 +168,15 @@ def committed_shards(folder: str, verify: bool = True) -> dict[str, dict[str, An
 
 
 def read_features(folder: str, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """All committed shards of ``folder`` as ``(image_ids, matrix)``, in shard order."""
-    markers = committed_shards(folder, verify=verify)
+    """All committed shards of ``folder`` as ``(image_ids, matrix)``, in shard order.
+
+    ``verify``: every file is checked against its marker (size and sha256) as it is read."""
+    markers = committed_shards(folder, verify=False)
     if not markers:
         raise ValueError(f"{folder}: no committed feature shards (no part-*.done.json markers)")
     ids, feats = [], []
     for stem in sorted(markers):
-        i, f = read_feature_shard(folder, stem, markers[stem])
+        i, f = read_feature_shard(folder, stem, markers[stem], verify=verify)
         ids.append(i)
         feats.append(f)
     return np.concatenate(ids), np.concatenate(feats)

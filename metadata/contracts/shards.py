@@ -11,11 +11,13 @@ fsspec; no Spark, no torch.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from imgfeat.metadata.contracts.hooks import fault_point
 from imgfeat.metadata.storage import TMP_TAG, join, read_json, write_json_atomic
@@ -23,6 +25,8 @@ from imgfeat.metadata.storage import TMP_TAG, join, read_json, write_json_atomic
 MARKER_SUFFIX = ".done.json"
 REJECTS_SUFFIX = ".rejects.json"
 RUN_FILE = "_run.json"
+MARKER_FETCH_THREADS = 16
+"""Markers fetched at once from an object store (``list_markers``)."""
 
 # Feature shards (featurize): npy pair or one HDF5 file per shard.
 FEATURES_NPY = "{stem}.features.npy"
@@ -84,40 +88,115 @@ class ShardVerificationError(ValueError):
     """A committed shard does not match its marker."""
 
 
+def _mismatch(folder: str, name: str, size: int, expect: dict[str, Any]) -> ShardVerificationError:
+    return ShardVerificationError(
+        f"{join(folder, name)}: does not match its marker (bytes {size} vs {expect['bytes']}, sha256 differs)")
+
+
+def verify_file(folder: str, name: str, expect: dict[str, Any], checksums: bool = True) -> None:
+    """Check one file of a shard against its marker entry ``expect`` (``bytes``, ``sha256``); the error names it."""
+    fs, _ = fsspec.core.url_to_fs(folder)
+    path = fsspec.core.url_to_fs(join(folder, name))[1]
+    if not fs.exists(path):
+        raise ShardVerificationError(f"{join(folder, name)}: missing, but its marker lists it")
+    if checksums:
+        size, digest = file_digest(fs, path)
+        if size != expect["bytes"] or digest != expect["sha256"]:
+            raise _mismatch(folder, name, size, expect)
+    elif fs.size(path) != expect["bytes"]:
+        raise ShardVerificationError(f"{join(folder, name)}: size {fs.size(path)} differs from its marker {expect['bytes']}")
+
+
+def read_verified(folder: str, name: str, expect: dict[str, Any] | None) -> bytes:
+    """The bytes of one shard file, checked (size and sha256) against its marker entry ``expect`` as they are
+    read: one pass over the file. ``expect`` None: read unchecked."""
+    fs, _ = fsspec.core.url_to_fs(folder)
+    try:
+        data = fs.cat_file(fsspec.core.url_to_fs(join(folder, name))[1])
+    except FileNotFoundError:
+        raise ShardVerificationError(f"{join(folder, name)}: missing, but its marker lists it") from None
+    if expect is not None and (len(data) != expect["bytes"] or hashlib.sha256(data).hexdigest() != expect["sha256"]):
+        raise _mismatch(folder, name, len(data), expect)
+    return bytes(data)
+
+
 def verify_shard(folder: str, stem: str, marker: dict[str, Any] | None = None, checksums: bool = True) -> dict[str, Any]:
     """Check that every file the marker names exists with its size (and sha256); return the marker."""
     marker = marker if marker is not None else read_marker(folder, stem)
     if marker is None:
         raise ShardVerificationError(f"{join(folder, stem)}: no marker {stem + MARKER_SUFFIX} (shard not committed)")
-    fs, _ = fsspec.core.url_to_fs(folder)
     for name, expect in marker.get("files", {}).items():
-        path = fsspec.core.url_to_fs(join(folder, name))[1]
-        if not fs.exists(path):
-            raise ShardVerificationError(f"{join(folder, name)}: missing, but its marker lists it")
-        if checksums:
-            size, digest = file_digest(fs, path)
-            if size != expect["bytes"] or digest != expect["sha256"]:
-                raise ShardVerificationError(
-                    f"{join(folder, name)}: does not match its marker (bytes {size} vs {expect['bytes']}, sha256 differs)"
-                )
-        elif fs.size(path) != expect["bytes"]:
-            raise ShardVerificationError(f"{join(folder, name)}: size {fs.size(path)} differs from its marker {expect['bytes']}")
+        verify_file(folder, name, expect, checksums)
     return marker
 
 
-def list_markers(folder: str) -> dict[str, dict[str, Any]]:
-    """All valid markers in ``folder`` by stem (unreadable markers are left out)."""
+def folder_sizes(folder: str) -> dict[str, int]:
+    """Every file directly in ``folder`` by name, with its size: one listing, no file opened."""
     fs, path = fsspec.core.url_to_fs(folder)
+    fs.invalidate_cache(path)
     if not fs.exists(path):
         return {}
     out = {}
-    for entry in sorted(fs.ls(path, detail=False)):
-        name = entry.rsplit("/", 1)[-1]
-        if name.startswith("part-") and name.endswith(MARKER_SUFFIX):
-            marker = read_json(join(folder, name))
-            if marker is not None:
-                out[name[: -len(MARKER_SUFFIX)]] = marker
+    for info in fs.ls(path, detail=True):
+        if info.get("type", "file") == "file":
+            out[str(info["name"]).rstrip("/").rsplit("/", 1)[-1]] = int(info.get("size") or 0)
     return out
+
+
+def check_sizes(folder: str, stem: str, marker: Mapping[str, Any], sizes: Mapping[str, int]) -> None:
+    """Check that every file the marker names is in the listing ``sizes`` (``folder_sizes``) with the size it
+    records: what a restart checks (O(1) per shard, no file read). Raises ``ShardVerificationError``."""
+    for name, expect in marker.get("files", {}).items():
+        if name not in sizes:
+            raise ShardVerificationError(f"{join(folder, name)}: missing, but its marker lists it")
+        if sizes[name] != expect["bytes"]:
+            raise ShardVerificationError(f"{join(folder, name)}: size {sizes[name]} differs from its marker {expect['bytes']}")
+
+
+def list_markers(folder: str) -> dict[str, dict[str, Any]]:
+    """All valid markers in ``folder`` by stem (unreadable markers are left out). One listing; the markers
+    are fetched together (concurrently on object stores)."""
+    fs, path = fsspec.core.url_to_fs(folder)
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return {}
+    paths = {}
+    for entry in sorted(fs.ls(path, detail=False)):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("part-") and name.endswith(MARKER_SUFFIX):
+            paths[entry] = name[: -len(MARKER_SUFFIX)]
+    if not paths:
+        return {}
+    blobs = _fetch_all(fs, list(paths))
+    out = {}
+    for entry, stem in paths.items():
+        blob = blobs.get(entry)
+        if blob is None:
+            continue
+        try:
+            marker = json.loads(blob.decode())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(marker, dict):
+            out[stem] = marker
+    return out
+
+
+def _fetch_all(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes | None]:
+    """The bytes of each of ``paths`` (None where it cannot be read): in turn locally, by a few threads on
+    remote stores, where each read is a request."""
+    def fetch(p: str) -> bytes | None:
+        try:
+            return bytes(fs.cat_file(p))
+        except (FileNotFoundError, OSError):
+            return None
+
+    if isinstance(fs, LocalFileSystem) or len(paths) < 2:
+        return {p: fetch(p) for p in paths}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(MARKER_FETCH_THREADS, len(paths))) as pool:
+        return dict(zip(paths, pool.map(fetch, paths)))
 
 
 def clean_stale_temporaries(folder: str) -> list[str]:

@@ -19,6 +19,7 @@ import zlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -114,6 +115,7 @@ def write_listing(entries: list[Entry], url: str, files: int) -> dict[str, Any]:
              "raw_path": raw})
     names = []
     for i, rows in enumerate(parts):
+        rows.sort(key=lambda r: r["path"])  # folder by folder: reads go in disk order
         if rows or i == 0:  # keep the schema readable even when nothing was found
             names.append(f"part-{i:05d}{PARQUET_SUFFIX}")
             with staged_file(join(url, names[-1])) as tmp:
@@ -127,6 +129,15 @@ def listed_entry(item: dict[str, Any]) -> Entry:
     raw = item.get("raw_path")
     path = bytes(raw).decode("utf-8", "surrogateescape") if raw is not None else item["path"]
     return Entry(item["root"], path, item["size"], item["mtime"], item["error"])
+
+
+def listed_batches(file_batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """In a task: batches of listed-file URLs (one column) to the LISTED_SCHEMA batches in those files."""
+    for batch in file_batches:
+        for url in batch.column(0).to_pylist():
+            fs, path = fsspec.core.url_to_fs(url)
+            with fs.open(path, "rb") as fh:
+                yield from pq.ParquetFile(fh).iter_batches(batch_size=_BATCH_ROWS)
 
 
 def listed_files(spark: SparkSession, listing: dict[str, Any], tasks: int) -> DataFrame:

@@ -6,10 +6,10 @@
    join: no task reads the whole previous manifest), are shuffled over the tasks by path. Each task
    reads each of its files once (sha256, header sniff, optional decode), labels it and writes its
    rows as Parquet; only file names and row counts come back. Unchanged files keep their row unread.
-3. organize: one task reads the checked rows (narrow columns only, never bytes), finds duplicates,
-   splits and shards (``imgfeat.metadata.manifest.organize``), writes the summary counts, and writes the manifest as
-   one file sorted by path. Above ``ONE_TASK_ROWS`` rows it writes per-file plans instead and a third
-   job writes one manifest file per checked file in parallel.
+3. organize: duplicates, splits and shards (``manifest.organize``). Up to ``ONE_TASK_ROWS`` rows one
+   task does it with pyarrow and writes the manifest as one file; above, Spark's shuffles and sorts
+   (``manifest.organize_spark``: the same manifest, no task holds more than its share). Either way the
+   manifest is clustered by shard, and the shard index (``contracts.shard_index``) is written beside it.
 
 The driver sees SRC names, folder names, file names of the work datasets, label names and counts.
 Every file found is exactly one row.
@@ -30,11 +30,26 @@ import pyarrow.parquet as pq
 
 from imgfeat.metadata.config import Config, ManifestConfig, dump_toml
 from imgfeat.metadata.contracts.schema import CONFIG_FILE, MANIFEST_SCHEMA, SUMMARY_FILE
+from imgfeat.metadata.contracts.shard_index import (
+    build_shard_index,
+    dataset_data_files,
+    index_url,
+    shard_rows,
+    write_shard_index,
+)
 from imgfeat.metadata.manifest import labels as labels_mod
 from imgfeat.metadata.manifest import organize as org
 from imgfeat.metadata.manifest.checks import check_entry, prefetched
-from imgfeat.metadata.manifest.discover import list_on_spark, listed_entry, listed_files, walk_small_local, write_listing
+from imgfeat.metadata.manifest.discover import (
+    list_on_spark,
+    listed_batches,
+    listed_entry,
+    listed_files,
+    walk_small_local,
+    write_listing,
+)
 from imgfeat.metadata.manifest.listing import Entry, check_source
+from imgfeat.metadata.manifest.organize_spark import ROW_GROUP_ROWS, organize_on_spark
 from imgfeat.metadata.manifest.row_guard import failed_row, to_record_batch
 from imgfeat.metadata.manifest.store import (
     current_version,
@@ -64,6 +79,7 @@ ONE_TASK_ROWS = 500_000
 
 _BATCH_ROWS = 4096
 _ORGANIZED = "organized.json"
+_INDEX_ROWS = "index_rows.parquet"
 
 
 def _labeller(mc: ManifestConfig) -> Callable[[dict[str, Any]], None]:
@@ -196,16 +212,11 @@ def _read_parts(files: list[str], columns: list[str] | None = None) -> list[pa.T
     return tables
 
 
-def _plan_url(work: str, i: int) -> str:
-    return join(work, f"plan/part-{i:05d}.parquet")
-
-
-def _make_organizer(cfg: Config, files: list[str], work: str, previous: str | None, previous_rows: int,
-                    write_manifest: bool):
-    """The organize task (one): duplicates, splits, shards and counts over all checked rows.
-
-    With ``write_manifest`` it yields the whole manifest (sorted by path); else it writes one plan file
-    per checked file for the write tasks. The counts go to ``work/organized.json`` either way."""
+def _make_organizer(cfg: Config, files: list[str], work: str, previous: str | None, previous_rows: int):
+    """The organize task (one, up to ``ONE_TASK_ROWS`` rows): duplicates, splits, shards and counts over
+    all checked rows; yields the whole manifest sorted by (shard, path), rows without a shard last, so a
+    featurize rank's shard filter skips the other row groups. The counts go to ``work/organized.json``
+    and the shard index rows to ``work/index_rows.parquet``."""
     mc = cfg.manifest
     ratios, seed, per_shard = dict(mc.split_ratios), mc.split_seed, mc.rows_per_shard
 
@@ -216,31 +227,17 @@ def _make_organizer(cfg: Config, files: list[str], work: str, previous: str | No
         if previous is not None:
             top = pc.max(pa.concat_tables(_read_parts(dataset_files(previous), ["shard"]))["shard"]).as_py()
             base = 0 if top is None else top + 1
-        parts = _read_parts(files, None if write_manifest else org.NARROW_COLUMNS)
+        parts = _read_parts(files)
         plans, counts = org.organize(parts, ratios, seed, per_shard, base, previous_rows)
         write_json_atomic(join(work, _ORGANIZED), counts)
-        if write_manifest:
-            names = counts["label_names"]
-            table = pa.concat_tables([org.finish(t, p, names, MANIFEST_SCHEMA) for t, p in zip(parts, plans)])
-            yield from table.sort_by("path").to_batches(max_chunksize=65536)
-            return
-        for i, plan in enumerate(plans):
-            with staged_file(_plan_url(work, i)) as tmp:
-                pq.write_table(plan, tmp)
+        names = counts["label_names"]
+        table = pa.concat_tables([org.finish(t, p, names, MANIFEST_SCHEMA) for t, p in zip(parts, plans)])
+        with staged_file(join(work, _INDEX_ROWS)) as tmp:
+            pq.write_table(shard_rows(table), tmp)
+        table = table.sort_by([("shard", "ascending"), ("path", "ascending")], null_placement="at_end")
+        yield from table.to_batches(max_chunksize=ROW_GROUP_ROWS)
 
     return organize
-
-
-def _make_finisher(files: list[str], work: str, label_names: list[str]):
-    """The write task: for each checked file index, its manifest rows (the checked rows with their plan)."""
-
-    def finish(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            for i in batch.column(0).to_pylist():
-                checked, plan = _read_parts([files[i], _plan_url(work, i)])
-                yield from org.finish(checked, plan, label_names, MANIFEST_SCHEMA).to_batches(max_chunksize=65536)
-
-    return finish
 
 
 def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None = None,
@@ -281,35 +278,44 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
                         else list_on_spark(spark, roots, listed_url, slices))
         timings["list_s"] = time.perf_counter() - t1
         t1 = time.perf_counter()
-        entries = listed_files(spark, listing_info, slices)
-        if previous is not None:
-            before = read_parquet_dataset(spark, previous, num_partitions=slices)
-            entries = entries.join(before.select("path", F.struct(*before.columns).alias("prev")), "path", "left")
-        # The shuffle spreads the files over the tasks evenly, whatever folder listed them.
-        entries = entries.repartition(slices, "path").sortWithinPartitions("path")
-        checked = write_parquet_dataset(entries, join(work, "checked"), schema=CHECKED_SCHEMA,
-                                        transform=_make_checker(cfg))
+        checker = _make_checker(cfg)
+        if small is not None and previous is None:
+            # The driver split the files evenly over `slices` listed files: a task checks one, no shuffle.
+            names = dataset_files(listed_url)
+            entries = spark.sparkContext.parallelize([(f,) for f in names], len(names)).toDF("file string")
+            checked = write_parquet_dataset(entries, join(work, "checked"), schema=CHECKED_SCHEMA,
+                                            transform=lambda batches: checker(listed_batches(batches)))
+        else:
+            entries = listed_files(spark, listing_info, slices)
+            if previous is not None:
+                before = read_parquet_dataset(spark, previous, num_partitions=slices)
+                entries = entries.join(before.select("path", F.struct(*before.columns).alias("prev")), "path", "left")
+            # The shuffle spreads the files over the tasks evenly, whatever folder listed them.
+            entries = entries.repartition(slices, "path").sortWithinPartitions("path")
+            checked = write_parquet_dataset(entries, join(work, "checked"), schema=CHECKED_SCHEMA, transform=checker)
         files = [join(work, "checked/" + f) for f in checked["files"]]
         timings["check_s"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
         one_task = checked["rows"] <= ONE_TASK_ROWS
-        organizer = _make_organizer(cfg, files, work, previous, previous_rows, one_task)
-        single = spark.range(0, 1, 1, 1)
         if one_task:
-            write_parquet_dataset(single, staging, schema=MANIFEST_SCHEMA, transform=organizer)
+            organizer = _make_organizer(cfg, files, work, previous, previous_rows)
+            write_parquet_dataset(spark.range(0, 1, 1, 1), staging, schema=MANIFEST_SCHEMA, transform=organizer)
+            counts = read_json_required(join(work, _ORGANIZED))
         else:
-            single.mapInArrow(organizer, "x long").collect()
-        counts = read_json_required(join(work, _ORGANIZED))
-        if not one_task:
-            indices = spark.range(0, len(files), 1, min(len(files), slices))
-            write_parquet_dataset(indices, staging, schema=MANIFEST_SCHEMA,
-                                  transform=_make_finisher(files, work, counts["label_names"]))
+            counts = organize_on_spark(spark, files, staging, cfg, previous, previous_rows, partitions=slices)
         timings["organize_s"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
         published = previous is None or not _same_as_previous(out, previous, staging, files, counts, labels_sha)
-        if published:
+        if published:  # the shard index: featurize ranks read their own shards' rows by it
+            if one_task:  # the organize task computed it; the driver adds the one file name (O(shards) rows)
+                rows = _read_parts([join(work, _INDEX_ROWS)])[0]
+                data = dataset_data_files(staging)
+                names = pa.array([sorted(data)] * rows.num_rows, pa.list_(pa.string()))
+                write_shard_index(index_url(staging), rows.append_column("files", names), data)
+            else:
+                build_shard_index(spark, staging, slices)
             version = publish_manifest(out, staging, keep_history=incremental)
         else:  # a new version would only make the later stages redo their work on the same rows
             version = current_version(out)

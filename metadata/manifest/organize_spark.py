@@ -1,0 +1,378 @@
+"""The organize step (duplicates, splits, shards, summary counts) with Spark's distributed operations.
+
+The same rules and the same results as ``organize.organize`` + ``organize.finish`` (pyarrow, one task),
+computed so that no task and not the driver holds more than its share of the rows:
+
+* duplicates: ``groupBy(group key).agg(min(struct(path, ...)), max(path), count)`` over the ``ok`` rows
+  (the group key is the content hash; an ``ok`` row without one is its own group). The smallest path's
+  row is the original, and the aggregate row already carries the original's columns, so the aggregate
+  *is* the table of originals (one row per group);
+* splits: the originals without a folder split are sorted globally by (label, seeded hash, image_id,
+  content hash) and numbered in that order (``_numbered``: a range-partitioned sort, persisted, then
+  per-partition counts become offsets, as ``RDD.zipWithIndex`` does). Per label the driver gets its
+  count and its first number, so a row's rank within its label is its number minus that start; the
+  cut at the ratios is the same float arithmetic as ``organize.assign_splits``;
+* shards: the originals without a previous shard are numbered in (size descending with missing sizes
+  last, image_id, content hash) order; the number becomes the snake-dealt shard from ``base``. Rows with a
+  previous shard keep it. The numbered frames carry the originals' columns, so the per-group plan is a
+  union of projections (no join);
+* the manifest: the checked rows joined with their group's plan on the group key (split, shard for the
+  original, duplicate_of and the original's path for the others; other rows get a key no group has),
+  written sorted by (shard, path), rows without a shard last, in small row groups so that the ``shard``
+  statistics let a reader skip other shards.
+
+Shuffles: the group-by of the ok rows (hash, ``spark.sql.shuffle.partitions``), two range sorts of
+originals (each with Spark's sampling job), the join of the checked rows with the plan (hash, both
+sides), the range sort of the manifest rows; the count aggregates shuffle only partial counts. The
+checked files are read twice (narrow columns, persisted; every column for the write).
+
+Ties break exactly as in ``organize.py``: its sorts are stable over the originals taken in (content
+hash, path) order, so every sort key here ends with the content hash, which makes each order total and
+the numbering independent of how rows are partitioned. The driver holds counts per status, label, split,
+shard and sort partition, and the label names; never rows.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from imgfeat.metadata.config import Config
+from imgfeat.metadata.contracts.schema import MANIFEST_SCHEMA
+from imgfeat.metadata.manifest import organize as org
+from imgfeat.metadata.spark.parquet import conform_batch, read_parquet_dataset, write_parquet_dataset
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column, DataFrame, SparkSession
+
+ROW_GROUP_ROWS = 4096
+"""Rows per Parquet row group of the manifest written here (its ``shard`` statistics let readers skip)."""
+
+SORT_ROWS_PER_TASK = 2_000_000
+"""At least this many rows make one more range partition of each global sort (and one more manifest file)."""
+
+_NARROW_SCHEMA = pa.schema([
+    ("path", pa.string()), ("image_id", pa.string()), ("status", pa.string()), ("label", pa.string()),
+    ("folder_split", pa.string()), ("size_bytes", pa.int64()), ("content_hash", pa.string()),
+    ("_pshard", pa.int32()), ("_kept", pa.bool_()), ("_prev", pa.bool_()),
+])
+_NARROW_OUT = _NARROW_SCHEMA.append(pa.field("_h", pa.int64()))
+_NARROW_DDL = ("path string, image_id string, status string, label string, folder_split string, size_bytes long, "
+               "content_hash string, _pshard int, _kept boolean, _prev boolean, _h long")
+assert _NARROW_SCHEMA.names == org.NARROW_COLUMNS
+
+_SIGN = np.uint64(1 << 63)
+_HEX16 = "^[0-9a-fA-F]{16}"
+
+
+def organize_on_spark(spark: SparkSession, checked_files: list[str], staging: str, cfg: Config,
+                      previous: str | None = None, previous_rows: int = 0, base: int | None = None,
+                      partitions: int | None = None) -> dict[str, Any]:
+    """Organize the checked rows in ``checked_files`` and write the manifest to ``staging``.
+
+    Writes a ``MANIFEST_SCHEMA`` Parquet dataset at ``staging`` (``write_parquet_dataset``: executors write
+    through fsspec, ``_SUCCESS`` last), rows sorted by (shard, path) with rows without a shard last, in row
+    groups of ``ROW_GROUP_ROWS``. Returns the counts ``organize.organize`` returns (the ``organized.json``
+    of the job). ``base``: the first free shard number (default: one past the largest shard of the
+    ``previous`` manifest, 0 without one); ``previous_rows``: rows of the previous manifest (for the removed
+    count); ``partitions``: tasks per stage (default ``[spark].partitions``, else the default parallelism).
+    """
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    if not checked_files:
+        raise ValueError("organize_on_spark: no checked files")
+    mc = cfg.manifest
+    n_part = max(1, partitions or cfg.spark.partitions or spark.sparkContext.defaultParallelism)
+    if base is None:
+        base = previous_base(spark, previous)
+    names = list(mc.split_ratios)
+    cum = np.cumsum([mc.split_ratios[k] for k in names])
+    persisted: list[DataFrame] = []
+
+    def keep(df: DataFrame) -> DataFrame:
+        df = df.persist(StorageLevel.MEMORY_AND_DISK)
+        persisted.append(df)
+        return df
+
+    try:
+        narrow = keep(_read_checked(spark, checked_files, n_part, mc.split_seed))
+        # Counts over every checked row: per (status, label), so O(statuses x labels) rows reach the driver.
+        per_status = narrow.groupBy("status", "label").agg(
+            F.count(F.lit(1)).alias("n"), F.min("path").alias("first"), F.sum("size_bytes").alias("bytes"),
+            F.sum(F.col("_kept").cast("long")).alias("kept"), F.sum(F.col("_prev").cast("long")).alias("prev"),
+            F.sum(F.when(~F.col("_kept") & ~F.col("_prev"), 1).otherwise(0)).alias("new"),
+        ).collect()
+        n_sort = max(n_part, math.ceil(sum(r["n"] for r in per_status) / SORT_ROWS_PER_TASK))
+
+        # Duplicates: one aggregate row per group of ok rows with the same bytes; its smallest path is the original.
+        ok = narrow.filter(_is_ok()).withColumn("_dkey", _group_key())
+        first = F.min(F.struct("path", "image_id", "label", "folder_split", "size_bytes", "_pshard", "_h"))
+        originals = keep(ok.groupBy("_dkey").agg(first.alias("f"), F.max("path").alias("_last"),
+                                                  F.count(F.lit(1)).alias("_n")).select("_dkey", "_last", "_n", "f.*"))
+        carry = ["_dkey", "_last", "_n", "path", "image_id", "label", "size_bytes", "_pshard"]
+
+        # Splits: the folder split, else the rank within the label in the seeded hash order, cut at the ratios.
+        with_split = originals.filter(F.col("folder_split").isNotNull()).select(*carry, F.col("folder_split").alias("split"))
+        need = originals.filter(F.col("folder_split").isNull()).select(
+            *carry, "_h", F.coalesce(F.col("label"), F.lit("\x00")).alias("_lkey"))
+        need = keep(_numbered(need, [F.col("_lkey"), F.col("_h"), F.col("image_id"), F.col("_dkey")], n_sort))
+        stats = need.groupBy("_p", "_lkey").agg(F.count(F.lit(1)).alias("n"), F.min("_local").alias("lo")).collect()
+        if stats:
+            offsets = _offsets([(r["_p"], r["n"]) for r in stats])
+            starts: dict[str, int] = {}
+            sizes: Counter = Counter()
+            for r in stats:
+                at = offsets[r["_p"]] + r["lo"]
+                starts[r["_lkey"]] = min(starts.get(r["_lkey"], at), at)
+                sizes[r["_lkey"]] += r["n"]
+            per_label = spark.createDataFrame([(k, starts[k], sizes[k]) for k in sorted(starts)],
+                                              "_lkey string, _start long, _cnt long")
+            rank = _number(offsets) - F.col("_start")
+            frac = (rank.cast("double") + F.lit(0.5)) / F.col("_cnt").cast("double")
+            picked = sum((F.when(F.lit(float(c)) <= frac, 1).otherwise(0) for c in cum[:-1]), F.lit(0))
+            drawn = F.element_at(F.array(*[F.lit(s) for s in names]), picked + 1)
+            with_split = with_split.unionByName(
+                need.join(F.broadcast(per_label), "_lkey").select(*carry, drawn.alias("split")))
+
+        # Shards: originals without a previous shard, largest first, snake-dealt over new shards from base.
+        kept = with_split.filter(F.col("_pshard").isNotNull()).select("*", F.col("_pshard").alias("shard"))
+        fresh = with_split.filter(F.col("_pshard").isNull())
+        fresh = keep(_numbered(fresh, [F.col("size_bytes").desc_nulls_last(), F.col("image_id"), F.col("_dkey")], n_sort))
+        counts = [(r["_p"], r["n"]) for r in fresh.groupBy("_p").agg(F.count(F.lit(1)).alias("n")).collect()]
+        offsets = _offsets(counts)
+        num = max(math.ceil(sum(n for _, n in counts) / mc.rows_per_shard), 1)
+        number = _number(offsets)
+        pos = number % F.lit(num)
+        block = ((number - pos) / F.lit(num)).cast("long")  # exact: both are integers below 2**53
+        snake = F.when(block % 2 == 0, pos).otherwise(F.lit(num - 1) - pos) + F.lit(base)
+        plan = kept.unionByName(fresh.select(*carry, "split", snake.alias("shard")))
+        plan = plan.select("_dkey", "_n", "_last", "label", "size_bytes", "split", F.col("shard").cast("int"),
+                           F.col("path").alias("_first_path"), F.col("image_id").alias("_first_id"))
+
+        # One job for the per-(label, split) and the per-shard counts.
+        both = plan.groupingSets([["label", "split"], ["shard"]], "label", "split", "shard").agg(
+            F.grouping_id().alias("_g"), F.count(F.lit(1)).alias("n"), F.sum(F.col("_n") - 1).alias("dups"),
+            F.min(F.when(F.col("_n") > 1, F.col("_last"))).alias("dup_example"),
+            F.sum(F.coalesce("size_bytes", F.lit(0))).alias("bytes")).collect()
+        by_pair = [r for r in both if r["_g"] == 1]  # grouping_id: bit 0 set = shard not grouped
+        by_shard = [r for r in both if r["_g"] == 6]
+        counts_out = _summary(per_status, by_pair, by_shard, previous_rows)
+
+        _write_manifest(spark, checked_files, staging, plan, counts_out["label_names"], n_part, n_sort)
+        return counts_out
+    finally:
+        for df in persisted:
+            df.unpersist()
+
+
+def previous_base(spark: SparkSession, previous: str | None) -> int:
+    """The first free shard number after the manifest at ``previous`` (0 without one), found by a Spark job."""
+    from pyspark.sql import functions as F
+
+    if previous is None:
+        return 0
+    top = read_parquet_dataset(spark, previous, ["shard"]).agg(F.max("shard")).first()
+    return 0 if top is None or top[0] is None else int(top[0]) + 1
+
+
+def _is_ok() -> Column:
+    from pyspark.sql import functions as F
+
+    return F.coalesce(F.col("status") == "ok", F.lit(False))
+
+
+def _group_key() -> Column:
+    """The duplicate group of an ok row: its content hash (an ok row without one is a group of its own)."""
+    from pyspark.sql import functions as F
+
+    return F.coalesce(F.col("content_hash"), F.concat(F.lit("\x00"), F.col("path")))
+
+
+def _numbered(df: DataFrame, order: list[Column], partitions: int) -> DataFrame:
+    """``df`` sorted by ``order`` (a total order) into range partitions, with ``_p`` (the partition, in
+    order) and ``_local`` (the row's position in it). Persist it before use: the position of a row is then
+    ``offset(_p) + _local``, with the offsets from one count per partition over the same persisted rows
+    (a recomputed sort could sample other range bounds)."""
+    from pyspark.sql import functions as F
+
+    ranged = df.repartitionByRange(partitions, *order).sortWithinPartitions(*order)
+    part = F.spark_partition_id()
+    return ranged.select("*", part.alias("_p"),
+                         (F.monotonically_increasing_id() - F.shiftleft(part.cast("long"), 33)).alias("_local"))
+
+
+def _offsets(counts: list[tuple[int, int]]) -> dict[int, int]:
+    """The number of the first row of each partition, from (partition, rows) pairs (a partition may repeat)."""
+    per: Counter = Counter()
+    for p, n in counts:
+        per[p] += n
+    offsets, at = {}, 0
+    for p in sorted(per):
+        offsets[p] = at
+        at += per[p]
+    return offsets
+
+
+def _number(offsets: dict[int, int]) -> Column:
+    """The global position of a row of a ``_numbered`` frame."""
+    from pyspark.sql import functions as F
+
+    table = [offsets.get(p, 0) for p in range(max(offsets, default=0) + 1)]
+    return F.element_at(F.array(*[F.lit(v).cast("long") for v in table]), F.col("_p") + 1) + F.col("_local")
+
+
+def _summary(per_status: list[Any], by_pair: list[Any], by_shard: list[Any], previous_rows: int) -> dict[str, Any]:
+    """The counts of ``organize._summary`` from the aggregate rows (same keys, same values)."""
+    by_status: dict[str, int] = {}
+    examples: dict[str, str] = {}
+    firsts: dict[str, str] = {}
+    names: set[str] = set()
+    total = total_bytes = kept = prev = new = 0
+    for r in per_status:
+        by_status[r["status"]] = by_status.get(r["status"], 0) + r["n"]
+        firsts[r["status"]] = min(firsts.get(r["status"], r["first"]), r["first"])
+        if r["label"] is not None and r["status"] != "bad_label":
+            names.add(r["label"])
+        total += r["n"]
+        total_bytes += r["bytes"] or 0
+        kept += r["kept"] or 0
+        prev += r["prev"] or 0
+        new += r["new"] or 0
+    for status, path in firsts.items():
+        if status != "ok":
+            examples[status] = path
+    dups = sum(r["dups"] for r in by_pair)
+    if dups:
+        by_status["ok"] -= dups
+        if not by_status["ok"]:
+            del by_status["ok"]
+        by_status["duplicate"] = dups
+        examples["duplicate"] = min(r["dup_example"] for r in by_pair if r["dup_example"] is not None)
+    pairs: Counter = Counter()
+    for r in by_pair:
+        pairs[(str(r["label"]), str(r["split"]))] += r["n"]
+    by_label: Counter = Counter()
+    by_split: Counter = Counter()
+    by_label_split: dict[str, dict[str, int]] = {}
+    for (label, split), k in sorted(pairs.items()):
+        by_label[label] += k
+        by_split[split] += k
+        by_label_split.setdefault(label, {})[split] = k
+    rows = [r["n"] for r in by_shard]
+    nbytes = [r["bytes"] for r in by_shard]
+    return {
+        "total": total,
+        "by_status": dict(sorted(by_status.items())),
+        "by_label": dict(sorted(by_label.items())),
+        "by_split": dict(sorted(by_split.items())),
+        "by_label_split": dict(sorted(by_label_split.items())),
+        "example_by_status": dict(sorted(examples.items())),
+        "total_bytes": total_bytes,
+        "labels": len(names),
+        "label_names": sorted(names),
+        "shard_rows": {"min": min(rows, default=None), "max": max(rows, default=None)},
+        "shard_bytes": {"min": min(nbytes, default=None), "max": max(nbytes, default=None)},
+        "num_shards": len(by_shard),
+        "incremental": {"unchanged": kept, "new": new, "changed": total - kept - new,
+                        "removed": previous_rows - prev},
+    }
+
+
+def _write_manifest(spark: SparkSession, files: list[str], staging: str, plan: DataFrame, label_names: list[str],
+                    partitions: int, sort_partitions: int) -> None:
+    """Checked rows + their group's plan -> manifest rows, sorted by (shard, path), written to ``staging``."""
+    from pyspark.sql import functions as F
+
+    full = _read_checked(spark, files, partitions)
+    groups = plan.select("_dkey", "_first_path", "_first_id", "split", F.col("shard").alias("_shard"))
+    # Rows other than ok get a key no group has (spread by path, so no task gets all of them) and no plan.
+    key = F.when(_is_ok(), _group_key()).otherwise(F.concat(F.lit("\x01"), F.col("path")))
+    rows = full.withColumn("_dkey", key).join(groups, "_dkey", "left")
+    dup = F.coalesce(F.col("path") != F.col("_first_path"), F.lit(False))
+    rows = rows.select(
+        *[F.col(c) for c in full.columns if c not in ("status", "status_detail")],
+        "split", F.when(dup, F.lit(None)).otherwise(F.col("_shard")).cast("int").alias("shard"),
+        F.when(dup, F.col("_first_id")).alias("duplicate_of"),
+        F.when(dup, F.lit("duplicate")).otherwise(F.col("status")).alias("status"),
+        F.when(dup, F.concat(F.lit("same bytes as "), F.col("_first_path"))).otherwise(F.col("status_detail"))
+        .alias("status_detail"))
+    if label_names:
+        index = spark.createDataFrame(list(enumerate(label_names)), "_index int, label string")
+        rows = rows.join(F.broadcast(index), "label", "left")
+    else:
+        rows = rows.withColumn("_index", F.lit(None).cast("int"))
+    rows = rows.withColumn("label_index", F.when(F.col("status") == "bad_label", F.lit(None)).otherwise(F.col("_index"))
+                           .cast("int"))
+    order = [F.col("shard").asc_nulls_last(), F.col("path")]
+    rows = rows.select(*MANIFEST_SCHEMA.names).repartitionByRange(sort_partitions, *order).sortWithinPartitions(*order)
+    write_parquet_dataset(rows, staging, schema=MANIFEST_SCHEMA, transform=_row_groups)
+
+
+def _row_groups(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """The batches re-cut to ``ROW_GROUP_ROWS`` rows each (the writer makes one row group per batch)."""
+    pending: list[pa.RecordBatch] = []
+    held = 0
+    for batch in batches:
+        pending.append(batch)
+        held += batch.num_rows
+        if held >= ROW_GROUP_ROWS:
+            cut = pa.Table.from_batches(pending).combine_chunks().to_batches(max_chunksize=ROW_GROUP_ROWS)
+            done = held - held % ROW_GROUP_ROWS
+            yield from cut[: done // ROW_GROUP_ROWS]
+            pending = cut[done // ROW_GROUP_ROWS:]
+            held -= done
+    if held:
+        yield from pa.Table.from_batches(pending).combine_chunks().to_batches(max_chunksize=ROW_GROUP_ROWS)
+
+
+def _read_checked(spark: SparkSession, files: list[str], partitions: int, seed: str | None = None) -> DataFrame:
+    """The checked rows of ``files``, read by tasks with pyarrow over fsspec.
+
+    With ``seed``: the narrow columns (``organize.NARROW_COLUMNS``) plus ``_h``, the seeded hash order of
+    an ok row's content hash (``organize.hash_order``) as a signed long that sorts like the unsigned key.
+    Without: every column of the files."""
+    from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
+
+    if seed is None:
+        fs, first = fsspec.core.url_to_fs(files[0])
+        with fs.open(first, "rb") as fh:
+            file_schema = pq.read_schema(fh)
+        spark_schema: Any = from_arrow_schema(file_schema)
+        schema = to_arrow_schema(spark_schema)
+    else:
+        spark_schema, schema = _NARROW_DDL, _NARROW_SCHEMA
+    cols = list(schema.names)
+
+    def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            for url in batch.column(0).to_pylist():
+                fsys, path = fsspec.core.url_to_fs(url)
+                with fsys.open(path, "rb") as fh:
+                    for b in pq.ParquetFile(fh).iter_batches(batch_size=8192, columns=cols):
+                        b = conform_batch(b, schema)
+                        yield b if seed is None else _with_hash(b, seed)
+
+    n = max(1, min(len(files), partitions))
+    names = spark.sparkContext.parallelize([(f,) for f in files], n).toDF("file string")
+    return names.mapInArrow(read, spark_schema)
+
+
+def _with_hash(batch: pa.RecordBatch, seed: str) -> pa.RecordBatch:
+    ch = batch.column(batch.schema.get_field_index("content_hash"))
+    usable = pc.and_kleene(pc.equal(batch.column(batch.schema.get_field_index("status")), "ok"),
+                           pc.match_substring_regex(ch, _HEX16))
+    where = np.flatnonzero(pc.fill_null(usable, False).to_numpy(zero_copy_only=False))
+    keys = np.zeros(batch.num_rows, np.int64)
+    if len(where):
+        keys[where] = (org.hash_order(ch.take(pa.array(where)).to_pylist(), seed) ^ _SIGN).view(np.int64)
+    mask = np.ones(batch.num_rows, bool)
+    mask[where] = False
+    return pa.RecordBatch.from_arrays([*batch.columns, pa.array(keys, pa.int64(), mask=mask)], schema=_NARROW_OUT)
