@@ -37,41 +37,11 @@ import fsspec  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-from fsspec.implementations.local import LocalFileOpener, LocalFileSystem  # noqa: E402
 
+from bench.countfs import CountingFS  # noqa: E402
 from imgfeat.featurize import assign as assign_mod  # noqa: E402
 from imgfeat.metadata.contracts import feature_store, shard_index, shards  # noqa: E402
 from imgfeat.metadata.contracts.schema import MANIFEST_DIR, MANIFEST_SCHEMA, SUMMARY_FILE, manifest_path, read_manifest  # noqa: E402
-
-
-class _CountingOpener(LocalFileOpener):
-    def read(self, *args: Any) -> bytes:
-        data = super().read(*args)
-        CountingFS.bytes_read += len(data)
-        return data
-
-    def readinto(self, buf: Any) -> int:
-        n = super().readinto(buf)
-        CountingFS.bytes_read += n
-        return n
-
-
-class CountingFS(LocalFileSystem):
-    """The local filesystem as ``countfile://``, counting every byte read through it."""
-
-    protocol = "countfile"
-    bytes_read = 0
-
-    @classmethod
-    def _strip_protocol(cls, path: Any) -> str:
-        path = str(path)
-        return super()._strip_protocol(path[len("countfile://"):] if path.startswith("countfile://") else path)
-
-    def _open(self, path: str, mode: str = "rb", block_size: Any = None, **kwargs: Any) -> Any:
-        return _CountingOpener(self._strip_protocol(path), mode, fs=self, **kwargs)
-
-
-fsspec.register_implementation("countfile", CountingFS, clobber=True)
 
 
 def synthetic_manifest(out: Path, rows: int, per_shard: int, files: int, row_group: int) -> pa.Table:

@@ -7,13 +7,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
+from bench.countfs import CountingFS
 from imgfeat.featurize import assign as assign_mod
 from imgfeat.featurize import summary as summary_mod
 from imgfeat.featurize.fingerprint import digest
@@ -26,34 +26,6 @@ from imgfeat.verify import verify_run
 ROWS, PER_SHARD, FILES, ROW_GROUP = 12_000, 250, 4, 125
 
 
-class _CountingOpener(LocalFileOpener):
-    def read(self, *args: Any) -> bytes:
-        data = super().read(*args)
-        CountingFS.bytes_read += len(data)
-        return data
-
-    def readinto(self, buf: Any) -> int:
-        n = super().readinto(buf)
-        CountingFS.bytes_read += n
-        return n
-
-
-class CountingFS(LocalFileSystem):
-    """The local filesystem as ``countfile://``, counting the bytes read through it."""
-
-    protocol = "countfile"
-    bytes_read = 0
-
-    @classmethod
-    def _strip_protocol(cls, path: Any) -> str:
-        path = str(path)
-        return super()._strip_protocol(path[len("countfile://"):] if path.startswith("countfile://") else path)
-
-    def _open(self, path: str, mode: str = "rb", block_size: Any = None, **kwargs: Any) -> Any:
-        return _CountingOpener(self._strip_protocol(path), mode, fs=self, **kwargs)
-
-
-fsspec.register_implementation("countfile", CountingFS, clobber=True)
 
 
 def _rows(n: int, per_shard: int, seed: int = 0) -> pa.Table:

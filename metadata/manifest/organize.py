@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -169,13 +170,6 @@ def _summary(t: pa.Table, originals: pa.Table, splits: np.ndarray, shards: np.nd
     labelled = pc.and_(pc.is_valid(t["label"]), pc.not_equal(t["status"], "bad_label"))
     names = sorted(pc.unique(t["label"].filter(labelled)).to_pylist())
     pairs = Counter(zip((str(x) for x in originals["label"].to_pylist()), (str(s) for s in splits)))
-    by_label: Counter = Counter()
-    by_split: Counter = Counter()
-    by_label_split: dict[str, dict[str, int]] = {}
-    for (label, split), k in sorted(pairs.items()):
-        by_label[label] += k
-        by_split[split] += k
-        by_label_split.setdefault(label, {})[split] = k
     shard_rows = shard_bytes = None
     if len(shards):
         uniq, inv = np.unique(shards, return_inverse=True)
@@ -189,9 +183,7 @@ def _summary(t: pa.Table, originals: pa.Table, splits: np.ndarray, shards: np.nd
     return {
         "total": t.num_rows,
         "by_status": dict(sorted(by_status.items())),
-        "by_label": dict(sorted(by_label.items())),
-        "by_split": dict(sorted(by_split.items())),
-        "by_label_split": dict(sorted(by_label_split.items())),
+        **label_split_counts(pairs),
         "example_by_status": dict(sorted(examples.items())),
         "total_bytes": int(pc.sum(t["size_bytes"]).as_py() or 0),
         "labels": len(names),
@@ -202,6 +194,20 @@ def _summary(t: pa.Table, originals: pa.Table, splits: np.ndarray, shards: np.nd
         "incremental": {"unchanged": kept, "new": new, "changed": t.num_rows - kept - new,
                         "removed": previous_rows - prev},
     }
+
+
+def label_split_counts(pairs: Mapping[tuple[str, str], int]) -> dict[str, Any]:
+    """The summary's ``by_label``, ``by_split`` and ``by_label_split`` from the originals counted per
+    (label, split) pair (both organize paths count them so; labels and splits as text, ``"None"`` for none)."""
+    by_label: Counter = Counter()
+    by_split: Counter = Counter()
+    by_label_split: dict[str, dict[str, int]] = {}
+    for (label, split), k in sorted(pairs.items()):
+        by_label[label] += k
+        by_split[split] += k
+        by_label_split.setdefault(label, {})[split] = k
+    return {"by_label": dict(sorted(by_label.items())), "by_split": dict(sorted(by_split.items())),
+            "by_label_split": dict(sorted(by_label_split.items()))}
 
 
 def finish(checked: pa.Table, plan: pa.Table, label_names: list[str], schema: pa.Schema) -> pa.Table:

@@ -259,21 +259,12 @@ def _summary(per_status: list[Any], by_pair: list[Any], by_shard: list[Any], pre
     pairs: Counter = Counter()
     for r in by_pair:
         pairs[(str(r["label"]), str(r["split"]))] += r["n"]
-    by_label: Counter = Counter()
-    by_split: Counter = Counter()
-    by_label_split: dict[str, dict[str, int]] = {}
-    for (label, split), k in sorted(pairs.items()):
-        by_label[label] += k
-        by_split[split] += k
-        by_label_split.setdefault(label, {})[split] = k
     rows = [r["n"] for r in by_shard]
     nbytes = [r["bytes"] for r in by_shard]
     return {
         "total": total,
         "by_status": dict(sorted(by_status.items())),
-        "by_label": dict(sorted(by_label.items())),
-        "by_split": dict(sorted(by_split.items())),
-        "by_label_split": dict(sorted(by_label_split.items())),
+        **org.label_split_counts(pairs),
         "example_by_status": dict(sorted(examples.items())),
         "total_bytes": total_bytes,
         "labels": len(names),

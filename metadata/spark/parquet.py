@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import pyarrow as pa
@@ -27,6 +27,9 @@ import pyarrow.parquet as pq
 
 from imgfeat.metadata import storage
 from imgfeat.metadata.storage import SUCCESS_FILE
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ def _prune(url: str, keep: set[str]) -> list[str]:
 
 
 def write_parquet_dataset(
-    df: Any,
+    df: DataFrame,
     url: str,
     schema: pa.Schema | None = None,
     overwrite: bool = True,
@@ -181,11 +184,11 @@ class _Empty(Exception):
 
 
 def read_parquet_dataset(
-    spark: Any,
+    spark: SparkSession,
     url: str,
     columns: list[str] | None = None,
     num_partitions: int | None = None,
-) -> Any:
+) -> DataFrame:
     """A Spark DataFrame over the Parquet dataset at ``url``, read by tasks with pyarrow over fsspec.
 
     The driver reads only the listing and the first file's footer (for the schema).
