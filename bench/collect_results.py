@@ -6,7 +6,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = ("manifest", "manifest-realsize", "listing", "preprocess", "decode", "featurize", "featurize-scale", "incremental", "pca",
-         "reliability", "scale")
+         "reliability", "scale-run", "scale")
 
 
 def main() -> None:
