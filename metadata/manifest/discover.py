@@ -23,9 +23,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgfeat.metadata.manifest.listing import Entry, Unit, list_folder, list_unit
+from imgfeat.metadata.manifest.listing import Entry, list_folder
 from imgfeat.metadata.manifest.row_guard import storable_text
-from imgfeat.metadata.manifest.store import DRIVER_LISTING_MAX, ListingDigest
 from imgfeat.metadata.spark.parquet import PARQUET_SUFFIX, read_parquet_dataset, write_parquet_dataset
 from imgfeat.metadata.storage import SUCCESS_FILE, join, staged_file, write_bytes_atomic
 
@@ -81,26 +80,6 @@ def list_on_spark(spark: SparkSession, roots: list[str], url: str, tasks: int) -
         frontier = sorted((r["root"], bytes(r["raw_path"]) if r["raw_path"] is not None else r["path"].encode()) for r in found)
         log.info("listing depth %d: %d entries, %d subfolders", len(depths) - 1, written["rows"], len(frontier))
     return {"depths": depths, "entries": entries, "folders": folders}
-
-
-def walk_small_local(roots: list[str], limit: int = DRIVER_LISTING_MAX) -> tuple[list[Entry], str] | None:
-    """Small local sources walked by the driver: (entries, ``ListingDigest``), or None when a source is
-    remote or they hold more than ``limit`` entries (then Spark lists them).
-
-    Bounded by ``limit`` (100,000 entries, about 20 MB and a second of stat calls): at 60,000 files it saves
-    a Spark job per folder depth, and the digest tells an incremental rerun that nothing changed
-    without starting Spark."""
-    if not all(r.startswith("file://") for r in roots):
-        return None
-    digest = ListingDigest()
-    entries: list[Entry] = []
-    for root in roots:
-        for e in list_unit(Unit(root, root, True)):
-            if digest.count >= limit:
-                return None
-            digest.add(e)
-            entries.append(e)
-    return entries, digest.value()
 
 
 def write_listing(entries: list[Entry], url: str, files: int) -> dict[str, Any]:

@@ -45,7 +45,6 @@ from imgfeat.metadata.manifest.discover import (
     listed_batches,
     listed_entry,
     listed_files,
-    walk_small_local,
     write_listing,
 )
 from imgfeat.metadata.manifest.listing import Entry, check_source
@@ -58,6 +57,7 @@ from imgfeat.metadata.manifest.store import (
     publish_manifest,
     same_rows,
     staging_url,
+    walk_small_local,
 )
 from imgfeat.metadata.spark.parquet import dataset_files, read_parquet_dataset, write_parquet_dataset
 from imgfeat.metadata.spark.session import get_spark, num_tasks

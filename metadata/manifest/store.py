@@ -68,21 +68,30 @@ class ListingDigest:
         return f"{self.count}-{self.total:032x}"
 
 
-def listing_digest(roots: list[str], limit: int = DRIVER_LISTING_MAX) -> str | None:
-    """The ``ListingDigest`` of local ``roots``; None when a root is on an object store or the sources
-    hold more than ``limit`` files: listing at scale belongs to the Spark tasks, never to the driver.
+def walk_small_local(roots: list[str], limit: int = DRIVER_LISTING_MAX) -> tuple[list[Entry], str] | None:
+    """Small local sources walked by the driver: (entries, ``ListingDigest``), or None when a source is
+    remote or they hold more than ``limit`` entries (then Spark lists them).
 
-    Streams the walk: memory stays flat, and the cost is bounded by ``limit`` stat calls (about a second
-    per 100,000 local files)."""
+    Bounded by ``limit`` (100,000 entries, about 20 MB and a second of stat calls): at 60,000 files it saves
+    a Spark job per folder depth, and the digest tells an incremental rerun that nothing changed
+    without starting Spark."""
     if not all(r.startswith("file://") for r in roots):
         return None
     digest = ListingDigest()
+    entries: list[Entry] = []
     for root in roots:
         for e in list_unit(Unit(root, root, True)):
             if digest.count >= limit:
                 return None
             digest.add(e)
-    return digest.value()
+            entries.append(e)
+    return entries, digest.value()
+
+
+def listing_digest(roots: list[str], limit: int = DRIVER_LISTING_MAX) -> str | None:
+    """The ``ListingDigest`` of ``walk_small_local(roots, limit)``; None where Spark must list them."""
+    walked = walk_small_local(roots, limit)
+    return walked[1] if walked is not None else None
 
 
 def same_rows(a: str, b: str, paths: list[str]) -> bool:
