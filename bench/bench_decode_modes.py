@@ -127,6 +127,8 @@ def end_to_end(files: list[str], manifest: Path, tmp: Path, mode: str, tag: str)
     out = tmp / f"feat-{tag}"
     shutil.rmtree(out, ignore_errors=True)
     summary = run_featurize(cfg, str(manifest), str(out))
+    if summary is None:
+        raise RuntimeError("run_featurize returned no summary (not rank 0?)")
     t = summary["this_run"]
     ids, feats = read_features(str(out))
     by_id = dict(zip(ids.tolist(), feats))
@@ -242,7 +244,8 @@ def main() -> int:
     mb = sum(Path(p).stat().st_size for p in files) / 1e6
     print(f"{len(files)} photos, {mb:.0f} MB, shorter side {shorter.min()}..{shorter.max()}", flush=True)
 
-    refs, speeds = [], {m: {"decode": [], "e2e": []} for m in MODES}
+    refs = []
+    speeds: dict[str, dict[str, list[float]]] = {m: {"decode": [], "e2e": []} for m in MODES}
     feats: dict[str, np.ndarray] = {}
     for rep in range(args.repeats):
         refs.append(reference(files, args.batch_size))
@@ -286,11 +289,11 @@ def main() -> int:
     ]
     for mode in MODES:
         cos = cosines(feats[mode], ref)
-        dec, e2e = max(speeds[mode]["decode"]), max(speeds[mode]["e2e"])
+        dec, e2e_ips = max(speeds[mode]["decode"]), max(speeds[mode]["e2e"])
         sc = scale_counts[mode]
         lines.append(f"| `{mode}`{' (default)' if mode == 'safe' else ''} | {cos.min():.5f} | {cos.mean():.6f} | "
-                     f"{int((cos < 0.999).sum())} | {dec:.1f} | {dec / off_decode:.2f}x | {e2e:.1f} | "
-                     f"{e2e / off_e2e:.2f}x | {sc[1]}, {sc[2]}, {sc[4]}, {sc[8]} |")
+                     f"{int((cos < 0.999).sum())} | {dec:.1f} | {dec / off_decode:.2f}x | {e2e_ips:.1f} | "
+                     f"{e2e_ips / off_e2e:.2f}x | {sc[1]}, {sc[2]}, {sc[4]}, {sc[8]} |")
         print(f"{mode}: cosine min {cos.min():.5f} mean {cos.mean():.6f}", flush=True)
     lines.append(f"| torchvision's pipeline (PIL), the baseline | reference | | | {ref_decode:.1f} | "
                  f"{ref_decode / off_decode:.2f}x | {ref_e2e:.1f} (plain model, batches of {args.batch_size}, "

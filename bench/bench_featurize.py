@@ -79,7 +79,8 @@ class GpuSampler:
     """Mean GPU utilization (%) while running, from torch.cuda.utilization (NVML); None when unavailable."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.samples, self.stop = device, [], threading.Event()
+        self.device, self.stop = device, threading.Event()
+        self.samples: list[float] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -111,6 +112,8 @@ def end_to_end(cfg: Any, manifest: Path, tmp: Path, tag: str) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     with GpuSampler(resolve_device(cfg.featurize.device)) as gpu:
         summary = run_featurize(cfg, str(manifest), str(out))
+    if summary is None:
+        raise RuntimeError("run_featurize returned no summary (not rank 0?)")
     t = summary["this_run"]
     rank = t["per_rank"][0]
     return {"images": t["images"], "loop_s": t["loop_s"], "setup_s": rank["setup_s"], "ips": t["images"] / t["loop_s"],
@@ -171,7 +174,8 @@ def spark_baseline(manifest: Path, size: int, batch: int) -> dict[str, Any]:
     bc_state = sc.broadcast(state)  # the seeds broadcast the weights from the driver
     resize_shorter = round(size * 256 / 224)
 
-    @pandas_udf(ArrayType(FloatType()))
+    # pyspark's stubs lack the type-hint form (no functionType), which its docs recommend
+    @pandas_udf(ArrayType(FloatType()))  # type: ignore[call-overload]
     def featurize_udf(content_iter: Iterator[pd.Series]) -> Iterator[pd.Series]:
         import io
 
@@ -253,7 +257,8 @@ def main() -> int:
     os.environ["TORCH_HOME"] = str(tmp / "torch_home")
     manifest = make_manifest(tmp, args.images, args.rows_per_shard)
     load_before = os.getloadavg()
-    rows, notes = [], []
+    rows = []
+    notes: list[str] = []
     e2e_out = {}
     compare = [int(w) for w in args.compare_workers.split(",") if w.strip()] if args.num_workers is None else []
     policy_rows: list[tuple[str, dict[str, Any]]] = []

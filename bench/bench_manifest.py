@@ -55,18 +55,19 @@ def baseline(spark, src: Path, out: Path) -> float:
     from pyspark.sql import functions as F
     from pyspark.sql.functions import pandas_udf
 
-    @pandas_udf("struct<ok:boolean,width:int,height:int>")
+    # pyspark's stubs lack the type-hint form (no functionType), which its docs recommend
+    @pandas_udf("struct<ok:boolean,width:int,height:int>")  # type: ignore[call-overload]
     def pil_check(content: pd.Series) -> pd.DataFrame:
         import io
 
         from PIL import Image
 
-        rows = []
+        rows: list[tuple[bool, int | None, int | None]] = []
         for b in content:
             try:
                 with Image.open(io.BytesIO(b)) as im:
-                    im = im.convert("RGB")
-                    rows.append((True, im.width, im.height))
+                    rgb = im.convert("RGB")
+                    rows.append((True, rgb.width, rgb.height))
             except Exception:  # noqa: BLE001 - the seed caught everything
                 rows.append((False, None, None))
         return pd.DataFrame(rows, columns=["ok", "width", "height"])
@@ -164,8 +165,9 @@ def cpu_breakdown(data: Path, sample: int = 2000, reps: int = 5) -> list[tuple[s
     from PIL import Image
 
     from imgfeat.metadata.config import load_config
+    from imgfeat.metadata.contracts.cv2_env import decoder_cv2
     from imgfeat.metadata.contracts.sniff import DEFAULT_MAX_JPEG_SCANS, KNOWN_IMAGE_FORMATS, parse_header
-    from imgfeat.metadata.manifest.checks import _cv2, content_hash, decode_check, prefetched, read_bytes
+    from imgfeat.metadata.manifest.checks import content_hash, decode_check, prefetched, read_bytes
     from imgfeat.metadata.manifest.job import CHECKED_SCHEMA, _make_checker
     from imgfeat.metadata.manifest.listing import Unit, check_source, list_unit
     from imgfeat.metadata.spark.parquet import _partition_writer
@@ -221,7 +223,7 @@ def cpu_breakdown(data: Path, sample: int = 2000, reps: int = 5) -> list[tuple[s
     shutil.rmtree(out_dir, ignore_errors=True)
     rows.append(("baseline's decode: PIL open + convert RGB", cpu(
         lambda: [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs], sample, 3), "for reference"))
-    cv2 = _cv2(100_000_000)
+    cv2 = decoder_cv2(100_000_000)
     rows.append(("  cv2.imdecode full size, colour", cpu(
         lambda: [cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR) for b in blobs], sample, 3),
         "for reference"))
@@ -433,11 +435,11 @@ def main() -> None:
     goals = {"full": 10, "header": 30}
     lines.append("")
     for name, label, n, secs, _ in rows:
-        mode = name[name.find("(") + 1:-1] if name.startswith("imgfeat") else None
-        if mode in goals and label != "x1":
+        goal = name[name.find("(") + 1:-1] if name.startswith("imgfeat") else ""
+        if goal in goals and label != "x1":
             ratio = base[label] / secs
-            lines.append(f"Goal for `{mode}` on {label}: at least {goals[mode]}x the baseline; measured "
-                         f"{ratio:.1f}x: {'met' if ratio >= goals[mode] else 'NOT met'}.  ")
+            lines.append(f"Goal for `{goal}` on {label}: at least {goals[goal]}x the baseline; measured "
+                         f"{ratio:.1f}x: {'met' if ratio >= goals[goal] else 'NOT met'}.  ")
     lines += ["", "| data | files | driver Python max RSS (MB) | driver JVM used heap after GC (MB) |", "|---|---:|---:|---:|"]
     lines += [f"| {label} | {n} | {rss:.0f} | {heap:.0f} |" for label, n, rss, heap in mem]
     text = "\n".join(lines)

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -120,7 +121,7 @@ def sparkml(spark, man: str, feat: str, out: str, k: int) -> dict:
     feats = features_dataframe(spark, feat)
     mdf = read_parquet_dataset(spark, manifest_path(man), columns=["image_id", "path", "label", "label_index", "split"])
     vec = (feats.join(mdf, "image_id")
-           .select("image_id", "path", "label", "label_index", "split", array_to_vector("features").alias("v"))
+           .select("image_id", "path", "label", "label_index", "split", array_to_vector(F.col("features")).alias("v"))
            .persist(StorageLevel.MEMORY_AND_DISK))
     n = vec.count()
     read_s = time.perf_counter() - t0
@@ -129,7 +130,7 @@ def sparkml(spark, man: str, feat: str, out: str, k: int) -> dict:
     fit_s = time.perf_counter() - t
     t = time.perf_counter()
     res = model.transform(vec).select("image_id", "path", "label", "label_index", "split",
-                                      vector_to_array("p", "float32").alias("features_pca"))
+                                      vector_to_array(F.col("p"), "float32").alias("features_pca"))
     w = write_parquet_dataset(res, out, REDUCED_SCHEMA)
     write_s = time.perf_counter() - t
     vec.unpersist()
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ours(spark, wcfg, wman, wfeat, str(work / "warm-ours"))
     if not args.skip_sparkml:
         sparkml(spark, wman, wfeat, str(work / "warm-sparkml"), 4)
-    results: dict[str, dict] = {}
+    results: dict[str, Any] = {}  # a dict of figures per contender, and "load": (start, end)
     load0 = os.getloadavg()[0]
     print("ours ...", flush=True)
     runs = [ours(spark, cfg, man, feat, str(work / "red-ours")) for _ in range(max(1, args.repeats))]
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(args: argparse.Namespace, r: dict[str, dict], argv: list[str]) -> None:
+def report(args: argparse.Namespace, r: dict[str, Any], argv: list[str]) -> None:
     o = r["ours"]
     lines = [
         "# PCA stage benchmark",

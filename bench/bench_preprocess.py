@@ -23,6 +23,7 @@ file; the 100x100 run keeps that subsection when it rewrites the rest.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import platform
@@ -31,7 +32,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
@@ -104,7 +107,9 @@ def our_loader(rows: list[dict], size: int, workers: int, batch: int, mode: str 
     from imgfeat.preprocess.dataset import ManifestDataset
     from imgfeat.preprocess.loader import make_loader
 
-    cfg = PreprocessConfig(batch_size=batch) if mode is None else PreprocessConfig(batch_size=batch, reduced_decode=mode)
+    # A bool mode is an older config's (see reduced_decode_modes); PreprocessConfig still maps it, outside its str type.
+    cfg = (PreprocessConfig(batch_size=batch) if mode is None
+           else PreprocessConfig(batch_size=batch, reduced_decode=mode))  # type: ignore[arg-type]
     ds = ManifestDataset(rows, cfg, size=size, resize_shorter=256 if size == 224 else size)
     n = 0
     for images, idx, ok, _ in make_loader(ds, cfg, num_workers=workers, persistent_workers=False):
@@ -150,7 +155,8 @@ def pil_export(files: list[str], out: str, size: int, workers: int, batch: int, 
     import torch
 
     loader = torch.utils.data.DataLoader(pil_dataset(files, size, True), batch_size=batch, num_workers=workers)
-    buf, n, shard = [], 0, 0
+    buf: list[np.ndarray] = []
+    n, shard = 0, 0
 
     def flush() -> None:
         nonlocal buf, shard
@@ -339,7 +345,7 @@ def realsize_photos(args) -> list[str]:
     return realsize_photos(args)
 
 
-def reduced_decode_modes() -> tuple[list, object]:
+def reduced_decode_modes() -> tuple[list[str | bool], str | bool]:
     """(every value ``[preprocess] reduced_decode`` accepts, the default), whichever form the config has
     (a mode string such as off/safe/fast, or the older bool)."""
     import dataclasses
@@ -347,13 +353,15 @@ def reduced_decode_modes() -> tuple[list, object]:
     import imgfeat.metadata.config as mc
 
     default = {f.name: f for f in dataclasses.fields(mc.PreprocessConfig)}["reduced_decode"].default
+    if not isinstance(default, (str, bool)):
+        raise TypeError(f"PreprocessConfig.reduced_decode: expected a str or bool default, got {default!r}")
     if isinstance(default, bool):
         return [True, False], default
     declared = next((v for k, v in vars(mc).items() if "REDUCED" in k.upper() and isinstance(v, (tuple, list))), None)
     candidates = list(declared or ("off", "safe", "fast"))
     if default not in candidates:
         candidates.insert(0, default)
-    modes = []
+    modes: list[str | bool] = []
     for m in candidates:
         try:
             mc.PreprocessConfig(reduced_decode=m).validate()
@@ -514,10 +522,10 @@ def realsize_main(args) -> int:
     rounds: list[dict] = []
     for r in range(args.repeat):
         for size in sizes:
-            fns = {f"ours:{mode_name(m)}": (lambda m=m, size=size: our_loader(rows, size, w, args.batch, m))
-                   for m in modes}
-            fns["pil"] = lambda size=size: pil_loader(files, size, w, args.batch, False)
-            fns["pil8"] = lambda size=size: pil_loader(files, size, w, args.batch, True)
+            fns: dict[str, Callable[[], int]] = {
+                f"ours:{mode_name(m)}": functools.partial(our_loader, rows, size, w, args.batch, m) for m in modes}
+            fns["pil"] = functools.partial(pil_loader, files, size, w, args.batch, False)
+            fns["pil8"] = functools.partial(pil_loader, files, size, w, args.batch, True)
             for name, fn in fns.items():
                 rate = _pass_rates(fn, n)
                 rates.setdefault((name, size), []).append(rate)
@@ -527,7 +535,7 @@ def realsize_main(args) -> int:
         print(f"round {r + 1} breakdown done (load {load_now()})", flush=True)
     load_end = load_now()
     # Median over the rounds of each step's CPU seconds; the decoded scales are the same every round.
-    parts = {key: {k: (_median([rd[key][k] for rd in rounds]) if k != "scales" else v) for k, v in val.items()}
+    parts: dict[Any, dict[str, Any]] = {key: {k: (_median([rd[key][k] for rd in rounds]) if k != "scales" else v) for k, v in val.items()}
              for key, val in rounds[0].items()}
 
     def med(name: str, size: int, k: int) -> float:

@@ -27,6 +27,7 @@ import time
 import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
@@ -52,7 +53,7 @@ def measure_corpus(root: Path) -> dict:
     cfg, limits = PreprocessConfig(), DecodeConfig()
     decode_image((root / "a" / "good.jpg").read_bytes(), cfg, target=224)  # cv2 imported and warmed up
     base = rss_mb()
-    out = {"cases": len(cases), "pngsuite": sum(c.rel.startswith("pngsuite/") for c in cases), "by_status": Counter(),
+    out: dict[str, Any] = {"cases": len(cases), "pngsuite": sum(c.rel.startswith("pngsuite/") for c in cases), "by_status": Counter(),
            "decoded": 0, "agree": 0, "mismatches": [], "worst_sniff": (0.0, ""), "worst_decode": (0.0, ""),
            "rss_base": base, "rss_step": (0.0, "")}
     for c in cases:
@@ -94,7 +95,7 @@ def measure_corpus(root: Path) -> dict:
     return out
 
 
-def run_suites(tmp: Path) -> dict[str, dict[str, int]]:
+def run_suites(tmp: Path) -> dict[str, dict[str, float]]:
     """Run the reliability test files with pytest; collected, passed, skipped, failed per suite."""
     results = {}
     for name, pattern in SUITES.items():
@@ -102,8 +103,10 @@ def run_suites(tmp: Path) -> dict[str, dict[str, int]]:
         xml = tmp / f"{pattern.split('*')[0]}.xml"
         subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *files],
                        cwd=REPO, capture_output=True, text=True)
-        suite = ET.parse(xml).getroot()
-        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        root = ET.parse(xml).getroot()
+        suite = root if root.tag == "testsuite" else root.find("testsuite")
+        if suite is None:
+            raise RuntimeError(f"{xml}: no <testsuite> in pytest's JUnit XML")
         n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
         results[name] = {"files": len(files), "collected": n["tests"], "failed": n["failures"] + n["errors"],
                          "skipped": n["skipped"], "passed": n["tests"] - n["failures"] - n["errors"] - n["skipped"],

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,7 @@ def mobilenet_weights() -> Path:
 
 
 @pytest.fixture(scope="session")
-def torch_home(tmp_path_factory, mobilenet_weights) -> Path:
+def torch_home(tmp_path_factory, mobilenet_weights) -> Iterator[Path]:
     """A TORCH_HOME whose hub cache holds the MobileNetV2 weights, so torchvision loads them offline."""
     home = tmp_path_factory.mktemp("torch_home")
     ckpt = home / "hub" / "checkpoints"

@@ -40,7 +40,7 @@ def write_manifest(out: Path, files: list[dict[str, Any]], rows_per_shard: int =
     Each dict needs ``path`` and may give ``label``, ``split``, ``status``, ``shard``, ``width``, ``height``.
     """
     rows = []
-    labels = sorted({f.get("label") for f in files if f.get("label")})
+    labels = sorted({f["label"] for f in files if f.get("label")})
     ok_i = 0
     for f in files:
         uri = normalize_uri(str(f["path"]))

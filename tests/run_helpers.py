@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def pick_images(root: Path, split: str = "Training", per_class: int = 4, offset: int = 0) -> list[dict[str, str]]:
     """``per_class`` images of every class folder under ``root/split`` as manifest file dicts (path, label, split)."""
-    files = []
+    files: list[dict[str, str]] = []
     for cls in sorted(p for p in (root / split).iterdir() if p.is_dir()):
         images = sorted(cls.glob("*.jpg"))[offset : offset + per_class]
         files.extend({"path": str(p), "label": cls.name, "split": split.lower()} for p in images)

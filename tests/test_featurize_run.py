@@ -189,4 +189,4 @@ def test_s3_output_without_rename(s3_bucket, manifest, clean) -> None:
     assert len(before) == 3
     assert featurize_main(args) == 0
     assert {s: m["committed_at"] for s, m in shards.list_markers(feat).items()} == before
-    assert storage.read_json(storage.join(feat, shards.FEATURES_SUMMARY))["rows"] == 40
+    assert storage.read_json_required(storage.join(feat, shards.FEATURES_SUMMARY))["rows"] == 40

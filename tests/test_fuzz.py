@@ -159,6 +159,8 @@ def test_scan_count_and_cap(extra: int, cap: int) -> None:
     last = base.rfind(b"\xff\xda")
     data = base[:-2] + base[last:-2] * extra + b"\xff\xd9"
     scans = parse_header(data, max_scans=0).scans
-    assert scans == parse_header(base).scans + extra
+    base_scans = parse_header(base).scans
+    assert base_scans is not None
+    assert scans == base_scans + extra
     info = parse_header(data, max_scans=cap)
     assert info.status == ("too_large" if cap and scans > cap else "ok"), info

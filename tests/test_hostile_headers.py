@@ -104,7 +104,7 @@ _texts = st.one_of(st.text(max_size=20), st.just("bad\udcff\udcfename.jpg"))
 
 @st.composite
 def raw_rows(draw: st.DrawFn) -> tuple:
-    row = {n: None for n in _NAMES}
+    row: dict[str, object] = {n: None for n in _NAMES}
     row.update(image_id="0" * 32, path=draw(_texts) or "x", rel_path=draw(_texts), label=draw(_texts),
                status="ok", status_detail="", _kept=False, _prev=False, mtime=1.0, format="tiff")
     for name in _INT_FIELDS:

@@ -317,7 +317,9 @@ def test_parallel_write_path_gives_the_same_rows(spark, messy_tree, messy_manife
     assert sorted(got, key=lambda r: r["path"]) == sorted(rows, key=lambda r: r["path"])
     from imgfeat.metadata.contracts.shard_index import read_shard_index, shard_rows
 
-    index = read_shard_index(str(tmp_path / "out")).select(["shard", "rows", "members"])
+    index = read_shard_index(str(tmp_path / "out"))
+    assert index is not None
+    index = index.select(["shard", "rows", "members"])
     assert index.to_pylist() == shard_rows(read_manifest(str(tmp_path / "out"))).to_pylist()
     assert index.num_rows == len({r["shard"] for r in rows if r["status"] == "ok"})
     skip = ("timings", "files_per_s", "version")

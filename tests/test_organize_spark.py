@@ -38,7 +38,8 @@ def checked_rows(n: int, seed: int = 0, incremental: bool = False, prev_shards: 
     checks, sizes with many ties (and a few ok rows without a size); with ``incremental``, unchanged rows
     (``_kept``, their previous split and shard), changed rows (``_prev``, some with the same bytes) and new ones."""
     rng = np.random.default_rng(seed)
-    rows, hashes = [], []
+    rows: list[dict[str, Any]] = []
+    hashes: list[str] = []
     for i in range(n):
         li = rng.choice(len(LABELS) + 1, p=[0.6, 0.08, 0.08, 0.08, 0.06, 0.05, 0.05])
         label = LABELS[li] if li < len(LABELS) else None

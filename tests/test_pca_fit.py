@@ -27,6 +27,13 @@ def low_rank(n: int, d: int, spectrum: list[float], seed: int = 0, noise: float 
     return x.astype(np.float32)
 
 
+def load_moments(data: bytes) -> Moments:
+    """``load_accumulator`` for bytes that must hold Moments (not a CovProduct)."""
+    acc = load_accumulator(data)
+    assert isinstance(acc, Moments)
+    return acc
+
+
 def test_moments_merge_matches_direct() -> None:
     x = low_rank(500, 12, [5, 3, 1]).astype(np.float64)
     m = Moments()
@@ -46,13 +53,13 @@ def test_moments_merge_matches_direct() -> None:
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_common_shift_sums_merge_through_files(full: bool, dtype: type) -> None:
     """Task accumulators around one shift, written and read back as files, add up to the direct moments."""
-    x = low_rank(3000, 700, [9, 4, 2, 1], offset=50.0).astype(dtype)  # wide: the float32 product path
+    x: np.ndarray = low_rank(3000, 700, [9, 4, 2, 1], offset=50.0).astype(dtype)  # wide: the float32 product path
     shift = x[:100].astype(np.float64).mean(0)
     total = Moments.with_shift(shift, full=full)
     parts = np.array_split(x, 5)
     for part in [*parts, x[:0]]:  # an empty task too
         acc = Moments.with_shift(shift, full=full).add(part)
-        total.merge(load_accumulator(dump_accumulator(acc)))
+        total.merge(load_moments(dump_accumulator(acc)))
     assert total.n == 0 and total._n == 3000  # still plain sums: nothing settled before the end
     total.settle()
     x64 = x.astype(np.float64)
@@ -64,7 +71,7 @@ def test_common_shift_sums_merge_through_files(full: bool, dtype: type) -> None:
     np.testing.assert_allclose(total.m2, want, rtol=tol, atol=tol * float(np.abs(want).max()))
     # more rows after a merge keep accumulating around the same shift
     more = Moments.with_shift(shift, full=full).add(parts[0])
-    more.merge(load_accumulator(dump_accumulator(Moments.with_shift(shift, full=full).add(parts[1]))))
+    more.merge(load_moments(dump_accumulator(Moments.with_shift(shift, full=full).add(parts[1]))))
     more.add(parts[2]).settle()
     np.testing.assert_allclose(more.mean, np.concatenate(parts[:3]).astype(np.float64).mean(0), rtol=1e-9)
 

@@ -148,6 +148,7 @@ def test_corrupted_shard_is_refused_by_name(spark, tmp_path) -> None:
 def test_equals_spark_ml_and_sklearn(spark, tmp_path, standardize: bool) -> None:
     from pyspark.ml.feature import PCA, StandardScaler
     from pyspark.ml.functions import array_to_vector
+    from pyspark.sql import functions as F
     from sklearn.decomposition import PCA as SkPCA
 
     from imgfeat.metadata.pca.job import run_pca
@@ -159,7 +160,7 @@ def test_equals_spark_ml_and_sklearn(spark, tmp_path, standardize: bool) -> None
     ours = PcaModel.load(str(tmp_path / "red" / "pca_model.npz"))
     assert summary["fit_rows"] == 200
 
-    df = features_dataframe(spark, data["features"]).select(array_to_vector("features").alias("v"))
+    df = features_dataframe(spark, data["features"]).select(array_to_vector(F.col("features")).alias("v"))
     col = "v"
     if standardize:  # the seed's StandardScaler (withStd, no centering; PCA centers anyway)
         df = StandardScaler(inputCol="v", outputCol="s", withStd=True, withMean=False).fit(df).transform(df)
@@ -214,8 +215,8 @@ def test_apply_round_trip(spark, tmp_path) -> None:
     assert s["output_rows"] == 80
     applied = read_reduced(tmp_path / "app")
     assert applied.keys() == fitted.keys()
-    for i in fitted:
-        np.testing.assert_array_equal(applied[i], fitted[i])
+    for image_id in fitted:
+        np.testing.assert_array_equal(applied[image_id], fitted[image_id])
     new = low_rank(10, 16, seed=11)
     new_ids = [image_id_for(f"/new/{i}.jpg") for i in range(10)]
     feature_store.write_feature_shard(str(tmp_path / "newfeat"), 0, new_ids, new, [], "hdf5", "test")

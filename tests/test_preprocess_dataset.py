@@ -1,6 +1,7 @@
 """ManifestDataset, collate, the loader factory and crash containment."""
 from __future__ import annotations
 
+import functools
 import os
 import signal
 
@@ -182,6 +183,7 @@ def test_loader_workers_die_with_a_killed_parent(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path.parent), os.getcwd(), *sys.path]))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.stdout is not None
     worker = int(proc.stdout.readline())
     time.sleep(0.5)  # the child has asked for PR_SET_PDEATHSIG
     proc.kill()
@@ -193,4 +195,6 @@ def test_loader_workers_die_with_a_killed_parent(tmp_path):
     alive = os.path.exists(f"/proc/{worker}") and open(f"/proc/{worker}/stat").read().split(")")[-1].split()[0] != "Z"
     assert not alive, "the worker outlived its killed parent"
     loader = make_loader(ManifestDataset([], CFG), CFG, num_workers=1)
-    assert loader.worker_init_fn.keywords["parent"] == os.getpid()
+    init = loader.worker_init_fn
+    assert isinstance(init, functools.partial)
+    assert init.keywords["parent"] == os.getpid()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ def pil_bytes(img: Image.Image, fmt: str, **kw) -> bytes:
 
 
 def pil_rgb(data: bytes, transpose: bool = False) -> np.ndarray:
-    img = Image.open(io.BytesIO(data))
+    img: Image.Image = Image.open(io.BytesIO(data))
     if transpose:
         img = ImageOps.exif_transpose(img)
     return np.asarray(img.convert("RGB"))
@@ -149,7 +150,8 @@ def _oriented(orientation: int, fmt: str) -> bytes:
     img[20:, 40:] = (0, 0, 255)
     exif = Image.Exif()
     exif[0x0112] = orientation
-    kw = {"JPEG": {"quality": 95}, "WEBP": {"lossless": True}}.get(fmt, {})
+    by_fmt: dict[str, dict[str, Any]] = {"JPEG": {"quality": 95}, "WEBP": {"lossless": True}}
+    kw = by_fmt.get(fmt, {})
     return pil_bytes(Image.fromarray(img), fmt, exif=exif.tobytes(), **kw)
 
 
@@ -303,8 +305,9 @@ def test_reduced_decode_config_values(tmp_path):
     from imgfeat.metadata.config import load_config
 
     assert PreprocessConfig().reduced_decode == "safe"
-    assert PreprocessConfig(reduced_decode=True).reduced_decode == "safe"  # legacy booleans
-    assert PreprocessConfig(reduced_decode=False).reduced_decode == "off"
+    # legacy booleans: accepted at run time (``__post_init__`` maps them), outside the declared ``str``
+    assert PreprocessConfig(reduced_decode=True).reduced_decode == "safe"  # type: ignore[arg-type]
+    assert PreprocessConfig(reduced_decode=False).reduced_decode == "off"  # type: ignore[arg-type]
     for text, want in (("true", "safe"), ("false", "off"), ('"fast"', "fast"), ('"off"', "off"), ('"safe"', "safe")):
         path = tmp_path / "c.toml"
         path.write_text(f"[preprocess]\nreduced_decode = {text}\n")
@@ -369,10 +372,10 @@ def test_mutated_files_never_raise_anything_but_decode_error():
     @settings(max_examples=150, deadline=None, derandomize=True)
     @given(st.sampled_from(sorted(_SEEDS)), _mutation_strategy(), st.floats(0.05, 1.0))
     def run(fmt, edits, keep):
-        data = bytearray(_SEEDS[fmt])
+        buf = bytearray(_SEEDS[fmt])
         for where, value in edits:
-            data[min(len(data) - 1, int(where * len(data)))] = value
-        data = bytes(data[: max(1, int(len(data) * keep))])
+            buf[min(len(buf) - 1, int(where * len(buf)))] = value
+        data = bytes(buf[: max(1, int(len(buf) * keep))])
         try:
             out = decode_image(data, CFG)
         except DecodeError as exc:

@@ -76,8 +76,12 @@ def test_report_opens_in_chromium_without_errors(demo_run, tmp_path):
     console_errors = [line for line in proc.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert console_errors == []
     assert 'data-ready="1"' in dom
-    images = int(re.search(r'data-images="(\d+)"', dom).group(1))
-    ok = int(re.search(r'data-images-ok="(\d+)"', dom).group(1))
+    counts = {}
+    for name in ("images", "images-ok"):
+        m = re.search(rf'data-{name}="(\d+)"', dom)
+        assert m is not None, f"no data-{name} in the report"
+        counts[name] = int(m.group(1))
+    images, ok = counts["images"], counts["images-ok"]
     assert images >= 2 + 5 and ok == images  # two PCA plots and a thumbnail per flagged file
     for section in ("Per-class counts", "Flagged files", "PCA", "Time per stage", "Bottleneck stage"):
         assert section in dom

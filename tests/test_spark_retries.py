@@ -32,6 +32,7 @@ def test_manifest_survives_a_failed_task_attempt(spark, tmp_path, monkeypatch):
             from pyspark import TaskContext
 
             ctx = TaskContext.get()
+            assert ctx is not None  # run inside a Spark task
             for i, out in enumerate(check(batches)):
                 yield out
                 if ctx.attemptNumber() == 0 and i == 0 and not injected.exists():
@@ -105,6 +106,7 @@ def test_pca_survives_failed_task_attempts(spark, tmp_path, monkeypatch):
         from pyspark import TaskContext
 
         ctx = TaskContext.get()
+        assert ctx is not None  # run inside a Spark task
         for i, item in enumerate(items):
             yield item
             if ctx.attemptNumber() == 0 and i == 0 and not flag.exists():
