@@ -86,9 +86,9 @@ def build_shard_index(spark: SparkSession, dataset: str, num_partitions: int | N
     files = dataset_data_files(dataset)
     if not files:
         raise ValueError(f"{dataset}: no manifest data files to index")
-    rels = sorted(files)
-    n = max(1, min(len(rels), num_partitions or spark.sparkContext.defaultParallelism))
-    names = spark.sparkContext.parallelize([(r,) for r in rels], n).toDF("file string")
+    from imgfeat.metadata.spark.parquet import files_frame
+
+    names = files_frame(spark, [storage.join(dataset, r) for r in sorted(files)], num_partitions)
     rows = names.mapInArrow(_read_task(dataset), "shard int, image_id string, file string")
     ids_sorted = F.array_sort(F.collect_list("image_id"))
     index = rows.groupBy("shard").agg(
@@ -108,23 +108,20 @@ def build_shard_index(spark: SparkSession, dataset: str, num_partitions: int | N
 
 def _read_task(dataset: str) -> Any:
     """The index build's read task: file names -> ``(shard, image_id, file)`` of the ok rows with a shard."""
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    def run(names: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
 
+        from imgfeat.metadata.spark.parquet import file_batches
+
+        prefix = storage.join(dataset, "")
         schema = pa.schema([("shard", pa.int32()), ("image_id", pa.string()), ("file", pa.string())])
-        for batch in batches:
-            for rel in batch.column(0).to_pylist():
-                fs, path = fsspec.core.url_to_fs(storage.join(dataset, rel))
-                with fs.open(path, "rb") as fh:
-                    pf = pq.ParquetFile(fh)
-                    for b in pf.iter_batches(batch_size=65536, columns=["shard", "image_id", "status"]):
-                        keep = pc.and_(pc.equal(b.column("status"), STATUS_OK), pc.is_valid(b.column("shard")))
-                        b = b.filter(pc.fill_null(keep, False))
-                        if b.num_rows:
-                            yield pa.RecordBatch.from_arrays(
-                                [b.column("shard").cast(pa.int32()), b.column("image_id").cast(pa.string()),
-                                 pa.array([rel] * b.num_rows, pa.string())], schema=schema)
+        for url, b in file_batches(names, ["shard", "image_id", "status"], batch_size=65536):
+            keep = pc.and_(pc.equal(b.column("status"), STATUS_OK), pc.is_valid(b.column("shard")))
+            b = b.filter(pc.fill_null(keep, False))
+            if b.num_rows:
+                yield pa.RecordBatch.from_arrays(
+                    [b.column("shard").cast(pa.int32()), b.column("image_id").cast(pa.string()),
+                     pa.array([url[len(prefix):]] * b.num_rows, pa.string())], schema=schema)
 
     return run
 

@@ -19,13 +19,12 @@ import zlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgfeat.metadata.manifest.listing import Entry, list_folder
 from imgfeat.metadata.manifest.row_guard import storable_text
-from imgfeat.metadata.spark.parquet import PARQUET_SUFFIX, read_parquet_dataset, write_parquet_dataset
+from imgfeat.metadata.spark.parquet import PARQUET_SUFFIX, file_batches, read_parquet_dataset, write_parquet_dataset
 from imgfeat.metadata.storage import SUCCESS_FILE, join, staged_file, write_bytes_atomic
 
 if TYPE_CHECKING:
@@ -110,13 +109,10 @@ def listed_entry(item: dict[str, Any]) -> Entry:
     return Entry(item["root"], path, item["size"], item["mtime"], item["error"])
 
 
-def listed_batches(file_batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+def listed_batches(names: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     """In a task: batches of listed-file URLs (one column) to the LISTED_SCHEMA batches in those files."""
-    for batch in file_batches:
-        for url in batch.column(0).to_pylist():
-            fs, path = fsspec.core.url_to_fs(url)
-            with fs.open(path, "rb") as fh:
-                yield from pq.ParquetFile(fh).iter_batches(batch_size=_BATCH_ROWS)
+    for _, batch in file_batches(names, batch_size=_BATCH_ROWS):
+        yield batch
 
 
 def listed_files(spark: SparkSession, listing: dict[str, Any], tasks: int) -> DataFrame:

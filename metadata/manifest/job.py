@@ -59,7 +59,7 @@ from imgfeat.metadata.manifest.store import (
     staging_url,
     walk_small_local,
 )
-from imgfeat.metadata.spark.parquet import dataset_files, read_parquet_dataset, write_parquet_dataset
+from imgfeat.metadata.spark.parquet import dataset_files, files_frame, read_parquet_dataset, write_parquet_dataset
 from imgfeat.metadata.spark.session import get_spark, num_tasks
 from imgfeat.metadata.storage import join, read_json, read_json_required, remove_folder, staged_file, write_bytes_atomic, write_json_atomic
 
@@ -282,7 +282,7 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
         if small is not None and previous is None:
             # The driver split the files evenly over `slices` listed files: a task checks one, no shuffle.
             names = dataset_files(listed_url)
-            entries = spark.sparkContext.parallelize([(f,) for f in names], len(names)).toDF("file string")
+            entries = files_frame(spark, names, len(names))
             checked = write_parquet_dataset(entries, join(work, "checked"), schema=CHECKED_SCHEMA,
                                             transform=lambda batches: checker(listed_batches(batches)))
         else:

@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 from imgfeat.metadata.config import Config
 from imgfeat.metadata.contracts.schema import MANIFEST_SCHEMA
 from imgfeat.metadata.manifest import organize as org
-from imgfeat.metadata.spark.parquet import conform_batch, read_parquet_dataset, write_parquet_dataset
+from imgfeat.metadata.spark.parquet import conform_batch, file_batches, files_frame, read_parquet_dataset, write_parquet_dataset
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -342,18 +342,12 @@ def _read_checked(spark: SparkSession, files: list[str], partitions: int, seed: 
         spark_schema, schema = _NARROW_DDL, _NARROW_SCHEMA
     cols = list(schema.names)
 
-    def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            for url in batch.column(0).to_pylist():
-                fsys, path = fsspec.core.url_to_fs(url)
-                with fsys.open(path, "rb") as fh:
-                    for b in pq.ParquetFile(fh).iter_batches(batch_size=8192, columns=cols):
-                        b = conform_batch(b, schema)
-                        yield b if seed is None else _with_hash(b, seed)
+    def read(names: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for _, b in file_batches(names, cols):
+            b = conform_batch(b, schema)
+            yield b if seed is None else _with_hash(b, seed)
 
-    n = max(1, min(len(files), partitions))
-    names = spark.sparkContext.parallelize([(f,) for f in files], n).toDF("file string")
-    return names.mapInArrow(read, spark_schema)
+    return files_frame(spark, files, partitions).mapInArrow(read, spark_schema)
 
 
 def _with_hash(batch: pa.RecordBatch, seed: str) -> pa.RecordBatch:

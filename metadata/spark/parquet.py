@@ -183,6 +183,25 @@ class _Empty(Exception):
     """An empty partition: no file is committed."""
 
 
+def files_frame(spark: SparkSession, files: list[str], partitions: int | None = None) -> DataFrame:
+    """A one-column DataFrame (``file string``) of ``files``, spread over at most ``partitions`` tasks
+    (default: the default parallelism): the input of a task that reads those files itself."""
+    n = max(1, min(len(files), partitions or spark.sparkContext.defaultParallelism))
+    return spark.sparkContext.parallelize([(f,) for f in files], n).toDF("file string")
+
+
+def file_batches(names: Iterator[pa.RecordBatch], columns: list[str] | None = None,
+                 batch_size: int = 8192) -> Iterator[tuple[str, pa.RecordBatch]]:
+    """In a task: for each file URL in the (one-column) input batches, ``(url, batch)`` of its Parquet
+    batches, read with pyarrow over fsspec."""
+    for names_batch in names:
+        for url in names_batch.column(0).to_pylist():
+            fs, path = fsspec.core.url_to_fs(url)
+            with fs.open(path, "rb") as fh:
+                for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_size, columns=columns):
+                    yield url, batch
+
+
 def read_parquet_dataset(
     spark: SparkSession,
     url: str,
@@ -207,17 +226,10 @@ def read_parquet_dataset(
     # Spark wants plain types for the declared schema; tasks cast each batch to it.
     spark_schema = _arrow_to_spark(schema)
     arrow_schema = _spark_to_arrow(spark_schema)
-    n = max(1, min(len(files), num_partitions or spark.sparkContext.defaultParallelism))
-    names = spark.sparkContext.parallelize([(f,) for f in files], n).toDF("file string")
     cols = list(schema.names)
 
-    def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            for file_url in batch.column(0).to_pylist():
-                fsys, path = fsspec.core.url_to_fs(file_url)
-                with fsys.open(path, "rb") as fh:
-                    pf = pq.ParquetFile(fh)
-                    for b in pf.iter_batches(batch_size=8192, columns=cols):
-                        yield conform_batch(b, arrow_schema)
+    def read(names: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for _, batch in file_batches(names, cols):
+            yield conform_batch(batch, arrow_schema)
 
-    return names.mapInArrow(read, spark_schema)
+    return files_frame(spark, files, num_partitions).mapInArrow(read, spark_schema)
