@@ -168,6 +168,7 @@ def cpu_breakdown(data: Path, sample: int = 2000, reps: int = 5) -> list[tuple[s
     from imgfeat.metadata.contracts.cv2_env import decoder_cv2
     from imgfeat.metadata.contracts.sniff import DEFAULT_MAX_JPEG_SCANS, KNOWN_IMAGE_FORMATS, parse_header
     from imgfeat.metadata.manifest.checks import content_hash, decode_check, prefetched, read_bytes
+    from imgfeat.metadata.manifest.discover import LISTED_SCHEMA, listed_row
     from imgfeat.metadata.manifest.job import CHECKED_SCHEMA, _make_checker
     from imgfeat.metadata.manifest.listing import Unit, check_source, list_unit
     from imgfeat.metadata.spark.parquet import _partition_writer
@@ -195,7 +196,7 @@ def cpu_breakdown(data: Path, sample: int = 2000, reps: int = 5) -> list[tuple[s
 
     def whole_task(mode: str) -> None:
         cfg = load_config(None, {"manifest": {"validation": mode}})
-        batch = pa.RecordBatch.from_pylist([{"slice": 0, "slices": 1, "root": root, "previous": None}])
+        batch = pa.RecordBatch.from_pylist([listed_row(e) for e in entries], schema=LISTED_SCHEMA)
         consume(_partition_writer(out_dir.as_uri(), CHECKED_SCHEMA, "zstd", _make_checker(cfg))(iter([batch])))
 
     def sniff_all() -> None:

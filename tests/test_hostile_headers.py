@@ -131,14 +131,13 @@ def test_row_builder_never_fails_and_never_drops_a_row(rows: list[tuple]) -> Non
 def _check_folder(root: Path, monkeypatch: pytest.MonkeyPatch | None = None) -> list[dict]:
     """The check task run in this process (what each Spark task runs) over one folder."""
     from imgfeat.metadata.config import load_config
-    from imgfeat.metadata.manifest.discover import LISTED_SCHEMA
+    from imgfeat.metadata.manifest.discover import LISTED_SCHEMA, listed_row
     from imgfeat.metadata.manifest.job import _make_checker
     from imgfeat.metadata.manifest.listing import Unit, check_source, list_unit
 
     check = _make_checker(load_config(None, {}))
     src = check_source(str(root))
-    listed = [{"root": e.root, "path": e.path, "size": e.size, "mtime": e.mtime, "error": e.error, "is_folder": False,
-               "raw_path": None} for e in list_unit(Unit(src, src, True))]
+    listed = [listed_row(e) for e in list_unit(Unit(src, src, True))]
     batch = pa.RecordBatch.from_pylist(listed, schema=LISTED_SCHEMA)
     return [r for out in check(iter([batch])) for r in out.to_pylist()]
 

@@ -43,16 +43,21 @@ A name that is not UTF-8 is stored as text with ``\\xNN`` escapes and, to reach 
 _BATCH_ROWS = 4096
 
 
+def listed_row(e: Entry) -> dict[str, Any]:
+    """A listed entry as a LISTED_SCHEMA row (the inverse of ``listed_entry``)."""
+    text = storable_text(e.path)
+    raw = e.path.encode("utf-8", "surrogateescape") if text != e.path else None
+    return {"root": e.root, "path": text, "size": e.size, "mtime": e.mtime, "error": e.error,
+            "is_folder": e.is_folder, "raw_path": raw}
+
+
 def _lister(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     """The listing task: for each (root, folder) row, the entries of that folder as LISTED_SCHEMA batches."""
     rows: list[dict[str, Any]] = []
     for batch in batches:
         for task in batch.to_pylist():
             for e in list_folder(task["root"], task["folder"].decode("utf-8", "surrogateescape")):
-                text = storable_text(e.path)
-                raw = e.path.encode("utf-8", "surrogateescape") if text != e.path else None
-                rows.append({"root": e.root, "path": text, "size": e.size, "mtime": e.mtime, "error": e.error,
-                             "is_folder": e.is_folder, "raw_path": raw})
+                rows.append(listed_row(e))
                 if len(rows) == _BATCH_ROWS:
                     yield pa.RecordBatch.from_pylist(rows, schema=LISTED_SCHEMA)
                     rows = []
@@ -86,11 +91,8 @@ def write_listing(entries: list[Entry], url: str, files: int) -> dict[str, Any]:
     the check job reads them as ``files`` even tasks with no shuffle. Returns what ``list_on_spark`` does."""
     parts: list[list[dict[str, Any]]] = [[] for _ in range(files)]
     for e in entries:
-        text = storable_text(e.path)
-        raw = e.path.encode("utf-8", "surrogateescape") if text != e.path else None
-        parts[zlib.crc32(text.encode()) % files].append(
-            {"root": e.root, "path": text, "size": e.size, "mtime": e.mtime, "error": e.error, "is_folder": False,
-             "raw_path": raw})
+        row = listed_row(e)
+        parts[zlib.crc32(row["path"].encode()) % files].append(row)
     names = []
     for i, rows in enumerate(parts):
         rows.sort(key=lambda r: r["path"])  # folder by folder: reads go in disk order
