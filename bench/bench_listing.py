@@ -46,7 +46,7 @@ import fsspec  # noqa: E402
 from bench import synthstore  # noqa: E402  (registers synth://)
 
 STORE_KEYS = ("list", "head", "get", "keys", "prefixes")
-IMPLS = ("baseline", "breadth")
+IMPLS = ("baseline", "breadth", "spark")
 
 
 # ---------------------------------------------------------------- the pre-redesign listing (frozen copy)
@@ -100,12 +100,13 @@ class _Task:
         self.seconds = 0.0
 
     def run(self, entries: Iterator) -> list:
-        """Consume ``entries`` as this task; return the folders among them (``is_folder``)."""
+        """Consume ``entries`` as this task; return the folders and key ranges among them (``is_folder``)
+        as ``(root, folder, after, upto)``."""
         t0, before = time.perf_counter(), synthstore.counts()
         folders = []
         for e in entries:
             if getattr(e, "is_folder", False):
-                folders.append((e.root, e.path))
+                folders.append((e.root, e.path, e.after, e.upto))
                 continue
             self.kept += 1
             self.crc += zlib.crc32(e.path.encode())
@@ -117,6 +118,57 @@ class _Task:
 
     def as_dict(self) -> dict:
         return dict(self.counts, kept=self.kept, crc=self.crc, errors=self.errors, seconds=self.seconds)
+
+
+def list_on_spark_counted(sources: list[str], tasks: int) -> dict:
+    """The manifest job's own listing (``discover.list_on_spark``) on Spark ``local[2]`` with ``tasks`` tasks a
+    round. Spark's Python workers import the store through a ``sitecustomize`` on their ``PYTHONPATH``; their
+    request counts come back through ``SYNTHSTORE_COUNTS``. Returns what ``list_as_tasks`` does, with the
+    files listed checked in Spark (count, distinct paths, crc sum) and the workers' peak RSS (psutil)."""
+    import threading
+
+    import psutil
+
+    from imgfeat.metadata.config import SparkConfig
+    from imgfeat.metadata.manifest.discover import list_on_spark, listed_files
+    from imgfeat.metadata.manifest.listing import check_source
+    from imgfeat.metadata.spark.session import get_spark
+
+    hook = Path(tempfile.mkdtemp(prefix="synthhook-"))
+    (hook / "sitecustomize.py").write_text("import bench.synthstore  # registers synth:// in Spark's workers\n")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(hook), str(REPO), os.environ.get("PYTHONPATH", "")])
+    spark = get_spark(SparkConfig(master="local[2]", driver_memory="4g"))
+    peaks: dict[int, int] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        me = psutil.Process()
+        while not done.wait(0.2):
+            for p in me.children(recursive=True):
+                try:
+                    if "python" in p.name():
+                        peaks[p.pid] = max(peaks.get(p.pid, 0), p.memory_info().rss)
+                except psutil.Error:
+                    continue
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    synthstore.reset_counts()
+    roots = sorted({check_source(s) for s in sources})
+    driver = dict(synthstore.counts())
+    with tempfile.TemporaryDirectory(prefix="listed-") as out:
+        info = list_on_spark(spark, roots, out, tasks)
+        from pyspark.sql import functions as F
+
+        files = listed_files(spark, info, tasks)
+        agg = files.agg(F.count("*").alias("n"), F.countDistinct("path").alias("distinct"),
+                        F.sum(F.crc32(F.col("path").cast("binary"))).alias("crc")).collect()[0]
+    done.set()
+    spark.stop()
+    return {"driver": {k: driver[k] for k in STORE_KEYS}, "tasks": [], "rounds": len(info["depths"]),
+            "ranges": info["ranges"], "units": info["folders"], "spark_files": agg["n"], "spark_distinct": agg["distinct"],
+            "spark_crc": int(agg["crc"] or 0), "worker_peak_mb": max(peaks.values(), default=0) / 2**20,
+            "max_call_keys": synthstore.counts()["max_call_keys"]}
 
 
 def list_as_tasks(sources: list[str], tasks: int, impl: str = "breadth") -> dict:
@@ -133,7 +185,7 @@ def list_as_tasks(sources: list[str], tasks: int, impl: str = "breadth") -> dict
     roots = sorted({check_source(s) for s in sources})
     driver = _delta(synthstore.counts(), start)
     per_task = [_Task() for _ in range(tasks)]
-    rounds = 0
+    rounds = ranges = 0
     if impl == "baseline":
         rounds = 1
         for part, task in enumerate(per_task):
@@ -145,17 +197,18 @@ def list_as_tasks(sources: list[str], tasks: int, impl: str = "breadth") -> dict
     elif impl == "breadth":
         from imgfeat.metadata.manifest.listing import list_folder
 
-        frontier = [(r, r) for r in roots]
-        while frontier:  # discover.list_on_spark: one job per depth, folders sliced like parallelize does
+        frontier = [(r, r, None, None) for r in roots]
+        while frontier:  # discover.list_on_spark: one job per round, folders sliced like parallelize does
             rounds += 1
+            ranges += sum(1 for f in frontier if f[2] is not None or f[3] is not None)
             parts, found = max(1, min(len(frontier), tasks)), []
             for p in range(parts):
-                for root, folder in frontier[p * len(frontier) // parts:(p + 1) * len(frontier) // parts]:
-                    found += per_task[p].run(list_folder(root, folder))
-            frontier = sorted(found)
+                for root, folder, after, upto in frontier[p * len(frontier) // parts:(p + 1) * len(frontier) // parts]:
+                    found += per_task[p].run(list_folder(root, folder, after, upto))
+            frontier = sorted(found, key=lambda f: (f[0], f[1], f[2] or "", f[3] or ""))
     else:
         raise ValueError(f"impl: one of {IMPLS}")
-    return {"driver": driver, "tasks": [t.as_dict() for t in per_task], "rounds": rounds,
+    return {"driver": driver, "tasks": [t.as_dict() for t in per_task], "rounds": rounds, "ranges": ranges,
             "max_call_keys": synthstore.counts()["max_call_keys"]}
 
 
@@ -175,7 +228,7 @@ def model_lists(impl: str, url: str, tasks: int) -> tuple[int, int]:
         first = p * layout.fanout
         return sum(1 for c in range(first, first + layout.fanout) if layout.leaf_start(c * span // layout.fanout) < layout.n)
 
-    driver = pages(children(0, 0))
+    driver = 1  # check_source: one LIST of at most one key
     if impl == "baseline":
         return driver, tasks * pages(layout.n)
     total = 0
@@ -212,12 +265,15 @@ def run_one(impl: str, url: str, tasks: int) -> dict:
 
     rss0 = _rss_mb()
     t0 = time.perf_counter()
-    out = list_as_tasks([url], tasks, impl)
+    out = list_on_spark_counted([url], tasks) if impl == "spark" else list_as_tasks([url], tasks, impl)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     n = synthstore.parse_bucket(synthstore.SynthFileSystem._strip_protocol(url).split("/", 1)[0]).n
-    out.update(seconds=seconds, rss0_mb=rss0, peak_rss_mb=peak, n=n,
-               once=sum(t["kept"] for t in out["tasks"]) == n and sum(t["crc"] for t in out["tasks"]) == _expected_crc(url, n))
+    if impl == "spark":
+        once = out["spark_files"] == out["spark_distinct"] == n and out["spark_crc"] == _expected_crc(url, n)
+    else:
+        once = sum(t["kept"] for t in out["tasks"]) == n and sum(t["crc"] for t in out["tasks"]) == _expected_crc(url, n)
+    out.update(seconds=seconds, rss0_mb=rss0, peak_rss_mb=peak, n=n, once=once)
     synthstore.flush_counts()
     return out
 
@@ -254,7 +310,8 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", type=int, default=[10, 100])
     ap.add_argument("--fanout", type=int, default=100)
     ap.add_argument("--depth", type=int, default=2)
-    ap.add_argument("--no-flat", action="store_true", help="skip the flat layout rows (one prefix, at the smallest N)")
+    ap.add_argument("--no-flat", action="store_true", help="skip the flat layout rows (one prefix)")
+    ap.add_argument("--flat-n", nargs="+", default=None, help="keys of the flat layout rows (default: the smallest --n)")
     ap.add_argument("--budget", type=float, default=600, help="seconds one configuration may take (estimated)")
     ap.add_argument("--results", help="also write the Markdown here")
     ap.add_argument("--one", nargs=3, metavar=("IMPL", "URL", "TASKS"), help=argparse.SUPPRESS)
@@ -268,7 +325,8 @@ def main() -> None:
     for impl in args.impl:
         configs = [("tree", n, t) for n in sizes for t in args.tasks]
         if not args.no_flat:
-            configs += [("flat", sizes[0], t) for t in args.tasks]
+            flat = sorted(synthstore._int(x) for x in args.flat_n) if args.flat_n else sizes[:1]
+            configs += [("flat", n, t) for n in flat for t in args.tasks]
         sec_per_key = 0.0  # seconds per key listed by a task, the largest measured so far
         for layout, n, tasks in configs:
             params = {"flat": 1} if layout == "flat" else {"fanout": args.fanout, "depth": args.depth}
@@ -283,8 +341,9 @@ def main() -> None:
             with tempfile.TemporaryDirectory(prefix="synthcounts-") as counts_dir:
                 res = _child(impl, url, tasks, counts_dir)
                 folder = synthstore.read_counts(counts_dir)
-            own = {k: res["driver"][k] + sum(t[k] for t in res["tasks"]) for k in STORE_KEYS}
-            assert all(folder[k] == own[k] for k in STORE_KEYS), (folder, own)
+            if impl != "spark":  # Spark's workers count in their own processes: only the folder has them all
+                own = {k: res["driver"][k] + sum(t[k] for t in res["tasks"]) for k in STORE_KEYS}
+                assert all(folder[k] == own[k] for k in STORE_KEYS), (folder, own)
             sec_per_key = max(sec_per_key, res["seconds"] / listed)
             rows.append(dict(res, **row, projected=False, folder=folder))
             print(f"# {impl} {layout} N={n:,} x {tasks}: {folder['list']:,} LIST in {res['seconds']:.1f}s", file=sys.stderr)
@@ -296,15 +355,18 @@ def main() -> None:
         f"Store: `bench/synthstore.py` (S3 ListObjectsV2 semantics, at most 1,000 entries per LIST); tree = "
         f"{args.fanout}^{args.depth} folders of keys, flat = every key under one prefix. baseline = the listing "
         "before the redesign (every task `fs.find`s the whole SRC and keeps its hash slice; frozen copy); "
-        "breadth = the current `discover.list_on_spark` scheme (one job per depth, each folder listed once by "
-        "`listing.list_folder`). Driver = `check_source` (`fs.isdir`: s3fs lists the SRC prefix in full). "
-        "Tasks run one after another in one process per row. "
+        "breadth = the current `discover.list_on_spark` scheme simulated in one process (one round per depth, "
+        "each folder or key range listed once by `listing.list_folder`; a task lists at most 100 pages of a "
+        "folder and hands the rest on as key ranges, `key_ranges.py`), tasks one after another; spark = the "
+        "real `discover.list_on_spark` on Spark local[2] (Python workers import the store through a "
+        "`sitecustomize`), files checked in Spark. Driver = `check_source` (one LIST of at most one key). "
+        "Goal: LIST total <= 1.1 x N/1000 + prefixes. "
         f"Command: `.venv/bin/python bench/bench_listing.py {' '.join(sys.argv[1:])}`",
         "",
-        "| listing | layout | N keys | tasks | LIST total | LIST driver | LIST per task (min-max) | model LIST | jobs "
-        "| HEAD + GET | keys returned | keys returned / N | keys held (largest response) | every key once "
-        "| peak RSS MB (at start) | seconds |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| listing | layout | N keys | tasks | LIST total | LIST driver | LIST per task (min-max) | model LIST | goal "
+        "| jobs | key ranges | HEAD + GET | keys returned | keys returned / N | keys held (largest response) "
+        "| every key once | peak RSS MB (at start) | seconds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
         n, tasks, (m_driver, m_tasks) = r["n"], r["slices"], r["model"]
@@ -313,25 +375,35 @@ def main() -> None:
         if r["projected"]:
             if r["impl"] == "baseline":  # every task lists all N keys; the driver lists the top level
                 keys = n * tasks + (n if r["layout"] == "flat" else 0)
-                lines.append(head + f"| {model:,} (projected) | {m_driver:,} | {m_tasks // tasks:,} | {model:,} | 1 | 0 "
+                lines.append(head + f"| {model:,} (projected) | {m_driver:,} | {m_tasks // tasks:,} | {model:,} | | 1 | | 0 "
                              f"| {keys:,} | {keys / n:,.0f} | {n:,} | not run (~{r['estimate'] / 60:,.0f} min est.) "
                              f"| {_projected_rss(r, measured)} | |")
             else:
-                lines.append(head + f"| {model:,} (projected) | {m_driver:,} | | {model:,} | | | | | | "
+                lines.append(head + f"| {model:,} (projected) | {m_driver:,} | | {model:,} | | | | | | | | "
                              f"not run (~{r['estimate'] / 60:,.0f} min est.) | {_projected_rss(r, measured)} | |")
             continue
         f, per_task, driver = r["folder"], [t["list"] for t in r["tasks"]], r["driver"]["list"]
-        spread = f"{min(per_task):,}" if min(per_task) == max(per_task) else f"{min(per_task):,}-{max(per_task):,}"
-        lines.append(head + f"| {f['list']:,} | {driver:,} | {spread} | {model:,} | {r['rounds']} "
-                     f"| {f['head'] + f['get']:,} | {f['keys']:,} | {f['keys'] / n:,.1f} | {r['max_call_keys']:,} "
-                     f"| {'yes' if r['once'] else 'NO'} | {_fmt(r['peak_rss_mb'])} ({_fmt(r['rss0_mb'])}) "
+        if per_task:
+            spread = f"{min(per_task):,}" if min(per_task) == max(per_task) else f"{min(per_task):,}-{max(per_task):,}"
+        else:
+            spread = "(Spark tasks)"
+        prefixes = 1 if r["layout"] == "flat" else args.fanout ** args.depth + args.fanout + 1
+        goal = f["list"] <= 1.1 * n / 1000 + prefixes
+        memory = f"{_fmt(r['peak_rss_mb'])} ({_fmt(r['rss0_mb'])})"
+        if r["impl"] == "spark":
+            memory = f"driver {memory}, largest worker {_fmt(r['worker_peak_mb'])}"
+        lines.append(head + f"| {f['list']:,} | {driver:,} | {spread} | {model:,} | {'met' if goal else 'NOT met'} "
+                     f"| {r['rounds']} | {r.get('ranges', '')} | {f['head'] + f['get']:,} | {f['keys']:,} "
+                     f"| {f['keys'] / n:,.1f} | {f['max_call_keys']:,} | {'yes' if r['once'] else 'NO'} | {memory} "
                      f"| {r['seconds']:,.1f} |")
     lines += [
         "",
-        "Model LIST: driver = pages of the SRC's top level; baseline tasks = tasks x ceil(N/1000) (every task pages "
+        "Model LIST: driver = 1 (`check_source`); baseline tasks = tasks x ceil(N/1000) (every task pages "
         "through all N keys and keeps 1/tasks of them, holding all N entries at once: `find` returns one dict); "
-        "breadth = sum over existing folders of ceil(entries/1000), whatever the number of tasks. Counts come "
-        "from the store's per-process files (`SYNTHSTORE_COUNTS`), checked equal to the process's own counters.",
+        "breadth and spark = sum over existing folders of ceil(entries/1000), whatever the number of tasks "
+        "(a floor: each key range adds its last partial page). Counts come from the store's per-process files "
+        "(`SYNTHSTORE_COUNTS`), checked equal to the process's own counters (spark: the workers count in "
+        "their own processes; the files have them all).",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -6,19 +6,28 @@ to the device, normalize there, forward under inference_mode + autocast, then
 ``imgfeat.metadata.contracts.feature_store.write_feature_shard`` (data files atomic, marker last). Rows
 that fail to decode, or that the model turns into NaN or inf, go to the shard's rejects list. A shard
 that fails is retried up to ``featurize.max_shard_attempts`` times.
+
+On a CUDA device the copy of batch n+1 runs on a side stream while batch n computes (``featurize.overlap``).
+With ``featurize.decode_device = gpu`` the workers only read bytes and JPEGs are decoded and resized on the
+device (``featurize.gpu_decode``); ``auto`` measures both on the first batches (``choose_decode``). The warm-up
+also times the model alone at the batch shape (``RankStats.model_only_img_s``).
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
+import pyarrow as pa
 import torch
 
+from imgfeat.featurize import tuning
 from imgfeat.featurize.assign import ShardWork
+from imgfeat.featurize.gpu_decode import DecodeFn, GpuDecoder, RawBytesDataset, collate_raw
 from imgfeat.featurize.model import autocast
+from imgfeat.featurize.overlap import CopyAhead, CudaBackend
 from imgfeat.featurize.prefetch import Prefetcher
 from imgfeat.featurize.stats import RankStats
 from imgfeat.metadata.config import Config
@@ -44,21 +53,80 @@ def _split_reason(reason: str) -> tuple[str, str]:
     return code or "undecodable", detail
 
 
-def _batches(dataset: ManifestDataset, cfg: Config, num_workers: int) -> Iterator[Batch]:
-    return iter_batches_contained(dataset, cfg.preprocess, batch_size=cfg.preprocess.batch_size, num_workers=num_workers)
+def _batches(dataset: ManifestDataset, cfg: Config, num_workers: int) -> Iterator[Any]:
+    """The dataset's batches from a crash-contained loader: ``Batch`` es, or ``RawBatch`` es for GPU decode."""
+    collate_fn = collate_raw if isinstance(dataset, RawBytesDataset) else None
+    if collate_fn is None:
+        return iter_batches_contained(dataset, cfg.preprocess, batch_size=cfg.preprocess.batch_size, num_workers=num_workers)
+    return iter_batches_contained(dataset, cfg.preprocess, batch_size=cfg.preprocess.batch_size, num_workers=num_workers,
+                                  collate_fn=collate_fn)
+
+
+def _pad(images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``images`` padded with zero images to ``batch_size`` rows (channels-last), on their device."""
+    pad = images.new_zeros((batch_size - images.shape[0], *images.shape[1:]))
+    return torch.cat([images, pad.contiguous(memory_format=torch.channels_last)])
+
+
+AUTO_MIN_BATCHES = 3
+"""``decode_device = auto`` measures only when the rank has at least this many batches to spare for it."""
+
+
+def _seconds_per_image(model: torch.nn.Module, device: torch.device, cfg: Config, batch: int, repeats: int) -> float:
+    size = cfg.preprocess.size
+    x = torch.zeros((batch, 3, size, size), device=device)
+    if cfg.featurize.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def step() -> None:
+        with torch.inference_mode(), autocast(device, cfg.featurize.precision):
+            model(x).float().cpu()
+
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    step()
+    return tuning.time_forwards(step, repeats, sync) / (repeats * batch)
+
+
+def forward_seconds_per_image(model: torch.nn.Module, device: torch.device, cfg: Config, batch: int, repeats: int = 3) -> float:
+    """Seconds per image of ``model`` at ``batch`` x 3 x size x size (one untimed forward first); for the batch probe."""
+    try:
+        return _seconds_per_image(model, device, cfg, batch, repeats)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 class ShardComputer:
     """Compute and commit shards with one model on one device."""
 
+    overlap = True
+    """On CUDA, copy batch n+1 while batch n computes (``features_overlapped``); False: the plain loop."""
+
     def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device, out: str, fingerprint: str,
-                 stats: RankStats, num_workers: int, progress: Progress | None = None) -> None:
+                 stats: RankStats, num_workers: int, progress: Progress | None = None, decode: str = "cpu",
+                 decode_fn: DecodeFn | None = None) -> None:
+        """``decode``: ``cpu``, ``gpu`` or ``auto`` (``gpu_decode.resolve_decode_device``; ``auto`` is settled by
+        ``choose_decode``); ``decode_fn``: the GPU decode function (default nvJPEG through torchvision)."""
         self.cfg, self.model, self.device, self.out, self.fingerprint = cfg, model, device, out, fingerprint
         self.stats, self.num_workers, self.progress = stats, num_workers, progress
         self.out_dtype = np.float16 if cfg.featurize.dtype == "float16" else np.float32
         self.channels_last = cfg.featurize.channels_last
         self.normalize = BatchNormalizer(device, self.channels_last)
-        self._started: tuple[list[ShardWork], list[ManifestDataset], Prefetcher[ManifestDataset, Batch]] | None = None
+        if decode not in ("cpu", "gpu", "auto"):
+            raise ValueError(f"featurize.decode_device must be one of cpu, gpu, auto; got {decode!r}")
+        self.decode, self.decode_fn = decode, decode_fn
+        self._gpu: GpuDecoder | None = None
+        self._backend: CudaBackend | None = None
+        self._started: tuple[list[ShardWork], list[ManifestDataset], Prefetcher[ManifestDataset, Any]] | None = None
+        stats.decode_device = decode
+        stats.batch_size = cfg.preprocess.batch_size
+
+    @property
+    def gpu_decoder(self) -> GpuDecoder:
+        """The GPU decoder of this computer (its fallback counts last for the run)."""
+        if self._gpu is None:
+            self._gpu = GpuDecoder(self.cfg.preprocess, self.device, self.cfg.decode, self.decode_fn)
+        return self._gpu
 
     def warm_up(self) -> None:
         """One forward at the batch shape, so kernel selection and allocation are not charged to the first shard."""
@@ -70,12 +138,35 @@ class ShardComputer:
             self.model(x)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        self.time_model(x)
+
+    def time_model(self, x: torch.Tensor) -> float:
+        """Images/s of the warm model alone on the batch ``x`` (``tuning.MODEL_TIMING_BATCHES`` timed forwards,
+        each with its features brought to the host, as the shard loop does); kept in ``stats.model_only_img_s``."""
+        device = self.device
+
+        def step() -> None:
+            with torch.inference_mode(), autocast(device, self.cfg.featurize.precision):
+                self.model(x).float().cpu()
+
+        batches = tuning.MODEL_TIMING_BATCHES.get(device.type, 2)
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        seconds = tuning.time_forwards(step, batches, sync)
+        self.stats.model_only_img_s = round(batches * x.shape[0] / seconds, 2) if seconds > 0 else 0.0
+        log.info("model alone: %.1f img/s at batch %d (%d timed forwards)", self.stats.model_only_img_s, x.shape[0], batches)
+        return self.stats.model_only_img_s
 
     def features(self, dataset: ManifestDataset,
-                 batches: Iterator[Batch] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                 batches: Iterator[Any] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(features [n, d] of all rows, ok [n], reasons [n]) for every row of ``dataset``, in row order.
 
-        ``batches``: the dataset's batches from a prefetcher; default: a loader of its own."""
+        ``batches``: the dataset's batches from a prefetcher; default: a loader of its own. A ``RawBytesDataset``
+        (GPU decode) goes through ``features_gpu_decode``; on CUDA the CPU-decoded batches through
+        ``features_overlapped``; on a CPU device the loop below."""
+        if isinstance(dataset, RawBytesDataset):
+            return self.features_gpu_decode(dataset, batches)
+        if self.device.type == "cuda" and self.overlap:
+            return self.features_overlapped(dataset, batches)
         n = len(dataset)
         feats: np.ndarray | None = None
         ok_all = np.zeros(n, dtype=bool)
@@ -123,12 +214,167 @@ class ShardComputer:
             feats = np.zeros((0, 0), dtype=self.out_dtype)
         return feats, ok_all, reasons
 
+    def _record(self, feats: np.ndarray | None, n: int, y: np.ndarray, idx: np.ndarray, ok_np: np.ndarray,
+                ok_all: np.ndarray, reasons: list[str], batch_reasons: list[str]) -> np.ndarray:
+        """Store one batch's features and status in the shard's arrays (made at the first batch); returns them."""
+        if feats is None:
+            feats = np.zeros((n, y.shape[1]), dtype=self.out_dtype)
+        feats[idx] = y.astype(self.out_dtype)
+        ok_all[idx] = ok_np
+        for k, i in enumerate(idx):
+            reasons[i] = batch_reasons[k]
+        self.stats.batches += 1
+        if self.progress is not None:
+            self.progress.update(len(idx))
+        hooks.fault_point("batch_done", "")
+        return feats
+
+    def _backend_for_device(self) -> CudaBackend:
+        if self._backend is None:
+            self._backend = CudaBackend(self.device)
+        return self._backend
+
+    def features_overlapped(self, dataset: ManifestDataset,
+                            batches: Iterator[Any] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """``features`` on CUDA with CPU decode: batch n+1 is copied on a side stream while batch n computes
+        (``overlap.CopyAhead``); the tail batch is padded on the host, as on a CPU device."""
+        n = len(dataset)
+        feats: np.ndarray | None = None
+        ok_all = np.zeros(n, dtype=bool)
+        reasons = [""] * n
+        timings = self.stats.timings
+        batch_size = self.cfg.preprocess.batch_size
+        it = batches if batches is not None else _batches(dataset, self.cfg, self.num_workers)
+
+        def host(batch: Batch) -> torch.Tensor:
+            images = batch[0]
+            return _pad(images, batch_size) if images.shape[0] < batch_size else images
+
+        ahead: CopyAhead[Batch] = CopyAhead(it, host, self._backend_for_device())
+        waited = staged = 0.0
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for (images, indices, ok, batch_reasons), on_device in ahead:
+                real = images.shape[0]
+                x = self.normalize(on_device)
+                with autocast(self.device, self.cfg.featurize.precision):
+                    y_dev = self.model(x)
+                ahead.issue_next()  # the loader wait and the next copy overlap this forward
+                y = y_dev[:real].float().cpu().numpy()
+                t3 = time.perf_counter()
+                wait, stage = ahead.wait_s - waited, ahead.stage_s - staged
+                waited, staged = ahead.wait_s, ahead.stage_s
+                timings["read_decode"] += wait
+                timings["transfer"] += stage
+                timings["forward"] += max(0.0, t3 - t0 - wait - stage)
+                feats = self._record(feats, n, y, indices.numpy(), ok.numpy(), ok_all, reasons, batch_reasons)
+                t0 = t3
+        if feats is None:
+            feats = np.zeros((0, 0), dtype=self.out_dtype)
+        return feats, ok_all, reasons
+
+    def features_gpu_decode(self, dataset: RawBytesDataset,
+                            batches: Iterator[Any] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """``features`` with JPEGs decoded on the device (``gpu_decode.GpuDecoder``): the decode counts as
+        ``read_decode``, normalizing as ``transfer``; the tail batch is padded on the device."""
+        n = len(dataset)
+        feats: np.ndarray | None = None
+        ok_all = np.zeros(n, dtype=bool)
+        reasons = [""] * n
+        timings = self.stats.timings
+        batch_size = self.cfg.preprocess.batch_size
+        decoder = self.gpu_decoder
+        it = batches if batches is not None else _batches(dataset, self.cfg, self.num_workers)
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                for raw in it:
+                    images, ok, batch_reasons = decoder.decode(raw, dataset)
+                    t1 = time.perf_counter()
+                    timings["read_decode"] += t1 - t0
+                    real = images.shape[0]
+                    if real < batch_size:
+                        images = _pad(images, batch_size)
+                    x = self.normalize(images)
+                    t2 = time.perf_counter()
+                    timings["transfer"] += t2 - t1
+                    with autocast(self.device, self.cfg.featurize.precision):
+                        y = self.model(x)
+                    y = y[:real].float().cpu().numpy()
+                    timings["forward"] += time.perf_counter() - t2
+                    feats = self._record(feats, n, y, raw.indices.numpy(), ok.numpy(), ok_all, reasons, batch_reasons)
+                    t0 = time.perf_counter()
+        finally:
+            self.stats.decode_fallbacks = dict(decoder.fallbacks)
+            self.stats.gpu_decoded = decoder.gpu_images
+        if feats is None:
+            feats = np.zeros((0, 0), dtype=self.out_dtype)
+        return feats, ok_all, reasons
+
+    def make_dataset(self, rows: pa.Table, decode: str | None = None) -> ManifestDataset:
+        """The dataset over ``rows`` for ``decode`` (default this computer's): ``RawBytesDataset`` for ``gpu``."""
+        if (decode or self.decode) == "gpu":
+            return RawBytesDataset(rows, self.cfg.preprocess, limits=self.cfg.decode)
+        return ManifestDataset(rows, self.cfg.preprocess, limits=self.cfg.decode)
+
     def dataset(self, work: ShardWork) -> ManifestDataset:
         """The decoding dataset over ``work``'s rows."""
-        return ManifestDataset(work.rows, self.cfg.preprocess, limits=self.cfg.decode)
+        return self.make_dataset(work.rows)
+
+    def choose_decode(self, works: list[ShardWork],
+                      measure: Callable[[str], float] | None = None) -> tuning.DecodeChoice | None:
+        """Settle ``decode = auto``: time GPU and CPU decode end to end on the first rows of ``works`` (their
+        features are thrown away) and keep the faster (``tuning.choose_decode``). Without enough rows for
+        ``AUTO_MIN_BATCHES`` batches: cpu. ``measure(mode) -> img/s`` replaces the timing (tests)."""
+        if self.decode != "auto":
+            return None
+        batch_size = self.cfg.preprocess.batch_size
+        total = sum(len(w) for w in works)
+        workers = max(1, self.num_workers)
+        # Enough batches that the loader's start-up backlog (about one batch per worker) is skipped and the
+        # steady rate shows, but no more than a quarter of this rank's rows.
+        n_batches = min(max(2 * AUTO_MIN_BATCHES, 3 * workers), total // 4 // batch_size)
+        if measure is None and n_batches < AUTO_MIN_BATCHES:
+            log.info("decode_device auto: %d rows are too few to measure; using cpu", total)
+            self.decode = "cpu"
+            self.stats.decode_device = "cpu"
+            return tuning.DecodeChoice("cpu", note=f"{total} rows: too few to measure")
+        if measure is None:
+            rows = pa.concat_tables([w.rows for w in works]).slice(0, n_batches * batch_size)
+            skip = min(workers, n_batches // 3)
+
+            def measure(mode: str) -> float:
+                return self._measure_decode(rows, mode, skip)
+
+        result = tuning.choose_decode(measure)
+        self.decode = result.choice
+        self.stats.decode_device = result.choice
+        self.stats.decode_probe = {k: round(v, 1) for k, v in result.images_per_s.items()}
+        self._gpu = None  # the measurement's fallback counts are not the run's
+        return result
+
+    def _measure_decode(self, rows: pa.Table, mode: str, skip: int) -> float:
+        """End-to-end img/s of ``rows`` with ``mode`` decode after ``skip`` batches (features discarded)."""
+        dataset = self.make_dataset(rows, mode)
+        stamps: list[float] = []
+        sizes: list[int] = []
+
+        def counted(it: Iterator[Any]) -> Iterator[Any]:
+            for batch in it:
+                sizes.append(int(batch[1].shape[0]))
+                yield batch
+
+        saved = self.stats, self.progress
+        self.stats = RankStats(rank=saved[0].rank, device=saved[0].device)
+        self.progress = None
+        try:
+            self.features(dataset, counted(tuning.timed(_batches(dataset, self.cfg, self.num_workers), stamps)))
+        finally:
+            self.stats, self.progress = saved
+        return tuning.steady_rate(stamps, sizes, skip)
 
     def run_shard(self, work: ShardWork, dataset: ManifestDataset | None = None,
-                  batches: Iterator[Batch] | None = None) -> dict[str, Any]:
+                  batches: Iterator[Any] | None = None) -> dict[str, Any]:
         """Compute one shard and commit it; returns its marker."""
         shards.remove_shard(self.out, work.stem)  # a stale marker must never describe new files
         dataset = dataset if dataset is not None else self.dataset(work)
@@ -161,8 +407,8 @@ class ShardComputer:
     def start(self, works: list[ShardWork]) -> None:
         """Start decoding ``works`` now (e.g. while the model warms up); ``run_shards(works)`` consumes it."""
         datasets = [self.dataset(w) for w in works]
-        prefetch = Prefetcher(datasets, lambda ds: _batches(ds, self.cfg, self.num_workers),
-                              depth=max(2, self.cfg.preprocess.prefetch_factor))
+        prefetch: Prefetcher[ManifestDataset, Any] = Prefetcher(
+            datasets, lambda ds: _batches(ds, self.cfg, self.num_workers), depth=max(2, self.cfg.preprocess.prefetch_factor))
         self._started = (works, datasets, prefetch)
 
     def run_shards(self, works: list[ShardWork]) -> None:

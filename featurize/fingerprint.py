@@ -3,7 +3,10 @@
 Shards whose marker carries another fingerprint are never mixed with this run's: a rerun with a
 different model, weights, layer, preprocessing, precision, dtype, format or code version stops with a
 ``ValueError`` naming the differing keys, unless ``overwrite`` is set. Runtime knobs that do not
-change the features (device, batch size, workers, channels_last, compile) are left out.
+change the features (device, batch size, workers, channels_last, compile) are left out, and so are the
+decode device (``featurize.decode_device``: the GPU decode matches the CPU one at cosine >= 0.999, the policy
+for ``device``) and the batch-size probe (``featurize.batch_probe``): ``run_fingerprint`` names the
+``[featurize]`` keys it hashes, so a new key stays out unless it is added there.
 """
 from __future__ import annotations
 

@@ -10,6 +10,8 @@ shards, record the run. Run by every rank (or the single process). Order of work
    every rank takes its share (``featurize.assign``) and reads the manifest rows of those shards only;
 3. this rank's shards are computed and committed in order (``featurize.compute.ShardComputer``, decoding
    ahead across shards with ``featurize.prefetch``), each retried up to ``featurize.max_shard_attempts``;
+   on CUDA, ``featurize.batch_probe`` picks the batch size right after the model is built, and
+   ``decode_device = auto`` times the CPU and GPU decodes before the first shard (``featurize.tuning``);
 4. each rank records its stats (``featurize.stats``); the one that finds every shard committed writes
    ``featurize_summary.json`` (``featurize.summary``).
 """
@@ -24,11 +26,12 @@ from typing import Any
 import torch
 
 from imgfeat.featurize import assign as assign_mod
-from imgfeat.featurize import distributed
+from imgfeat.featurize import distributed, tuning
 from imgfeat.featurize import fingerprint as fp_mod
-from imgfeat.featurize.compute import Progress, ShardComputer
+from imgfeat.featurize.compute import Progress, ShardComputer, forward_seconds_per_image
 from imgfeat.featurize.distributed import DistContext, init_distributed, set_threads, shutdown
 from imgfeat.featurize.folder import prepare_folder
+from imgfeat.featurize.gpu_decode import resolve_decode_device
 from imgfeat.featurize.model import build_model, resolve_device
 from imgfeat.featurize.stats import RankStats
 from imgfeat.featurize.summary import finish_run
@@ -55,6 +58,20 @@ def loader_workers(cfg: Config, ctx: DistContext, device: torch.device) -> int:
     return share if device.type == "cuda" else max(1, share // CORES_PER_CPU_WORKER)
 
 
+def probe_batch(cfg: Config, model: torch.nn.Module, device: torch.device, ctx: DistContext, stats: RankStats) -> None:
+    """``featurize.batch_probe``: on CUDA, set ``preprocess.batch_size`` to the fastest per image of doubling sizes
+    that fit (``tuning.probe_batch_size``; every rank takes rank 0's choice). On a CPU device: nothing."""
+    if device.type != "cuda":
+        log.info("featurize.batch_probe: CUDA only; batch size %d kept on %s", cfg.preprocess.batch_size, device)
+        return
+    result = tuning.probe_batch_size(lambda b: forward_seconds_per_image(model, device, cfg, b), cfg.preprocess.batch_size)
+    best = ctx.broadcast(result.best)
+    stats.batch_probe = {str(k): round(1.0 / v, 1) for k, v in result.seconds_per_image.items() if v > 0}
+    cfg.preprocess.batch_size = best
+    if cfg.featurize.compile:  # forget the shapes the probe compiled: the run compiles its one batch shape
+        torch._dynamo.reset()
+
+
 def run_featurize(cfg: Config, manifest: str, out: str, split: str | None = None) -> dict[str, Any] | None:
     """Featurize the manifest at ``manifest`` into ``out`` on this rank; returns the summary on rank 0."""
     t_start = time.perf_counter()
@@ -66,6 +83,7 @@ def run_featurize(cfg: Config, manifest: str, out: str, split: str | None = None
             torch.cuda.set_device(device)
         threads = set_threads(ctx, device)
         stats = RankStats(rank=ctx.rank, threads=threads, device=str(device))
+        decode = resolve_decode_device(cfg.featurize.decode_device, device, cfg.preprocess)
         catalog: dict[int, assign_mod.ShardEntry] | None = None
         catalog_error = ""
         if ctx.is_main:
@@ -76,6 +94,8 @@ def run_featurize(cfg: Config, manifest: str, out: str, split: str | None = None
                     raise
                 catalog_error = str(exc)  # told to every rank with the claim
         model, info = build_model(cfg.featurize, cfg.preprocess.size, device)
+        if cfg.featurize.batch_probe:
+            probe_batch(cfg, model, device, ctx, stats)
         fields = fp_mod.run_fingerprint(cfg, info)
         digest = fp_mod.digest(fields)
         digests = ctx.all_gather(digest)
@@ -109,11 +129,18 @@ def run_featurize(cfg: Config, manifest: str, out: str, split: str | None = None
                             disable=not log.isEnabledFor(logging.INFO))
         stats.workers = loader_workers(cfg, ctx, device)
         log.info("rank %d: %d decode workers", ctx.rank, stats.workers)
-        computer = ShardComputer(cfg, model, device, out, digest, stats, stats.workers, progress)
+        computer = ShardComputer(cfg, model, device, out, digest, stats, stats.workers, progress, decode=decode)
         my_work = [work[s] for s in mine]
-        if my_work:
+        if decode == "auto":
+            if my_work:
+                computer.warm_up()  # before timing the two decodes
+            computer.choose_decode(my_work)  # no rows, or too few to measure: cpu
+            if my_work:
+                computer.start(my_work)
+        elif my_work:
             computer.start(my_work)  # the first batches decode while the model warms up
             computer.warm_up()
+        log.info("rank %d: decode on %s", ctx.rank, "the GPU (nvJPEG)" if computer.decode == "gpu" else "the CPU")
         stats.setup_s = time.perf_counter() - t_start
         t_loop = time.perf_counter()
         computer.run_shards(my_work)

@@ -29,7 +29,7 @@ seed the cache or pass --weights-path FILE.
 MODEL_FLAGS = ("featurize.model", "featurize.weights", "featurize.weights_path", "featurize.model_path",
                "featurize.layer", "featurize.pool")
 SPEED_FLAGS = ("featurize.precision", "preprocess.batch_size", "preprocess.num_workers", "featurize.device",
-               "featurize.compile", "featurize.channels_last")
+               "featurize.decode_device", "featurize.batch_probe", "featurize.compile", "featurize.channels_last")
 OUTPUT_FLAGS = ("featurize.format", "featurize.dtype", "featurize.overwrite")
 """Config keys offered as flags, by group (every other key: ``--set``)."""
 

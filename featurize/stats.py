@@ -31,3 +31,18 @@ class RankStats:
     device: str = "cpu"
     workers: int = 0
     """Decode workers (``runner.loader_workers``)."""
+    batch_size: int = 0
+    """The batch size the rank ran with (``preprocess.batch_size``, or the probe's choice)."""
+    model_only_img_s: float = 0.0
+    """Images/s of the model alone at the batch shape (timed forwards of the warm model on a constant batch,
+    during the warm-up): the ceiling the end-to-end figure is compared with."""
+    decode_device: str = "cpu"
+    """Where JPEGs were decoded: ``cpu`` or ``gpu`` (``featurize.decode_device``, ``auto`` resolved)."""
+    decode_fallbacks: dict[str, int] = field(default_factory=dict)
+    """GPU decode only: images decoded on the CPU instead, by reason (``featurize.gpu_decode``)."""
+    gpu_decoded: int = 0
+    """GPU decode only: images decoded on the device."""
+    decode_probe: dict[str, float] = field(default_factory=dict)
+    """``decode_device = auto``: the measured end-to-end img/s of each decode (``gpu``, ``cpu``)."""
+    batch_probe: dict[str, float] = field(default_factory=dict)
+    """``featurize.batch_probe``: img/s of the model at each batch size tried."""

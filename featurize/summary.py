@@ -46,6 +46,13 @@ def build_summary(cfg: Config, folder: str, work: assign_mod.ShardCatalog, finge
     wall = max((r["wall_s"] for r in per_rank), default=0.0)
     images = sum(r["images"] + r["rejects"] for r in per_rank)
     slowest = max(totals, key=totals.__getitem__) if totals and any(totals.values()) else None
+    loop = max((r.get("loop_s", 0.0) for r in per_rank), default=0.0)
+    loop_ips = images / loop if loop > 0 else None
+    # The model-only ceiling of the whole run: the ranks' figures add up (each has its own device or cores).
+    model_only = sum(float(r.get("model_only_img_s") or 0.0) for r in per_rank) or None
+    fallbacks: Counter[str] = Counter()
+    for r in per_rank:
+        fallbacks.update(r.get("decode_fallbacks") or {})
     return {
         "version": 1,
         "fingerprint": fingerprint,
@@ -66,8 +73,14 @@ def build_summary(cfg: Config, folder: str, work: assign_mod.ShardCatalog, finge
             "images": images,
             "shards": sum(len(r["shards"]) for r in per_rank),
             "wall_s": round(wall, 3),
-            "loop_s": round(max((r.get("loop_s", 0.0) for r in per_rank), default=0.0), 3),
+            "loop_s": round(loop, 3),
             "images_per_s": round(images / wall, 2) if wall > 0 else None,
+            "loop_images_per_s": round(loop_ips, 2) if loop_ips is not None else None,
+            "model_only_img_s": round(model_only, 2) if model_only is not None else None,
+            "model_efficiency": round(loop_ips / model_only, 3) if loop_ips and model_only else None,
+            "decode_device": sorted({r.get("decode_device", "cpu") for r in per_rank}),
+            "decode_fallbacks": dict(fallbacks),
+            "gpu_decoded": sum(int(r.get("gpu_decoded") or 0) for r in per_rank),
             "stage_seconds": totals,
             "slowest_stage": slowest,
             "failed_attempts": sum(r["attempts_failed"] for r in per_rank),
@@ -129,7 +142,11 @@ def finish_run(ctx: DistContext, cfg: Config, folder: str, work: assign_mod.Shar
     summary["world_size"] = ctx.world_size
     storage.write_json_atomic(storage.join(folder, shards.FEATURES_SUMMARY), summary)
     t = summary["this_run"]
-    log.info("featurize done: %d rows, %d rejects in %d shards; this run %d images in %.1f s (%.1f img/s), slowest "
-             "stage %s", summary["rows"], summary["rejects"], summary["shards"], t["images"], t["wall_s"],
-             t["images_per_s"] or 0.0, t["slowest_stage"])
+    log.info("featurize done: %d rows, %d rejects in %d shards; this run %d images in %.1f s (%.1f img/s; shard loop "
+             "%.1f img/s, model alone %.1f img/s), slowest stage %s", summary["rows"], summary["rejects"], summary["shards"],
+             t["images"], t["wall_s"], t["images_per_s"] or 0.0, t["loop_images_per_s"] or 0.0, t["model_only_img_s"] or 0.0,
+             t["slowest_stage"])
+    if t["decode_fallbacks"]:
+        log.info("GPU decode: %d images on the device; on the CPU instead: %s", t["gpu_decoded"],
+                 ", ".join(f"{k} {v}" for k, v in sorted(t["decode_fallbacks"].items())))
     return summary

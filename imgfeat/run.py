@@ -15,18 +15,22 @@ import tempfile
 import time
 from typing import Any
 
-import fsspec
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from imgfeat.layout import RUN_STATE, run_paths
 from imgfeat.metadata.cli_common import StageFailed
 from imgfeat.metadata.config import Config, dump_toml
 from imgfeat.metadata.contracts.pca_files import PCA_SUMMARY
-from imgfeat.metadata.contracts.schema import CONFIG_FILE, STATUS_OK, SUMMARY_FILE, read_manifest
-from imgfeat.metadata.contracts.shards import FEATURES_SUMMARY, MARKER_SUFFIX, remove_shard, shard_stem
+from imgfeat.metadata.contracts.schema import CONFIG_FILE, SUMMARY_FILE
+from imgfeat.metadata.contracts.shards import FEATURES_SUMMARY
 from imgfeat.metadata.storage import canonical_digest, join, read_json, write_bytes_atomic, write_json_atomic
 from imgfeat.preflight import preflight_run
+from imgfeat.stale_features import (
+    clear_features,
+    marker_count,
+    part_files,
+    remove_changed_features,
+    remove_orphan_features,
+    snapshot_hashes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +83,13 @@ def run_pipeline(cfg: Config, out: str | None = None, sources: list[str] | None 
                 dropped = clear_features(paths["features"])
             else:  # a full rebuild ([manifest] config changed): keep the shards whose files did not change
                 dropped = []
-                if _part_files(paths["features"]):
-                    before = read_manifest(run_dir, columns=["image_id", "content_hash"],
-                                           filters=pc.field("status") == STATUS_OK)
+                if part_files(paths["features"]):
+                    before = snapshot_hashes(cfg, run_dir, master)
                     state["rebuild_pending"] = True
                     write_json_atomic(join(run_dir, RUN_STATE), state)
             summary = run_manifest(cfg, srcs, paths["manifest"], master=master, incremental=incremental)
             if before is not None:
-                dropped = remove_changed_features(run_dir, paths["features"], before)
+                dropped = remove_changed_features(cfg, run_dir, paths["features"], before, master)
                 state.pop("rebuild_pending", None)
             unchanged = incremental and not summary.get("published", True)
             record(stage, digest, time.perf_counter() - t, unchanged, mode="incremental" if incremental else "full",
@@ -109,7 +112,7 @@ def run_pipeline(cfg: Config, out: str | None = None, sources: list[str] | None 
             manifest_id = _manifest_identity(read_json(join(run_dir, SUMMARY_FILE)))
             last = read_json(join(paths["features"], FEATURES_SUMMARY))
             if (done(stage, digest) and state["stages"][stage].get("manifest") == manifest_id and last is not None
-                    and _marker_count(paths["features"]) == last.get("shards")):
+                    and marker_count(paths["features"]) == last.get("shards")):
                 # Starting the model only to find every shard committed costs seconds; nothing it reads changed.
                 log.info("featurize: up to date (same manifest, config and shards), skipped")
                 record(stage, digest, time.perf_counter() - t, True, manifest=manifest_id, shards_computed=0,
@@ -149,70 +152,6 @@ def _manifest_identity(summary: dict[str, Any] | None) -> str:
     """Names one manifest version of a run folder (an unchanged rerun keeps it; a publish changes it)."""
     s = summary or {}
     return _digest(s.get("version"), s.get("fingerprint"), s.get("total"), s.get("num_shards"), s.get("by_status"))
-
-
-def _part_files(features: str) -> list[str]:
-    """Names of the shard files (``part-*``) in the feature folder; empty when there is none."""
-    fs, path = fsspec.core.url_to_fs(features)
-    fs.invalidate_cache()
-    if not fs.exists(path):
-        return []
-    return [e.rsplit("/", 1)[-1] for e in fs.ls(path, detail=False) if e.rsplit("/", 1)[-1].startswith("part-")]
-
-
-def _marker_count(features: str) -> int:
-    return sum(name.endswith(MARKER_SUFFIX) for name in _part_files(features))
-
-
-def _drop(features: str, stems: set[str]) -> list[str]:
-    for stem in sorted(stems):
-        remove_shard(features, stem)
-    return sorted(stems)
-
-
-def remove_orphan_features(run: str, features: str) -> list[str]:
-    """Remove the feature shards whose number has no usable row in the run's manifest; return their stems.
-
-    They hold removed (or moved) files: ``read_features`` and pca would include them and ``imgfeat verify``
-    rejects them."""
-    files = _part_files(features)
-    if not files:
-        return []
-    table = read_manifest(run, columns=["shard"], filters=pc.field("status") == STATUS_OK)
-    wanted = {shard_stem(s) for s in pc.unique(table["shard"].drop_null()).to_pylist()}
-    orphans = _drop(features, {name.split(".", 1)[0] for name in files} - wanted)
-    if orphans:
-        log.info("featurize: removed %d feature shards no longer in the manifest (%s)", len(orphans), orphans[0])
-    return orphans
-
-
-def remove_changed_features(run: str, features: str, before: pa.Table) -> list[str]:
-    """After a full manifest rebuild: remove the feature shards not in the new manifest, and those holding a
-    file whose bytes differ from ``before`` (``image_id``, ``content_hash`` of the previous ok rows).
-
-    A shard whose members are the same ids as before passes the marker's members check, so its features
-    are reused only when every member still has the content they were computed from."""
-    orphans = remove_orphan_features(run, features)
-    after = read_manifest(run, columns=["image_id", "content_hash", "shard"], filters=pc.field("status") == STATUS_OK)
-    both = after.join(before, "image_id", join_type="inner", right_suffix="_before")
-    changed = both.filter(pc.not_equal(both["content_hash"], both["content_hash_before"]))
-    stems = {shard_stem(s) for s in pc.unique(changed["shard"].drop_null()).to_pylist()}
-    stale = _drop(features, stems & {name.split(".", 1)[0] for name in _part_files(features)})
-    if stale:
-        log.info("featurize: removed %d feature shards whose files changed since they were computed", len(stale))
-    return orphans + stale
-
-
-def clear_features(features: str) -> list[str]:
-    """Remove every feature shard and the featurize summary; return the removed stems."""
-    stems = _drop(features, {name.split(".", 1)[0] for name in _part_files(features)})
-    summary = join(features, FEATURES_SUMMARY)
-    fs, path = fsspec.core.url_to_fs(summary)
-    if fs.exists(path):
-        fs.rm(path)
-    if stems:
-        log.info("featurize: full manifest rebuild, removed %d feature shards to recompute", len(stems))
-    return stems
 
 
 def _featurize(cfg: Config, paths: dict[str, str]) -> None:

@@ -38,6 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "featurize.precision": PRECISIONS,
     "featurize.format": ("npy", "hdf5"),
     "featurize.dtype": ("float32", "float16"),
+    "featurize.decode_device": ("cpu", "gpu", "auto"),
 }
 """The allowed values of every key that takes one of a few strings (validation and command-line choices)."""
 _LEGACY_BOOL_VALUES = {"preprocess.reduced_decode": {True: "safe", False: "off"}}
@@ -252,6 +253,14 @@ class FeaturizeConfig:
     """torch.compile the model."""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda or cuda:N."""
+    decode_device: str = "cpu"
+    """Where JPEGs are decoded and resized: ``cpu`` (DataLoader workers, OpenCV), ``gpu`` (nvJPEG on the CUDA
+    device, resize there; workers only read bytes; other formats and JPEGs the GPU cannot decode fall back
+    to the CPU decoder per image) or ``auto`` (on CUDA: times both on the first batches and keeps the faster;
+    on a CPU device: cpu). Not in the fingerprint: both match at cosine >= 0.999."""
+    batch_probe: bool = False
+    """On CUDA: before the run, time doubling batch sizes from ``preprocess.batch_size`` (up to 1024, while
+    memory allows) and use the fastest per image. Ignored on a CPU device."""
     format: str = "npy"
     """Feature shard format: npy or hdf5."""
     dtype: str = "float32"

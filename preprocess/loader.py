@@ -16,7 +16,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from imgfeat.metadata.config import DecodeConfig, PreprocessConfig
 from imgfeat.metadata.contracts.cv2_env import import_cv2
-from imgfeat.preprocess.dataset import Batch, Item, ManifestDataset, collate
+from imgfeat.preprocess.dataset import Item, ManifestDataset, collate
 
 log = logging.getLogger(__name__)
 
@@ -110,21 +110,23 @@ def plan_batches(n_or_indices: int | Sequence[int], batch_size: int) -> list[lis
 
 def iter_batches_contained(dataset: Dataset, cfg: PreprocessConfig, batch_size: int | None = None,
                            num_workers: int | None = None, indices: Sequence[int] | None = None,
-                           max_crashes: int = 100) -> Iterator[Batch]:
+                           max_crashes: int = 100, collate_fn: Callable[[Any], Any] = collate) -> Iterator[Any]:
     """Yield collated batches over ``indices`` (default all), in order, each index exactly once,
     surviving native crashes of the decoder (see the module docstring). Raises RuntimeError after
-    ``max_crashes`` worker deaths (something other than single bad files is wrong then)."""
+    ``max_crashes`` worker deaths (something other than single bad files is wrong then). ``collate_fn``
+    turns a list of items (or what the dataset's ``__getitems__`` returns) into a batch: ``Batch`` by default."""
     batches = plan_batches(len(dataset) if indices is None else indices, batch_size or cfg.batch_size)  # type: ignore[arg-type]
     workers = resolve_workers(cfg, num_workers)
     if workers == 0:
         log.info("num_workers=0: decoding in the main process, a native decoder crash is not contained")
-        loader = make_loader(dataset, cfg, num_workers=0, batch_sampler=batches)
+        loader = make_loader(dataset, cfg, num_workers=0, batch_sampler=batches, collate_fn=collate_fn)
         yield from loader
         return
     window = workers * cfg.prefetch_factor
     pos, crashes = 0, 0
     while pos < len(batches):
-        loader = make_loader(dataset, cfg, num_workers=workers, batch_sampler=batches[pos:], persistent_workers=False)
+        loader = make_loader(dataset, cfg, num_workers=workers, batch_sampler=batches[pos:], persistent_workers=False,
+                             collate_fn=collate_fn)
         it = iter(loader)
         _detach_sigchld_check(it)
         try:
@@ -152,7 +154,7 @@ def iter_batches_contained(dataset: Dataset, cfg: PreprocessConfig, batch_size: 
         if pos >= len(batches):
             return
         for batch_indices in batches[pos : pos + window]:
-            batch = isolated_batch(dataset, batch_indices)
+            batch = isolated_batch(dataset, batch_indices, collate_fn)
             pos += 1
             yield batch
 
@@ -178,8 +180,9 @@ def _shutdown(it: Any) -> None:
         pass
 
 
-def isolated_batch(dataset: Dataset, batch_indices: Sequence[int]) -> Batch:
-    """One batch decoded in a forked child; if the child dies, each item in its own child."""
+def isolated_batch(dataset: Dataset, batch_indices: Sequence[int], collate_fn: Callable[[Any], Any] = collate) -> Any:
+    """One batch decoded in a forked child; if the child dies, each item in its own child. Items travel as
+    ``(array, index, ok, reason)``; ``collate_fn`` (default ``collate``) makes the batch of them."""
     items, _ = _run_isolated(dataset, batch_indices)
     if items is None:
         items = []
@@ -189,7 +192,7 @@ def isolated_batch(dataset: Dataset, batch_indices: Sequence[int]) -> Batch:
                 log.warning("decoder crashed on item %d (%s): %s", i, _describe(dataset, i), why)
                 one = [_crashed_item(dataset, i, why)]
             items.extend(one)
-    return collate(items)
+    return collate_fn(items)
 
 
 def _describe(dataset: Dataset, i: int) -> str:

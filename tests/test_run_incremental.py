@@ -248,3 +248,41 @@ def test_driver_listing_is_bounded(tmp_path) -> None:
     assert listing_digest([root], limit=3) is not None
     assert listing_digest([root], limit=2) is None
     assert listing_digest([root]) == listing_digest([root])
+
+
+def test_full_rebuild_keeps_the_features_of_unchanged_files(spark, torch_home, tmp_path) -> None:
+    """A [manifest] config change rebuilds the manifest; the feature shards whose files kept their bytes stay
+    (compared on Spark, by content hash), the one holding a rewritten file is recomputed."""
+    from imgfeat.metadata.config import load_config
+    from imgfeat.run import run_pipeline
+    from imgfeat.stale_features import SNAPSHOT_DIR
+
+    src = tmp_path / "src"
+    for i in range(8):
+        write_image(src / "a" / f"{i}.bmp", gradient_image(32, 40, seed=700 + i), ".bmp")
+    overrides: dict[str, Any] = {
+        "run": {"sources": [str(src)], "out": str(tmp_path / "run")},
+        "manifest": {"rows_per_shard": PER_SHARD, "validation": "full"},
+        "preprocess": {"size": 64, "resize_shorter": 72, "batch_size": 4, "num_workers": 1},
+        "pca": {"k": 2},
+    }
+    demo = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
+    run = tmp_path / "run"
+    run_pipeline(load_config(demo, overrides))
+    first = _snapshot(run)
+    changed = src / "a" / "5.bmp"
+    size = changed.stat().st_size
+    write_image(changed, gradient_image(32, 40, seed=999), ".bmp")  # same size, other bytes
+    assert changed.stat().st_size == size
+    overrides["manifest"] = dict(overrides["manifest"], validation="header")  # a full rebuild
+    run_pipeline(load_config(demo, overrides))
+    after = _snapshot(run)
+    stages = after["state"]["stages"]
+    assert stages["manifest"]["mode"] == "full" and stages["manifest"]["feature_shards_dropped"] == 1
+    assert stages["featurize"]["shards_computed"] == 1
+    shard_of = {r["path"]: r["shard"] for r in after["rows"].values()}
+    redone = f"part-{shard_of['file://' + str(changed)]:05d}"
+    for name, (mtime, data) in first["feature_files"].items():
+        if not name.startswith(redone):
+            assert after["feature_files"][name] == (mtime, data), name
+    assert not (run / SNAPSHOT_DIR).exists()

@@ -7,9 +7,13 @@ depth's folders. So every file is listed once by exactly one task, and the listi
 job grows with files + folders, not with files x tasks (a task holds one folder's page, streamed).
 The driver sees folder names only, one depth at a time.
 
-Cost: ``depth`` Spark jobs (each with a small read-back of the folder names), LIST requests about
-files / 1,000 + folders on an object store. A single huge flat prefix is listed by one task (paged);
-its files are spread over all tasks afterwards, by the check job's shuffle.
+A big flat folder on an object store is split into key ranges (``key_ranges``): a task lists at most
+``Paging.split_pages`` pages of it and hands the rest to the next round as ranges, so a flat prefix of 10M
+keys is listed by about a hundred tasks, not one.
+
+Cost: one Spark job per round (folder depth, plus a round or two per log10 of a flat folder's size),
+each with a small read-back of the folder and range names; LIST requests about files / 1,000 + folders
++ key ranges on an object store.
 """
 from __future__ import annotations
 
@@ -17,11 +21,13 @@ import json
 import logging
 import zlib
 from collections.abc import Iterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from imgfeat.metadata.manifest.key_ranges import Paging
 from imgfeat.metadata.manifest.listing import Entry, list_folder
 from imgfeat.metadata.manifest.row_guard import storable_text
 from imgfeat.metadata.spark.parquet import PARQUET_SUFFIX, file_batches, read_parquet_dataset, write_parquet_dataset
@@ -35,8 +41,10 @@ log = logging.getLogger(__name__)
 LISTED_SCHEMA = pa.schema([
     ("root", pa.string()), ("path", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()),
     ("error", pa.string()), ("is_folder", pa.bool_()), ("raw_path", pa.binary()),
+    ("after", pa.string()), ("upto", pa.string()),
 ])
-"""One listed entry: a file (size, mtime), a subfolder (``is_folder``) or what could not be listed (``error``).
+"""One listed entry: a file (size, mtime), a subfolder (``is_folder``), a key range of a folder still to
+list (``is_folder`` with ``after``/``upto``, see ``key_ranges``) or what could not be listed (``error``).
 A name that is not UTF-8 is stored as text with ``\\xNN`` escapes and, to reach the file, as its bytes
 (``raw_path``, else null); its manifest row is then ``bad_path``."""
 
@@ -48,15 +56,17 @@ def listed_row(e: Entry) -> dict[str, Any]:
     text = storable_text(e.path)
     raw = e.path.encode("utf-8", "surrogateescape") if text != e.path else None
     return {"root": e.root, "path": text, "size": e.size, "mtime": e.mtime, "error": e.error,
-            "is_folder": e.is_folder, "raw_path": raw}
+            "is_folder": e.is_folder, "raw_path": raw, "after": e.after, "upto": e.upto}
 
 
-def _lister(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """The listing task: for each (root, folder) row, the entries of that folder as LISTED_SCHEMA batches."""
+def _lister(batches: Iterator[pa.RecordBatch], paging: Paging) -> Iterator[pa.RecordBatch]:
+    """The listing task: for each (root, folder, after, upto) row, the entries of that folder (key range)
+    as LISTED_SCHEMA batches."""
     rows: list[dict[str, Any]] = []
     for batch in batches:
         for task in batch.to_pylist():
-            for e in list_folder(task["root"], task["folder"].decode("utf-8", "surrogateescape")):
+            folder = task["folder"].decode("utf-8", "surrogateescape")
+            for e in list_folder(task["root"], folder, task["after"], task["upto"], paging):
                 rows.append(listed_row(e))
                 if len(rows) == _BATCH_ROWS:
                     yield pa.RecordBatch.from_pylist(rows, schema=LISTED_SCHEMA)
@@ -65,25 +75,33 @@ def _lister(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         yield pa.RecordBatch.from_pylist(rows, schema=LISTED_SCHEMA)
 
 
-def list_on_spark(spark: SparkSession, roots: list[str], url: str, tasks: int) -> dict[str, Any]:
+def list_on_spark(spark: SparkSession, roots: list[str], url: str, tasks: int,
+                  paging: Paging = Paging()) -> dict[str, Any]:
     """List every SRC in ``roots`` breadth-first into the Parquet datasets under ``url``.
 
-    Returns ``{"depths": [dataset URLs], "entries": rows written, "folders": folders listed}``."""
-    frontier: list[tuple[str, bytes]] = [(r, r.encode("utf-8", "surrogateescape")) for r in roots]
+    A round lists the subfolders and the key ranges (``key_ranges``) the round before found. Returns
+    ``{"depths": [dataset URLs, one per round], "entries": rows written, "folders": folders and key
+    ranges listed, "ranges": key ranges among them}``."""
+    Item = tuple[str, bytes, "str | None", "str | None"]
+    frontier: list[Item] = [(r, r.encode("utf-8", "surrogateescape"), None, None) for r in roots]
     depths: list[str] = []
-    entries = folders = 0
+    entries = folders = ranges = 0
     while frontier:
         depth_url = join(url, f"depth-{len(depths):03d}")
-        df = spark.sparkContext.parallelize(frontier, max(1, min(len(frontier), tasks))).toDF("root string, folder binary")
-        written = write_parquet_dataset(df, depth_url, schema=LISTED_SCHEMA, transform=_lister)
+        df = (spark.sparkContext.parallelize(frontier, max(1, min(len(frontier), tasks)))
+              .toDF("root string, folder binary, after string, upto string"))
+        written = write_parquet_dataset(df, depth_url, schema=LISTED_SCHEMA, transform=partial(_lister, paging=paging))
         depths.append(depth_url)
         folders += len(frontier)
+        ranges += sum(1 for f in frontier if f[2] is not None or f[3] is not None)
         entries += written["rows"]
-        found = (read_parquet_dataset(spark, depth_url, columns=["root", "path", "is_folder", "raw_path"],
-                                      num_partitions=tasks).where("is_folder").select("root", "path", "raw_path").collect())
-        frontier = sorted((r["root"], bytes(r["raw_path"]) if r["raw_path"] is not None else r["path"].encode()) for r in found)
-        log.info("listing depth %d: %d entries, %d subfolders", len(depths) - 1, written["rows"], len(frontier))
-    return {"depths": depths, "entries": entries, "folders": folders}
+        found = (read_parquet_dataset(spark, depth_url, columns=["root", "path", "is_folder", "raw_path", "after", "upto"],
+                                      num_partitions=tasks).where("is_folder").drop("is_folder").collect())
+        frontier = sorted(((r["root"], bytes(r["raw_path"]) if r["raw_path"] is not None else r["path"].encode(),
+                            r["after"], r["upto"]) for r in found), key=lambda f: (f[0], f[1], f[2] or "", f[3] or ""))
+        log.info("listing round %d: %d entries, %d folders and key ranges next", len(depths) - 1, written["rows"],
+                 len(frontier))
+    return {"depths": depths, "entries": entries, "folders": folders, "ranges": ranges}
 
 
 def write_listing(entries: list[Entry], url: str, files: int) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import operator
 import re
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import pyarrow as pa
@@ -62,6 +62,9 @@ from imgfeat.metadata.manifest.store import (
 from imgfeat.metadata.spark.parquet import dataset_files, files_frame, read_parquet_dataset, write_parquet_dataset
 from imgfeat.metadata.spark.session import get_spark, num_tasks
 from imgfeat.metadata.storage import join, read_json, read_json_required, remove_folder, staged_file, write_bytes_atomic, write_json_atomic
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +237,7 @@ def _make_organizer(cfg: Config, files: list[str], work: str, previous: str | No
         table = pa.concat_tables([org.finish(t, p, names, MANIFEST_SCHEMA) for t, p in zip(parts, plans)])
         with staged_file(join(work, _INDEX_ROWS)) as tmp:
             pq.write_table(shard_rows(table), tmp)
-        table = table.sort_by([("shard", "ascending"), ("path", "ascending")], null_placement="at_end")
+        table = table.sort_by([("shard", "ascending", "at_end"), ("path", "ascending", "at_end")])
         yield from table.to_batches(max_chunksize=ROW_GROUP_ROWS)
 
     return organize
@@ -307,7 +310,8 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
         timings["organize_s"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
-        published = previous is None or not _same_as_previous(out, previous, staging, files, counts, labels_sha)
+        published = previous is None or not _same_as_previous(spark, out, previous, staging, join(work, "checked"), counts,
+                                                                labels_sha)
         if published:  # the shard index: featurize ranks read their own shards' rows by it
             if one_task:  # the organize task computed it; the driver adds the one file name (O(shards) rows)
                 rows = _read_parts([join(work, _INDEX_ROWS)])[0]
@@ -373,13 +377,13 @@ def _kept_summary(cfg: Config, out: str, roots: list[str], listing: str, labels_
     return summary
 
 
-def _same_as_previous(out: str, previous: str, staging: str, files: list[str], counts: dict[str, Any],
-                      labels_sha: str | None) -> bool:
+def _same_as_previous(spark: SparkSession, out: str, previous: str, staging: str, checked: str,
+                      counts: dict[str, Any], labels_sha: str | None) -> bool:
     """Whether the staged manifest has exactly the previous manifest's rows (an incremental run).
 
     Free in the common case (the counts say every file was kept, same labels CSV). Files that were
     checked again without a change of outcome (an unreadable file has no size or mtime to compare)
-    are compared row by row with their previous rows."""
+    are compared row by row with their previous rows, on Spark (``store.same_rows``)."""
     changes = counts["incremental"]
     if changes["new"] or changes["removed"]:
         return False
@@ -387,12 +391,10 @@ def _same_as_previous(out: str, previous: str, staging: str, files: list[str], c
         return False
     if not changes["changed"]:
         return True
-    import pyarrow.dataset as ds
+    from pyspark.sql import functions as F
 
-    fs, _ = fsspec.core.url_to_fs(files[0])
-    checked = ds.dataset([fsspec.core.url_to_fs(f)[1] for f in files], filesystem=fs, format="parquet")
-    paths = checked.to_table(columns=["path"], filter=~pc.field("_kept"))["path"].to_pylist()
-    return bool(paths) and same_rows(previous, staging, paths)
+    rechecked = read_parquet_dataset(spark, checked, columns=["path", "_kept"]).where(~F.col("_kept")).select("path")
+    return same_rows(spark, previous, staging, rechecked)
 
 
 def _check_labels_csv(url: str) -> None:

@@ -1,8 +1,9 @@
 """Listing a source tree one folder at a time, so that every file is listed once by exactly one task.
 
-``list_folder`` lists one folder (locally with ``os.scandir``, remotely with one delimiter listing
-through fsspec): its files with size and mtime, its subfolders (``is_folder``), and one entry per thing
-that could not be listed (broken links, symlink loops, unreadable folders), so nothing vanishes.
+``list_folder`` lists one folder (locally with ``os.scandir``, remotely with delimiter listings a
+page at a time, a big flat folder split into key ranges by ``key_ranges``): its files with size and
+mtime, its subfolders (``is_folder``), and one entry per thing that could not be listed (broken
+links, symlink loops, unreadable folders), so nothing vanishes.
 ``manifest.discover`` runs it breadth-first on Spark, a depth per job, each folder in one task: the
 total listing work grows with files + folders, not with files x tasks. ``list_unit`` walks a tree
 with the same function in one process (the driver's bounded listing digest, benchmarks, tests).
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import fsspec
 
 from imgfeat.metadata.contracts.schema import normalize_uri
+from imgfeat.metadata.manifest.key_ranges import Paging, info_mtime, list_range, page_lister
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,15 @@ class Entry:
     mtime: float | None
     error: str | None = None
     is_folder: bool = False
+    after: str | None = None
+    """With ``upto``, on a folder entry: only the keys of ``path`` in ``(after, upto]`` are meant (a key
+    range still to list, ``key_ranges``); both None: the whole folder."""
+    upto: str | None = None
+
+    @property
+    def is_range(self) -> bool:
+        """A key range of a folder still to list (not a subfolder)."""
+        return self.after is not None or self.upto is not None
 
 
 def _local_path(uri: str) -> str:
@@ -55,7 +66,9 @@ def check_source(src: str) -> str:
         return uri
     fs, path = fsspec.core.url_to_fs(uri)
     try:
-        ok = fs.isdir(path)
+        lister = page_lister(fs)
+        # One LIST: s3fs's ``isdir`` lists the whole prefix (10,000 requests for 10M keys).
+        ok = bool(lister(path.rstrip("/") + "/", None, None, 1).entries) if lister else fs.isdir(path)
     except Exception as exc:  # noqa: BLE001 - any backend error is reported with the SRC name
         raise ValueError(f"SRC {src!r}: cannot be listed: {exc}") from exc
     if not ok:
@@ -69,26 +82,31 @@ def _is_loop(child: str, folder: str) -> bool:
     return real_folder == real_child or real_folder.startswith(real_child.rstrip("/") + "/")
 
 
-def list_folder(root: str, folder: str) -> Iterator[Entry]:
+def list_folder(root: str, folder: str, after: str | None = None, upto: str | None = None,
+                paging: Paging = Paging()) -> Iterator[Entry]:
     """The entries of one folder (not recursive): files, subfolders (``is_folder``) and what cannot be listed.
 
-    Streams: memory stays flat however many files the folder holds (remote listings are paged by the
-    store; fsspec holds one folder's page list)."""
+    On an object store with a page primitive (``key_ranges``), only the keys in ``(after, upto]`` are
+    listed, and a long range ends with the rest of it as range entries (``Entry.is_range``) for other
+    tasks. Streams: memory stays flat however many files the folder holds (a page at a time; stores
+    without a page primitive are listed whole by fsspec)."""
     if folder.startswith("file://"):
         yield from _list_local_folder(root, folder)
     else:
-        yield from _list_remote_folder(root, folder)
+        yield from _list_remote_folder(root, folder, after, upto, paging)
 
 
-def list_unit(unit: Unit) -> Iterator[Entry]:
+def list_unit(unit: Unit, paging: Paging = Paging()) -> Iterator[Entry]:
     """Every file of ``unit`` (its subtree when ``recursive``) listed in this process; folders are walked,
     not yielded, and what cannot be listed is an entry with ``error``."""
-    stack = [unit.folder]
+    stack: list[tuple[str, str | None, str | None]] = [(unit.folder, None, None)]
     while stack:
-        for e in list_folder(unit.root, stack.pop()):
-            if e.is_folder:
+        for e in list_folder(unit.root, *stack.pop(), paging=paging):
+            if e.is_range:
+                stack.append((e.path, e.after, e.upto))
+            elif e.is_folder:
                 if unit.recursive:
-                    stack.append(e.path)
+                    stack.append((e.path, None, None))
             else:
                 yield e
 
@@ -128,8 +146,26 @@ def _list_local_folder(root: str, folder_uri: str) -> Iterator[Entry]:
                 yield Entry(root, uri, None, None, "not a regular file")
 
 
-def _list_remote_folder(root: str, folder_uri: str) -> Iterator[Entry]:
+def _list_remote_folder(root: str, folder_uri: str, after: str | None, upto: str | None,
+                        paging: Paging) -> Iterator[Entry]:
     fs, path = fsspec.core.url_to_fs(folder_uri)
+    scheme = folder_uri.split("://", 1)[0]
+    lister = page_lister(fs)
+    if lister is None:
+        yield from _list_whole_remote_folder(root, folder_uri, fs, path)
+        return
+    try:
+        for item in list_range(lister, path, after, upto, paging):
+            if isinstance(item, tuple):
+                yield Entry(root, folder_uri, None, None, is_folder=True, after=item[0], upto=item[1])
+            else:
+                yield Entry(root, f"{scheme}://{item.name}", item.size, item.mtime, is_folder=item.is_dir)
+    except OSError as exc:
+        yield Entry(root, folder_uri, None, None, f"prefix cannot be listed: {exc}")
+
+
+def _list_whole_remote_folder(root: str, folder_uri: str, fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Entry]:
+    """A folder of a store without a page primitive: one ``fs.ls`` (fsspec holds its whole listing)."""
     scheme = folder_uri.split("://", 1)[0]
     try:
         infos = fs.ls(path, detail=True)
@@ -145,10 +181,7 @@ def _list_remote_folder(root: str, folder_uri: str) -> Iterator[Entry]:
         if info.get("type") == "directory":
             yield Entry(root, uri, None, None, is_folder=True)
             continue
-        mtime = info.get("LastModified") or info.get("mtime") or info.get("created")
-        if hasattr(mtime, "timestamp"):
-            mtime = mtime.timestamp()
-        yield Entry(root, uri, int(info.get("size") or 0), float(mtime) if mtime is not None else None)
+        yield Entry(root, uri, int(info.get("size") or 0), info_mtime(info))
 
 
 def rel_path(root: str, path: str) -> str:

@@ -4,12 +4,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
+from typing import TYPE_CHECKING
 
 import fsspec
 
 from imgfeat.metadata.contracts.schema import HISTORY_DIR, MANIFEST_DIR, SUMMARY_FILE
 from imgfeat.metadata.manifest.listing import Entry, Unit, list_unit
 from imgfeat.metadata.storage import file_sha256, join, publish_folder, read_json
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -94,24 +98,18 @@ def listing_digest(roots: list[str], limit: int = DRIVER_LISTING_MAX) -> str | N
     return walked[1] if walked is not None else None
 
 
-def same_rows(a: str, b: str, paths: list[str]) -> bool:
-    """Whether the manifest datasets at ``a`` and ``b`` hold the same rows (every column) for ``paths``.
+def same_rows(spark: SparkSession, a: str, b: str, keys: DataFrame) -> bool:
+    """Whether the manifest datasets at ``a`` and ``b`` hold the same rows (every column) for the paths
+    in ``keys`` (a DataFrame with a ``path`` column).
 
-    Reads only those rows (a filter pushed into the Parquet scan), so memory follows ``len(paths)``."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as ds
+    On Spark: both sides semi-joined to ``keys`` and compared with ``exceptAll`` (a shuffle; null- and
+    NaN-safe), so no task or the driver holds more than its share of the rows."""
+    from imgfeat.metadata.spark.parquet import read_parquet_dataset
 
-    from imgfeat.metadata.spark.parquet import dataset_files
-
-    def rows(url: str):
-        fs, _ = fsspec.core.url_to_fs(url)
-        fs.invalidate_cache()
-        files = [fsspec.core.url_to_fs(f)[1] for f in dataset_files(url)]
-        table = ds.dataset(files, filesystem=fs, format="parquet").to_table(filter=pc.field("path").isin(paths))
-        return table.sort_by("path")
-
-    left, right = rows(a), rows(b)
-    return left.schema.equals(right.schema) and left.equals(right)
+    left, right = (read_parquet_dataset(spark, url).join(keys, "path", "left_semi") for url in (a, b))
+    if left.schema != right.schema:
+        return False
+    return left.exceptAll(right).isEmpty() and right.exceptAll(left).isEmpty()
 
 
 def previous_manifest(out: str, fingerprint: str) -> tuple[str, int]:
