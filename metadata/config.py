@@ -27,6 +27,7 @@ REDUCED_DECODE_MODES = ("off", "safe", "fast")
 CHOICES: dict[str, tuple[str, ...]] = {
     "manifest.validation": ("header", "full"),
     "manifest.label_from": ("parent", "regex", "csv"),
+    "manifest.near_duplicates": ("flag", "drop", "off"),
     "preprocess.resize_policy": RESIZE_POLICIES,
     "preprocess.interpolation": INTERPOLATIONS,
     "preprocess.alpha": ("composite", "drop"),
@@ -138,9 +139,17 @@ class ManifestConfig:
     """Seed of the hash order for splits (change it to draw other splits)."""
     rows_per_shard: int = 1000
     """Ok rows per featurize shard (shards differ by at most one row)."""
+    near_duplicates: str = "flag"
+    """Near-duplicate detection by perceptual hash: ``flag`` (members marked, stay ok), ``drop`` (members
+    get status ``near_duplicate``) or ``off``. With ``header`` validation, ``off`` skips the decode."""
+    near_duplicate_distance: int = 4
+    """Hamming distance (of 64 bits) within which two images' perceptual hashes make them near-duplicates
+    (chosen from measurements on real photos: bench/RESULTS-near-duplicates.md)."""
 
     def validate(self) -> None:
         check_choices("manifest", self)
+        if not 0 <= self.near_duplicate_distance <= 16:
+            raise ValueError("manifest.near_duplicate_distance must be between 0 and 16")
         if self.label_from == "regex" and "(?P<label>" not in self.label_regex:
             raise ValueError("manifest.label_regex needs a named group (?P<label>...)")
         if self.label_from == "csv" and not self.labels_csv:

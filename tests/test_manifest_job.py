@@ -203,10 +203,18 @@ def test_header_mode_skips_the_decode(spark, tmp_path):
     src.mkdir(parents=True)
     (src / "stream.png").write_bytes(png_with_bad_stream())
     write_image(src / "fine.jpg", gradient_image())
-    cfg = load_config(None, {"manifest": {"validation": "header"}})
+    cfg = load_config(None, {"manifest": {"validation": "header", "near_duplicates": "off"}})
     run_manifest(cfg, [str(tmp_path / "src")], str(tmp_path / "out"))
-    got = {r["rel_path"]: r["status"] for r in read_manifest(str(tmp_path / "out")).to_pylist()}
-    assert got == {"a/stream.png": "ok", "a/fine.jpg": "ok"}
+    rows = {r["rel_path"]: r for r in read_manifest(str(tmp_path / "out")).to_pylist()}
+    assert {rel: r["status"] for rel, r in rows.items()} == {"a/stream.png": "ok", "a/fine.jpg": "ok"}
+    assert rows["a/fine.jpg"]["phash"] is None
+    # Near-duplicate detection needs each image's hash: with it on, header mode decodes (and so sees the bad stream).
+    cfg = load_config(None, {"manifest": {"validation": "header", "near_duplicates": "flag"}})
+    run_manifest(cfg, [str(tmp_path / "src")], str(tmp_path / "out2"))
+    rows = {r["rel_path"]: r for r in read_manifest(str(tmp_path / "out2")).to_pylist()}
+    assert rows["a/stream.png"]["status"] == "undecodable" and rows["a/stream.png"]["phash"] is None
+    assert rows["a/fine.jpg"]["status"] == "ok" and rows["a/fine.jpg"]["phash"] is not None
+    assert 0 <= rows["a/fine.jpg"]["brightness"] <= 255 and rows["a/fine.jpg"]["entropy"] > 0
 
 
 def test_caps_from_config(spark, tmp_path):

@@ -51,6 +51,11 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("height", pa.int32()),
         pa.field("channels", pa.int32()),
         pa.field("content_hash", pa.string()),
+        pa.field("phash", pa.int64()),
+        pa.field("blur", pa.float32()),
+        pa.field("brightness", pa.float32()),
+        pa.field("contrast", pa.float32()),
+        pa.field("entropy", pa.float32()),
         pa.field("duplicate_of", pa.string()),
         pa.field("status", pa.string(), nullable=False),
         pa.field("status_detail", pa.string()),
@@ -58,6 +63,8 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
+SIGNAL_COLUMNS = ("phash", "blur", "brightness", "contrast", "entropy")
+"""The per-image data-quality columns (``manifest.image_signals``): null where the image was not decoded."""
 
 
 def normalize_uri(path: str) -> str:

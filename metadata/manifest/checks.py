@@ -1,21 +1,25 @@
 """The per-file check that runs on executors: read the bytes once, hash, sniff, optionally decode.
 
 Returns a plain dict (one manifest row without label, split, duplicate and shard columns). Never
-raises for a bad file: every problem becomes a status code with a human-readable detail.
+raises for a bad file: every problem becomes a status code with a human-readable detail. With
+``signals`` the decode is the reduced grey one of ``image_signals.reduced_gray_flag`` and the row gets
+the perceptual hash and the quality signals from it (no second read or decode).
 """
 from __future__ import annotations
 
 import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict
 from typing import Any
 
 import fsspec
 import numpy as np
 
 from imgfeat.metadata.contracts.cv2_env import cv2_error_verdict, decoder_cv2, quiet_decoder
-from imgfeat.metadata.contracts.schema import image_id_for
+from imgfeat.metadata.contracts.schema import SIGNAL_COLUMNS, image_id_for
 from imgfeat.metadata.contracts.sniff import DEFAULT_MAX_JPEG_SCANS, parse_header
+from imgfeat.metadata.manifest.image_signals import gray_of, image_signals, reduced_gray_flag
 from imgfeat.metadata.manifest.listing import Entry, rel_path
 
 
@@ -147,9 +151,11 @@ def _read_in_order(entries: list[Entry], pool: Any, window: int, max_bytes: int,
 
 
 def check_entry(entry: Entry, validation: str, max_bytes: int, max_pixels: int, formats: tuple[str, ...],
-                data: bytes | Exception | None = None, max_scans: int = DEFAULT_MAX_JPEG_SCANS) -> dict[str, Any]:
+                data: bytes | Exception | None = None, max_scans: int = DEFAULT_MAX_JPEG_SCANS,
+                signals: bool = False) -> dict[str, Any]:
     """Check one listed file and return its row (``data``: its bytes or read error, if already read;
-    ``max_scans``: JPEGs with more scans are ``too_large``, 0 = no limit)."""
+    ``max_scans``: JPEGs with more scans are ``too_large``, 0 = no limit; ``signals``: decode every
+    image whose header is fine, also with ``header`` validation, and fill the ``SIGNAL_COLUMNS``)."""
     row: dict[str, Any] = {
         "image_id": image_id_for(entry.path),
         "path": entry.path,
@@ -161,6 +167,7 @@ def check_entry(entry: Entry, validation: str, max_bytes: int, max_pixels: int, 
         "height": None,
         "channels": None,
         "content_hash": None,
+        **dict.fromkeys(SIGNAL_COLUMNS),
         "status": "ok",
         "status_detail": "",
     }
@@ -189,7 +196,17 @@ def check_entry(entry: Entry, validation: str, max_bytes: int, max_pixels: int, 
         return dict(row, status=info.status, status_detail=info.detail)
     if info.pixels > max_pixels:
         return dict(row, status="too_large", status_detail=f"{info.width}x{info.height} is over the pixel cap {max_pixels}")
-    if validation == "full":
+    if signals:
+        status, detail, img = _decode(data, max_pixels, reduced_gray_flag(info.width, info.height, info.format))
+        if status != "ok":
+            return dict(row, status=status, status_detail=detail)
+        if info.format != "jpeg":
+            row["channels"] = 1 if img.ndim == 2 else int(img.shape[2])
+        try:
+            row.update(asdict(image_signals(gray_of(img))))
+        except ValueError:  # a decodable image without a grey form (unusual channel layouts) keeps no signals
+            pass
+    elif validation == "full":
         status, detail, channels = decode_check(data, max_pixels, info.format == "jpeg")
         if channels is not None:
             row["channels"] = channels
@@ -198,11 +215,9 @@ def check_entry(entry: Entry, validation: str, max_bytes: int, max_pixels: int, 
     return row
 
 
-def decode_check(data: bytes, max_pixels: int, is_jpeg: bool = False) -> tuple[str, str, int | None]:
-    """Decode with OpenCV: (status, detail, channels; None when the decode does not tell)."""
+def _decode(data: bytes, max_pixels: int, flag: int) -> tuple[str, str, Any]:
+    """Decode with OpenCV under ``flag``: (status, detail, the image or None)."""
     cv2 = decoder_cv2(max_pixels)
-    # A JPEG decoded at 1/8 scale still entropy-decodes every scan (what finds corruption) at ~2x speed.
-    flag = cv2.IMREAD_REDUCED_GRAYSCALE_8 if is_jpeg else cv2.IMREAD_UNCHANGED
     try:
         with quiet_decoder():
             img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
@@ -210,7 +225,15 @@ def decode_check(data: bytes, max_pixels: int, is_jpeg: bool = False) -> tuple[s
         return (*cv2_error_verdict(exc), None)
     if img is None or img.size == 0:
         return "undecodable", "OpenCV could not decode the data", None
-    if is_jpeg:
-        return "ok", "", None
+    return "ok", "", img
+
+
+def decode_check(data: bytes, max_pixels: int, is_jpeg: bool = False) -> tuple[str, str, int | None]:
+    """Decode with OpenCV: (status, detail, channels; None when the decode does not tell)."""
+    cv2 = decoder_cv2(max_pixels)
+    # A JPEG decoded at 1/8 scale still entropy-decodes every scan (what finds corruption) at ~2x speed.
+    status, detail, img = _decode(data, max_pixels, cv2.IMREAD_REDUCED_GRAYSCALE_8 if is_jpeg else cv2.IMREAD_UNCHANGED)
+    if status != "ok" or is_jpeg:
+        return status, detail, None
     return "ok", "", 1 if img.ndim == 2 else int(img.shape[2])
 

@@ -128,6 +128,7 @@ def _make_checker(cfg: Config) -> Callable[[Iterator[pa.RecordBatch]], Iterator[
     mc, dc = cfg.manifest, cfg.decode
     validation, max_bytes, max_pixels, formats = mc.validation, dc.max_bytes, dc.max_pixels, tuple(dc.formats)
     max_scans, split_from_folders = dc.max_jpeg_scans, mc.split_from_folders
+    signals = mc.near_duplicates != "off" or mc.validation == "full"
     label = _labeller(mc)
     names = CHECKED_SCHEMA.names
     as_tuple = operator.itemgetter(*names)
@@ -158,7 +159,7 @@ def _make_checker(cfg: Config) -> Callable[[Iterator[pa.RecordBatch]], Iterator[
 
         for entry, data in prefetched(fresh(), max_bytes):
             try:  # one file's failure of any kind is that file's row, never the task's
-                row = check_entry(entry, validation, max_bytes, max_pixels, formats, data, max_scans)
+                row = check_entry(entry, validation, max_bytes, max_pixels, formats, data, max_scans, signals)
                 label(row)
                 row["folder_split"] = folder_split(row["rel_path"]) if split_from_folders else None
             except Exception as exc:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from imgfeat.metadata.contracts.schema import image_id_for
+from imgfeat.metadata.contracts.schema import SIGNAL_COLUMNS, image_id_for
 from imgfeat.metadata.manifest.listing import Entry, rel_path
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def failed_row(entry: Entry, exc: BaseException) -> dict[str, Any]:
         "rel_path": rel_path(entry.root, entry.path),
         "size_bytes": entry.size,
         "mtime": entry.mtime,
-        **dict.fromkeys(("format", "width", "height", "channels", "content_hash", "label")),
+        **dict.fromkeys(("format", "width", "height", "channels", "content_hash", "label", *SIGNAL_COLUMNS)),
         "status": "internal_error",
         "status_detail": f"{type(exc).__name__}: {exc}"[:1000],
     }

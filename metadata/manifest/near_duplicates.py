@@ -1,0 +1,342 @@
+"""Near-duplicate groups of ok images by perceptual hash, with Spark's distributed operations.
+
+Each ok row may carry ``phash``: a 64-bit perceptual hash held as a Spark ``long`` (int64), the two's
+complement of the 64 bits, so hashes with the top bit set are negative. Bit ``k`` of the hash is bit ``k``
+of that int64 (bit 63 is the sign bit); a null ``phash`` means "not computed" and such a row is never in
+a group. Two rows are near-duplicates when their hashes differ in at most ``distance`` bits (Hamming
+distance); a group is a connected component of that pair graph (so two members of one group may be
+further apart than ``distance``, linked through others). Rows with equal hashes are one group at any
+distance. ``image_id`` is taken to be unique per row (the manifest's id).
+
+The steps and what each costs as the data grows (``N`` rows with a hash, ``U`` distinct hashes, ``B`` =
+``distance + 1`` bands of ``w`` ≈ ``64 / B`` bits, ``P`` candidate pairs, ``E`` near edges):
+
+1. equal hashes (``_hash_table``): ``groupBy(phash)`` with ``min`` aggregates, one shuffle of ``N`` rows
+   with partial aggregation (a hash shared by a million blank images costs one partial row per task,
+   not a million rows in one task). The table has one row per distinct hash: ``U`` rows. Equal hashes are
+   joined as a *star* to their smallest ``image_id`` (``n - 1`` edges for ``n`` rows), never as all
+   ``n²`` pairs, and only the ``U`` distinct hashes go on to the pair search.
+2. band keys (``band_keys``, multi-index hashing): ``B·U`` rows, made by Spark SQL expressions
+   (``shiftrightunsigned``, bitwise and, ``inline``), no Python in the tasks.
+3. candidate pairs: a self-join of the band keys on ``(band, value)``, one shuffle of ``B·U`` rows; its
+   output is ``P = Σ_buckets C(n_b, 2)``, for uniform hashes about ``B·U²/2^(w+1)``. That term decides
+   the feasible distance at scale: at ``U = 10^8`` it is about ``2·10^6`` at distance 1 (32-bit bands),
+   ``6·10^9`` at distance 2 (21/22-bit bands: heavy but spread over the tasks) and ``3·10^11`` at
+   distance 3 (16-bit bands: too many), and real perceptual hashes cluster, which makes buckets bigger.
+   ``max_candidates`` turns a runaway into a ``ValueError`` before the join (one more aggregate over the
+   band keys; the driver gets one number). Each candidate is checked exactly, the xor's ``bit_count``
+   against ``distance``, and kept only at the *lowest* band where the two hashes agree, so every pair comes
+   out once with no shuffle to dedupe it (O(B) column arithmetic per candidate). A big bucket makes
+   ``n_b²`` candidates whatever the plan; AQE's skew join can split its partition over several tasks.
+4. connected components (``connected_components``): alternating large-star / small-star (Kiveris et al.
+   2014, "Connected Components in MapReduce and Beyond") on the ``E`` near edges between distinct hashes
+   (the equal-hash stars of step 1 are already in their final form and never enter it). A round shuffles
+   ``O(E)`` rows four times (a partial ``min`` by node, the join by neighbour, the two steps' outputs by
+   node; ``distinct`` reuses the last), materializes the edges and counts once; no step gathers a node's
+   neighbours in one row, so a high-degree node costs partial aggregates, not a big task. ``O(log² n)``
+   rounds are proven; measured here: chains of 50 nodes 5 (random ids) or 6 (ids in chain order), of
+   1,000 nodes 8 or 10, random graphs and trees of 2,000 nodes 4 to 6, a star 0 or 1.
+5. the answer (``near_duplicate_groups``): the components joined to the ``U``-row hash table, a
+   ``groupBy`` per component with ``min(struct(path, image_id))`` (the representative) and ``sum(n)``
+   (the size), that joined back per hash (``U`` rows), then one join of the ``N`` rows with it on
+   ``phash``.
+
+The driver sees counts only: the optional candidate estimate, one count per round of step 4 and, from
+``near_duplicate_counts``, three numbers. Materialized intermediates (the hash table, each round's edges)
+are local checkpoints (``DataFrame.localCheckpoint``), or with ``scratch`` Parquet datasets written and
+read by the tasks through fsspec (``metadata/spark/parquet.py``): local checkpoints live on the executors
+(a lost executor fails the job; Spark's cleaner frees them), Parquet survives that, and the caller removes
+``scratch`` once it has consumed the result.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from imgfeat.metadata import storage
+from imgfeat.metadata.spark.parquet import read_parquet_dataset, write_parquet_dataset
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column, DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+
+HASH_BITS = 64
+MAX_DISTANCE = HASH_BITS - 1
+"""The largest distance with bands of at least one bit (``distance + 1`` bands)."""
+
+_MASK64 = (1 << HASH_BITS) - 1
+
+
+def band_layout(distance: int) -> list[tuple[int, int]]:
+    """``(start, width)`` of each of the ``distance + 1`` bands: contiguous bit ranges from bit 0 (the least
+    significant) up, widths as equal as possible (the first ``64 % B`` bands one bit wider)."""
+    if not isinstance(distance, int) or isinstance(distance, bool) or not 0 <= distance <= MAX_DISTANCE:
+        raise ValueError(f"distance must be an int in 0..{MAX_DISTANCE}, got {distance!r}")
+    n_bands = distance + 1
+    base, extra = divmod(HASH_BITS, n_bands)
+    layout, start = [], 0
+    for i in range(n_bands):
+        width = base + (1 if i < extra else 0)
+        layout.append((start, width))
+        start += width
+    return layout
+
+
+def _signed(value: int) -> int:
+    """The int64 whose two's complement bits are the unsigned 64-bit ``value``."""
+    return value - (1 << HASH_BITS) if value >> (HASH_BITS - 1) else value
+
+
+def band_keys(phash: int, distance: int) -> list[tuple[int, int]]:
+    """The ``(band_index, band_value)`` keys of ``phash`` for pairs within Hamming distance ``distance``.
+
+    Multi-index hashing: the 64 bits are cut into ``B = distance + 1`` contiguous bands (``band_layout``);
+    two hashes that differ in at most ``distance`` bits leave at least one band untouched (pigeonhole:
+    ``distance`` flipped bits fall into at most ``distance`` bands), so they share at least one key, and
+    an exact join on the keys finds every such pair. More bands would need a search around each band
+    value (the general form of the method); ``B = distance + 1`` keeps each lookup an exact equality.
+
+    ``phash``: the int64 column value (negative when bit 63 is set) or the same bits as an unsigned int.
+    A band value is its bits shifted down, a non-negative int, except the single 64-bit band of distance 0,
+    which is the signed int64 itself: the values are what Spark computes (``_band_value``).
+    """
+    if not -(1 << (HASH_BITS - 1)) <= phash <= _MASK64:
+        raise ValueError(f"phash {phash!r} is not a 64-bit value")
+    bits = phash & _MASK64
+    return [(i, _signed((bits >> start) & ((1 << width) - 1))) for i, (start, width) in enumerate(band_layout(distance))]
+
+
+def band_values(phashes: np.ndarray, distance: int) -> np.ndarray:
+    """``band_keys`` for a 1-D array of hashes (int64, or uint64 with the same bits), vectorized (for code in
+    a task, e.g. under ``mapInArrow``): an int64 array of shape ``(n, distance + 1)`` whose column ``i`` is
+    the value of band ``i``."""
+    arr = np.asarray(phashes)
+    if arr.dtype not in (np.int64, np.uint64) or arr.ndim != 1:
+        raise ValueError(f"phashes must be a 1-D int64 or uint64 array, got {arr.dtype} with shape {arr.shape}")
+    bits = np.ascontiguousarray(arr).view(np.uint64)
+    layout = band_layout(distance)
+    out = np.empty((bits.shape[0], len(layout)), np.uint64)
+    for i, (start, width) in enumerate(layout):
+        mask = np.uint64(_MASK64 if width == HASH_BITS else (1 << width) - 1)
+        out[:, i] = (bits >> np.uint64(start)) & mask
+    return out.view(np.int64)
+
+
+def _band_value(phash: Column, start: int, width: int) -> Column:
+    """Spark: the value of the band at ``(start, width)`` of the ``long`` column ``phash`` (as ``band_keys``)."""
+    from pyspark.sql import functions as F
+
+    if width == HASH_BITS:
+        return phash
+    return F.shiftrightunsigned(phash, start).bitwiseAND(F.lit((1 << width) - 1).cast("long"))
+
+
+def band_key_rows(df: DataFrame, distance: int, column: str = "phash") -> DataFrame:
+    """``df``'s columns plus ``band`` (int) and ``value`` (long): ``distance + 1`` rows per input row, the
+    keys of ``band_keys`` made with Spark SQL expressions (no Python in the tasks). A null hash gives
+    null values."""
+    from pyspark.sql import functions as F
+
+    keys = F.array(*[F.struct(F.lit(i).alias("band"), _band_value(F.col(column), s, w).alias("value"))
+                     for i, (s, w) in enumerate(band_layout(distance))])
+    return df.select("*", F.inline(keys))
+
+
+def _lowest_equal_band(xor: Column, distance: int) -> Column:
+    """Spark: the lowest band where two hashes agree, from their xor (null when none does)."""
+    from pyspark.sql import functions as F
+
+    return F.coalesce(*[F.when(_band_value(xor, s, w) == 0, F.lit(i)) for i, (s, w) in enumerate(band_layout(distance))])
+
+
+def _hash_table(rows: DataFrame, with_first: bool = False) -> DataFrame:
+    """One row per distinct hash of ``rows`` (nulls dropped): ``phash``, ``rep`` (its smallest image_id),
+    ``n`` (its rows) and with ``with_first`` ``first``, the struct ``(path, image_id)`` of its smallest path."""
+    from pyspark.sql import functions as F
+
+    aggs = [F.min("image_id").alias("rep"), F.count(F.lit(1)).alias("n")]
+    if with_first:
+        aggs.append(F.min(F.struct("path", "image_id")).alias("first"))
+    return rows.groupBy("phash").agg(*aggs)
+
+
+def _valid(rows: DataFrame, *columns: str) -> DataFrame:
+    from pyspark.sql import functions as F
+
+    return rows.filter(F.col("phash").isNotNull() & F.col("image_id").isNotNull()).select(*columns)
+
+
+def _near_edges(table: DataFrame, distance: int, max_candidates: int | None = None) -> DataFrame:
+    """Edges ``(a, b)`` (``a < b``) between the representatives of the distinct hashes of ``table``
+    (``phash``, ``rep``) that differ in 1..``distance`` bits, each pair once."""
+    from pyspark.sql import functions as F
+
+    if distance == 0:  # one band, the whole hash: distinct hashes never share it
+        return table.sparkSession.createDataFrame([], "a string, b string")
+    keys = band_key_rows(table.select("phash", "rep"), distance)
+    if max_candidates is not None:
+        sizes = keys.groupBy("band", "value").agg(F.count(F.lit(1)).alias("n"))
+        row = sizes.agg(F.sum(F.col("n") * (F.col("n") - 1) / 2).alias("p")).first()
+        pairs = int(row["p"] or 0) if row is not None else 0
+        log.info("near duplicates at distance %d: %d candidate pairs from the band join", distance, pairs)
+        if pairs > max_candidates:
+            raise ValueError(f"near duplicates at distance {distance}: the band join would make {pairs} candidate pairs, "
+                             f"more than max_candidates={max_candidates} (use a smaller distance)")
+    left, right = keys.alias("l"), keys.alias("r")
+    joined = left.join(right, (F.col("l.band") == F.col("r.band")) & (F.col("l.value") == F.col("r.value"))
+                       & (F.col("l.phash") < F.col("r.phash")))
+    xor = F.col("l.phash").bitwiseXOR(F.col("r.phash"))
+    near = joined.filter((F.bit_count(xor) <= distance) & (_lowest_equal_band(xor, distance) == F.col("l.band")))
+    return near.select(F.least("l.rep", "r.rep").alias("a"), F.greatest("l.rep", "r.rep").alias("b"))
+
+
+def candidate_pairs(df: DataFrame, distance: int, *, max_candidates: int | None = None) -> DataFrame:
+    """Edges ``(a, b)`` of image_ids (``a < b``, strings) whose connected components are the near-duplicate
+    groups of ``df`` (``image_id`` string, ``phash`` long; rows with a null hash are left out):
+
+    * rows with an equal hash: a star from the smallest image_id of that hash to each other one
+      (``n - 1`` edges, not the ``n²`` pairs; a hash of a million blank images costs no pair search);
+    * distinct hashes within Hamming distance ``distance``: one edge between their smallest image_ids,
+      found by the band join of ``band_keys`` and checked exactly (``bit_count`` of the xor), each once.
+
+    So a pair of rows is within ``distance`` iff it is an edge here or is linked through its hashes'
+    stars. ``max_candidates``: raise ``ValueError`` when the band join would make more candidate pairs.
+    """
+    from pyspark.sql import functions as F
+
+    band_layout(distance)
+    valid = _valid(df, "image_id", "phash")
+    table = _hash_table(valid)
+    star = valid.join(table.select("phash", "rep"), "phash").filter(F.col("image_id") != F.col("rep"))
+    return star.select(F.col("rep").alias("a"), F.col("image_id").alias("b")).unionByName(
+        _near_edges(table, distance, max_candidates))
+
+
+def _materialize(df: DataFrame, scratch: str | None, name: str) -> DataFrame:
+    """``df`` computed once: a local checkpoint, or with ``scratch`` a Parquet dataset ``scratch/name``."""
+    if scratch is None:
+        return df.localCheckpoint(eager=True)
+    url = storage.join(scratch, name)
+    write_parquet_dataset(df, url)
+    return read_parquet_dataset(df.sparkSession, url)
+
+
+def _large_star(edges: DataFrame) -> DataFrame:
+    """Large-star: each node links its larger neighbours to the smallest of itself and its neighbours.
+
+    ``edges`` (``hi > lo``) become ``(hi, lo, moved)``, hash-partitioned by ``hi``, with duplicates;
+    ``moved``: the edge's ``lo`` has a smaller neighbour, so the edge now goes to that node's smallest."""
+    from pyspark.sql import functions as F
+
+    mins = edges.groupBy("hi").agg(F.min("lo").alias("m")).withColumnRenamed("hi", "lo")
+    return edges.join(mins, "lo", "left").select(
+        "hi", F.coalesce("m", "lo").alias("lo"), F.col("m").isNotNull().alias("moved")).repartition("hi")
+
+
+def _small_star(edges: DataFrame) -> DataFrame:
+    """Small-star: each node links itself and its smaller neighbours to the smallest of them (``edges``:
+    ``hi > lo``, partitioned by ``hi``, duplicates allowed; the result is deduplicated, partitioned by ``hi``)."""
+    from pyspark.sql import functions as F
+
+    smallest = edges.groupBy("hi").agg(F.min("lo").alias("m"))  # no shuffle: the edges are partitioned by hi
+    moved = edges.join(smallest, "hi").filter(F.col("lo") != F.col("m")).select(F.col("lo").alias("hi"), F.col("m").alias("lo"))
+    return moved.unionByName(smallest.select("hi", F.col("m").alias("lo"))).repartition("hi").distinct()
+
+
+def _branching(edges: DataFrame) -> int:
+    """How many nodes of ``edges`` (``hi > lo``) have two or more smaller neighbours (a count on the cluster)."""
+    from pyspark.sql import functions as F
+
+    return edges.groupBy("hi").agg(F.count(F.lit(1)).alias("n")).filter(F.col("n") > 1).count()
+
+
+def connected_components(spark: SparkSession, edges: DataFrame, max_iterations: int = 50, *,
+                         scratch: str | None = None) -> DataFrame:
+    """``(id, component)`` for every node of ``edges`` (columns ``a``, ``b``: string ids, undirected):
+    ``component`` is the smallest id of the node's connected component (string order), and the smallest
+    node maps to itself. Only nodes of some edge appear: an isolated node has no row (a self-loop ``(x, x)``
+    and an edge with a null end are dropped first, so a node seen only there has none either).
+
+    Alternating large-star / small-star rounds (Kiveris et al. 2014) on the edges held as ``(hi, lo)``,
+    ``hi > lo``, deduplicated; both steps keep the components, and a round shuffles the edges four times.
+    It stops when the edges are stars centered at their smallest node, where a further round changes
+    nothing: the large-star moved no edge (a count on the cluster, part of the round) and no node has two
+    smaller neighbours (one more count, only then). After ``max_iterations`` rounds without that it
+    raises ``RuntimeError``. Each round's edges are materialized (``localCheckpoint``, or Parquet under
+    ``scratch``), so the lineage does not grow.
+    """
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    tag = uuid.uuid4().hex[:12]
+    a, b = F.col("a"), F.col("b")
+    current = edges.filter(a.isNotNull() & b.isNotNull() & (a != b)).select(
+        F.greatest(a, b).alias("hi"), F.least(a, b).alias("lo")).distinct()
+    current = _materialize(current, scratch, f"cc-{tag}-000")
+    rounds = 0
+    while True:
+        large = _large_star(current).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            moved = large.filter("moved").count()
+            if moved == 0 and _branching(current) == 0:
+                break
+            if rounds >= max_iterations:
+                raise RuntimeError(f"connected_components: not converged after max_iterations={max_iterations} rounds")
+            rounds += 1
+            log.debug("connected components round %d: the large-star moved %d edges", rounds, moved)
+            current = _materialize(_small_star(large.select("hi", "lo")), scratch, f"cc-{tag}-{rounds:03d}")
+        finally:
+            large.unpersist()
+        if scratch is not None:
+            storage.remove_folder(storage.join(scratch, f"cc-{tag}-{rounds - 1:03d}"))
+    log.info("connected components: stars after %d round(s)", rounds)
+    return current.select(F.col("hi").alias("id"), F.col("lo").alias("component")).unionByName(
+        current.select(F.col("lo").alias("id"), F.col("lo").alias("component")).distinct())
+
+
+def near_duplicate_groups(spark: SparkSession, rows: DataFrame, distance: int, scratch: str | None = None, *,
+                          max_candidates: int | None = None, max_iterations: int = 50) -> DataFrame:
+    """``(image_id, near_duplicate_of)`` for every member of a near-duplicate group of two or more rows
+    that is not the group's representative; ``near_duplicate_of`` is the representative's image_id.
+
+    ``rows``: ``image_id`` (string, unique), ``path`` (string), ``phash`` (long, may be null). A group is a
+    connected component of the rows whose hashes are within Hamming ``distance`` (equal hashes always
+    are); rows with a null hash (or image_id) are never in a group. The representative is the member with
+    the smallest ``path`` (string order; ties by image_id), like the original of exact duplicates.
+    Representatives and rows of no group have no output row.
+
+    The pair search and the components run here (Spark jobs; the driver gets counts); the result is a
+    lazy frame over their materialized parts: local checkpoints, or with ``scratch`` (a URL) Parquet
+    datasets under it, which must outlive the result's use. ``max_candidates``: see ``candidate_pairs``;
+    ``max_iterations``: see ``connected_components``.
+    """
+    from pyspark.sql import functions as F
+
+    band_layout(distance)
+    tag = uuid.uuid4().hex[:12]
+    valid = _valid(rows, "image_id", "path", "phash")
+    table = _materialize(_hash_table(valid, with_first=True), scratch, f"hashes-{tag}")
+    comps = connected_components(spark, _near_edges(table, distance, max_candidates), max_iterations, scratch=scratch)
+    per_hash = table.join(comps, F.col("rep") == F.col("id"), "left").select(
+        "phash", "first", "n", F.coalesce("component", "rep").alias("group"))
+    groups = per_hash.groupBy("group").agg(F.sum("n").alias("size"), F.min("first").alias("rep_first")).filter(
+        F.col("size") >= 2)
+    tagged = per_hash.select("phash", "group").join(groups.select("group", "rep_first"), "group")
+    same = F.col("path").eqNullSafe(F.col("rep_first.path")) & F.col("image_id").eqNullSafe(F.col("rep_first.image_id"))
+    return valid.join(tagged.select("phash", "rep_first"), "phash").filter(~same).select(
+        "image_id", F.col("rep_first.image_id").alias("near_duplicate_of"))
+
+
+def near_duplicate_counts(groups: DataFrame) -> dict[str, int]:
+    """Counts of a ``near_duplicate_groups`` result (one job, three numbers to the driver): ``groups``
+    (groups of 2+ rows), ``duplicates`` (members that are not the representative) and ``members`` (all
+    rows in those groups, representatives included)."""
+    from pyspark.sql import functions as F
+
+    row = groups.agg(F.count(F.lit(1)).alias("d"), F.countDistinct("near_duplicate_of").alias("g")).first()
+    dups, n_groups = (int(row["d"]), int(row["g"])) if row is not None else (0, 0)
+    return {"groups": n_groups, "duplicates": dups, "members": dups + n_groups}

@@ -1,0 +1,408 @@
+"""Perceptual hash and quality signals (metadata/manifest/image_signals.py).
+
+Generated images (integer formulas, no RNG stream or libm involved) always run, with their hashes pinned
+to exact values; real photos: Fruits-360 from ../shared (skipped with a reason when absent) and
+scikit-learn's two bundled photos (skipped when scikit-learn is not installed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from imgfeat.metadata.contracts.cv2_env import decoder_cv2
+from imgfeat.metadata.manifest import image_signals as sig
+
+cv2 = decoder_cv2()
+
+
+# ----------------------------------------------------------------------------------------- generated images
+
+
+def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    y, x = np.mgrid[0:h, 0:w]
+    return y.astype(np.int64), x.astype(np.int64)
+
+
+def noise(h: int, w: int, k: int = 0) -> np.ndarray:
+    """Hash-like noise from an integer formula (exact everywhere)."""
+    y, x = _grid(h, w)
+    v = ((x * x * 31 + y * 17 + x * y * 7 + k * 101) * 2654435761) % 4294967296
+    return (v >> 24).astype(np.uint8)
+
+
+def smooth_noise(h: int, w: int, k: int = 0, box: int = 9) -> np.ndarray:
+    """``noise`` box-averaged (integer floor mean over box x box, edges clamped): photo-like blobs."""
+    n = np.pad(noise(h, w, k).astype(np.int64), box // 2, mode="edge")
+    c = np.zeros((n.shape[0] + 1, n.shape[1] + 1), np.int64)
+    c[1:, 1:] = n.cumsum(0).cumsum(1)
+    s = c[box:, box:] - c[:-box, box:] - c[box:, :-box] + c[:-box, :-box]
+    return (s // (box * box)).astype(np.uint8)
+
+
+def blob_scene(h: int, w: int) -> np.ndarray:
+    """A bright ellipse off centre on a ramp, plus a dark bar: no symmetry."""
+    y, x = _grid(h, w)
+    ramp = 40 + (x * 90) // w + (y * 30) // h
+    ell = ((x - w // 3) ** 2) * 4 + ((y - h // 2) ** 2) * 9 < (min(h, w) ** 2)
+    bar = (x > (2 * w) // 3) & (x < (2 * w) // 3 + w // 10) & (y > h // 5)
+    v = np.where(ell, 220, ramp)
+    v = np.where(bar, 25, v)
+    return v.astype(np.uint8)
+
+
+PINNED = {
+    "noise_97x131": (lambda: noise(97, 131), -0x5670641BD8DF079C),
+    "smooth_480x640": (lambda: smooth_noise(480, 640, 3), 0x2B45465E036B72AE),
+    "blob_200x150": (lambda: blob_scene(200, 150), -0x6D6CEC009793976E),
+    "tiny_13x20": (lambda: smooth_noise(13, 20, 5, box=3), -0x9935CDED30985F8),
+    "flat_50x70": (lambda: np.full((50, 70), 123, np.uint8), 0),
+}
+"""Exact hashes: any change to the algorithm, the resize or the bit order shows here (and means every
+stored hash must be recomputed)."""
+
+
+def encode(img: np.ndarray, ext: str = ".jpg", quality: int = 90) -> bytes:
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if ext == ".jpg" else []
+    ok, buf = cv2.imencode(ext, img, params)
+    assert ok
+    return buf.tobytes()
+
+
+def decode_as_manifest(data: bytes) -> np.ndarray:
+    """What the manifest check does: header, ``reduced_gray_flag``, imdecode, ``gray_of``."""
+    from imgfeat.metadata.contracts.sniff import parse_header
+
+    info = parse_header(data)
+    assert info.status == "ok", info.detail
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), sig.reduced_gray_flag(info.width, info.height, info.format))
+    assert img is not None
+    return sig.gray_of(img)
+
+
+def signals_of(data: bytes) -> sig.ImageSignals:
+    return sig.image_signals(decode_as_manifest(data))
+
+
+def variants(bgr: np.ndarray) -> dict[str, bytes]:
+    """The same picture: JPEG q60, PNG, resized to 50 %, brightness +10 % (all but PNG as JPEG q90)."""
+    h, w = bgr.shape[:2]
+    half = cv2.resize(bgr, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+    brighter = np.clip(bgr.astype(np.float32) * 1.1 + 0.5, 0, 255).astype(np.uint8)
+    return {"jpeg_q60": encode(bgr, quality=60), "png": encode(bgr, ".png"), "resize_50": encode(half),
+            "brightness_+10": encode(brighter)}
+
+
+# ----------------------------------------------------------------------------------------- the hash
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_pinned_hashes(name):
+    make, expected = PINNED[name]
+    gray = make()
+    assert sig.perceptual_hash(gray) == expected
+    assert sig.image_signals(gray).phash == expected
+
+
+def test_hash_does_not_depend_on_opencv_threads():
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(4)
+        got = {name: sig.perceptual_hash(make()) for name, (make, _) in PINNED.items()}
+    finally:
+        cv2.setNumThreads(before)
+    assert got == {name: expected for name, (_, expected) in PINNED.items()}
+
+
+def test_hash_layout():
+    for make, h in PINNED.values():
+        assert -(2**63) <= h < 2**63
+        assert h & 1 == 0  # bit 0 (DC) is always 0
+        assert np.array([h], dtype=np.int64)[0] == h  # fits a Parquet int64 column
+    # A pure horizontal falling ramp: only the horizontal frequencies (u = 0, v odd) are positive, so
+    # exactly bits 1, 3, 5 and 7 are set (bit i = 8*u + v).
+    _, x = _grid(64, 64)
+    ramp = (255 - 4 * x).astype(np.uint8)
+    assert sig.perceptual_hash(ramp) == 0b10101010
+    # The same ramp running down the image: bits 8, 24, 40, 56 (u odd, v = 0).
+    assert sig.perceptual_hash(np.ascontiguousarray(ramp.T)) == (1 << 8) | (1 << 24) | (1 << 40) | (1 << 56)
+    # A falling ramp has its coefficients positive; a rising one negative: the top bit set means a negative int64.
+    assert sig.hash_to_unsigned(-1) == 2**64 - 1
+
+
+def test_dct_table_is_exact_and_far_from_rounding_ties():
+    one = 1 << 12
+    for u in range(8):
+        for x in range(32):
+            c = math.sqrt(0.5) if u == 0 else math.cos(math.pi * (2 * x + 1) * u / 64)
+            v = c * one
+            assert sig._DCT[u, x] == round(v)
+            assert abs(abs(v - math.floor(v)) - 0.5) > 1e-3
+    assert (sig._DCT[1:].sum(axis=1) == 0).all()  # a flat image has no AC energy at all
+
+
+def test_hash_matches_the_float_reference():
+    """The integer pipeline computes the documented algorithm: cv2.resize(INTER_AREA) to 32x32, cv2.dct,
+    8x8, bits above the median of the 63 AC coefficients (uint8 rounding of cv2's resize aside)."""
+    for k in range(6):
+        gray = smooth_noise(150 + 37 * k, 230 - 11 * k, k, box=7)
+        block = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
+        coeffs = cv2.dct(block)[:8, :8].ravel()
+        bits = coeffs > np.median(coeffs[1:])
+        bits[0] = False
+        ref = int.from_bytes(np.packbits(bits, bitorder="little").tobytes(), "little", signed=True)
+        assert sig.hamming(ref, sig.perceptual_hash(gray)) <= 2
+
+
+def test_box_average_is_inter_area():
+    for h, w in ((32, 32), (33, 47), (97, 131), (480, 640), (40, 1000)):
+        gray = smooth_noise(h, w, 1, box=3)
+        ours = sig._hash_block(gray) / 256.0
+        ref = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA)
+        assert np.abs(ours - ref).max() <= 0.5 + 1e-9  # cv2 rounds its result to uint8
+    for h, w in ((13, 20), (5, 7), (31, 31), (1, 1)):
+        gray = smooth_noise(h, w, 2, box=1)
+        ours = sig._hash_block(gray) / 256.0
+        ref = cv2.resize(gray.astype(np.float32), (32, 32), interpolation=cv2.INTER_LINEAR)
+        assert np.abs(ours - ref).max() < 0.01
+
+
+def test_hamming():
+    assert sig.hamming(0, 0) == 0
+    assert sig.hamming(0, -1) == 64
+    assert sig.hamming(-(2**63), 0) == 1
+    assert sig.hamming(2**63 - 1, -(2**63)) == 64
+    a, b = PINNED["noise_97x131"][1], PINNED["blob_200x150"][1]
+    assert sig.hamming(a, b) == sig.hamming(b, a) == bin((a ^ b) & (2**64 - 1)).count("1")
+    assert sig.hamming(a, sig.hash_to_unsigned(a)) == 0
+
+
+def test_rejects_what_is_not_a_grey_uint8_image():
+    with pytest.raises(ValueError):
+        sig.perceptual_hash(np.zeros((10, 10, 3), np.uint8))
+    with pytest.raises(ValueError):
+        sig.perceptual_hash(np.zeros((10, 10), np.uint16))
+    with pytest.raises(ValueError):
+        sig.image_signals(np.zeros((0, 10), np.uint8))
+
+
+def test_generated_variants_stay_close_and_distinct_images_are_far():
+    scenes = [cv2.cvtColor(smooth_noise(360, 480, k, box=25), cv2.COLOR_GRAY2BGR) for k in range(6)]
+    hashes = []
+    for bgr in scenes:
+        h0 = signals_of(encode(bgr)).phash
+        hashes.append(h0)
+        for kind, data in variants(bgr).items():
+            assert sig.hamming(h0, signals_of(data).phash) <= 4, kind
+    far = [sig.hamming(a, b) for i, a in enumerate(hashes) for b in hashes[i + 1 :]]
+    assert min(far) >= 16
+
+
+# ----------------------------------------------------------------------------------------- real photos
+
+
+def _fruit_photos(fruits_dir, per_class: int) -> list[tuple[str, np.ndarray]]:
+    """(class, photo upscaled to 400 px as BGR) for ``per_class`` photos of each class, spread over frames."""
+    out = []
+    for cls_dir in sorted((fruits_dir / "Training").iterdir()):
+        files = sorted(cls_dir.glob("*.jpg"))
+        for f in files[:: max(1, len(files) // per_class)][:per_class]:
+            img = cv2.imdecode(np.fromfile(str(f), np.uint8), cv2.IMREAD_COLOR)
+            out.append((cls_dir.name, cv2.resize(img, (400, 400), interpolation=cv2.INTER_CUBIC)))
+    return out
+
+
+def test_fruit_photo_variants_stay_close(fruits_dir):
+    dists: dict[str, list[int]] = {}
+    for _, bgr in _fruit_photos(fruits_dir, 2):
+        h0 = signals_of(encode(bgr)).phash
+        for kind, data in variants(bgr).items():
+            dists.setdefault(kind, []).append(sig.hamming(h0, signals_of(data).phash))
+    for kind, d in dists.items():
+        assert np.median(d) <= 2 and max(d) <= sig.DEFAULT_NEAR_DUPLICATE_DISTANCE, (kind, d)
+
+
+def test_distinct_fruit_photos_are_far(fruits_dir):
+    photos = _fruit_photos(fruits_dir, 3)
+    hashes = [(cls, signals_of(encode(bgr)).phash) for cls, bgr in photos]
+    other_class = [sig.hamming(a, b) for i, (ca, a) in enumerate(hashes) for cb, b in hashes[i + 1 :] if ca != cb]
+    # Fruits-360 photos share one layout (a fruit in the middle of a white frame), so some pairs of
+    # different fruits come close; most are far.
+    assert np.median(other_class) >= 20
+    assert np.mean([d > sig.DEFAULT_NEAR_DUPLICATE_DISTANCE for d in other_class]) >= 0.95
+
+
+@pytest.fixture(scope="module")
+def sklearn_photos() -> list[np.ndarray]:
+    datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn's bundled photos need scikit-learn")
+    return [cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2BGR) for img in datasets.load_sample_images().images]
+
+
+def test_real_photo_variants_and_formats(sklearn_photos):
+    hashes = []
+    for bgr in sklearn_photos:
+        big = cv2.resize(bgr, (1280, 854), interpolation=cv2.INTER_CUBIC)  # a real-size frame: reduced decode
+        h0 = signals_of(encode(big)).phash
+        hashes.append(h0)
+        for kind, data in variants(big).items():
+            assert sig.hamming(h0, signals_of(data).phash) <= 4, kind
+    assert sig.hamming(*hashes) > 3 * sig.DEFAULT_NEAR_DUPLICATE_DISTANCE
+
+
+def test_signals_do_not_depend_on_the_decode_reduction(sklearn_photos):
+    for bgr in sklearn_photos:
+        for size in ((1280, 854), (2048, 1366)):
+            data = encode(cv2.resize(bgr, size, interpolation=cv2.INTER_CUBIC))
+            full = sig.image_signals(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE))
+            reduced = signals_of(data)
+            assert 0.7 < reduced.blur / full.blur <= 1.05
+            assert abs(reduced.contrast / full.contrast - 1) < 0.05
+            assert abs(reduced.brightness - full.brightness) < 1.0
+            assert abs(reduced.entropy - full.entropy) < 0.25
+            assert sig.hamming(reduced.phash, full.phash) <= 2
+
+
+# ----------------------------------------------------------------------------------------- quality signals
+
+
+def test_signal_sanity():
+    gray = smooth_noise(300, 400, 7, box=5)
+    s = sig.image_signals(gray)
+    assert s.brightness == pytest.approx(float(gray.mean()), abs=1e-9)
+    blurred = sig.image_signals(cv2.GaussianBlur(gray, (0, 0), 6))
+    assert blurred.blur < s.blur / 4
+    darker = sig.image_signals((gray // 2).astype(np.uint8))
+    assert darker.brightness < s.brightness and darker.contrast < s.contrast
+    flat = sig.image_signals(np.full((200, 300), 90, np.uint8))
+    assert (flat.blur, flat.contrast, flat.entropy, flat.brightness, flat.phash) == (0.0, 0.0, 0.0, 90.0, 0)
+    # Two equal halves, aligned with the 2x box of the 64 px copy: exactly 1 bit of entropy.
+    halves = np.zeros((128, 128), np.uint8)
+    halves[:, 64:] = 255
+    h = sig.image_signals(halves)
+    assert h.entropy == pytest.approx(1.0) and h.contrast == pytest.approx(127.5)
+    assert 0 <= s.entropy <= 8
+    tiny = sig.image_signals(noise(5, 9))  # upsampled for the signals: still finite
+    assert all(math.isfinite(v) for v in (tiny.blur, tiny.contrast, tiny.entropy))
+
+
+def test_signals_are_frozen_and_flagged():
+    s = sig.image_signals(np.full((80, 80), 5, np.uint8))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.blur = 1.0  # type: ignore[misc]
+    assert sig.quality_flags(s) == ("blurry", "dark", "low_contrast", "low_entropy")
+    ok = sig.image_signals(blob_scene(300, 400))
+    assert sig.quality_flags(ok) == ()
+    assert sig.quality_flags(ok, {"blur_below": 1e12}) == ("blurry",)
+    assert set(sig.QUALITY_FLAGS) >= set(sig.quality_flags(sig.image_signals(np.full((80, 80), 250, np.uint8))))
+
+
+def test_signal_size():
+    assert sig.signal_size(480, 640) == (64, 85)
+    assert sig.signal_size(640, 480) == (85, 64)
+    assert sig.signal_size(10, 100_000) == (64, 64 * sig.MAX_SIGNAL_ASPECT)
+
+
+# ----------------------------------------------------------------------------------------- decode
+
+
+def test_imread_flag_constants_are_opencvs():
+    assert sig.IMREAD_UNCHANGED == cv2.IMREAD_UNCHANGED
+    assert sig.IMREAD_GRAYSCALE == cv2.IMREAD_GRAYSCALE
+    assert sig.IMREAD_REDUCED_GRAYSCALE_2 == cv2.IMREAD_REDUCED_GRAYSCALE_2
+    assert sig.IMREAD_REDUCED_GRAYSCALE_4 == cv2.IMREAD_REDUCED_GRAYSCALE_4
+    assert sig.IMREAD_REDUCED_GRAYSCALE_8 == cv2.IMREAD_REDUCED_GRAYSCALE_8
+
+
+@pytest.mark.parametrize("w,h,fmt,expected", [
+    (4000, 3000, "jpeg", sig.IMREAD_REDUCED_GRAYSCALE_8),
+    (1024, 2000, "jpeg", sig.IMREAD_REDUCED_GRAYSCALE_8),
+    (1017, 1100, "jpeg", sig.IMREAD_REDUCED_GRAYSCALE_8),  # libjpeg rounds up: ceil(1017 / 8) = 128
+    (1016, 1100, "jpeg", sig.IMREAD_REDUCED_GRAYSCALE_4),
+    (600, 800, "jpeg", sig.IMREAD_REDUCED_GRAYSCALE_4),
+    (509, 800, "jpeg", sig.IMREAD_REDUCED_GRAYSCALE_4),
+    (508, 800, "jpeg", sig.IMREAD_REDUCED_GRAYSCALE_2),
+    (255, 300, "jpeg", sig.IMREAD_REDUCED_GRAYSCALE_2),
+    (254, 300, "jpeg", sig.IMREAD_GRAYSCALE),
+    (100, 100, "jpeg", sig.IMREAD_GRAYSCALE),
+    (None, None, "jpeg", sig.IMREAD_GRAYSCALE),
+    (4000, 3000, "png", sig.IMREAD_UNCHANGED),
+    (4000, 3000, "webp", sig.IMREAD_UNCHANGED),
+    (4000, 3000, None, sig.IMREAD_UNCHANGED),
+])
+def test_reduced_gray_flag(w, h, fmt, expected):
+    assert sig.reduced_gray_flag(w, h, fmt) == expected
+
+
+@pytest.mark.parametrize("w,h", [(1017, 1100), (1016, 1100), (509, 700), (508, 700), (255, 300), (1200, 130)])
+def test_reduced_decode_keeps_the_minimum_side(w, h):
+    data = encode(cv2.cvtColor(smooth_noise(h, w, 1), cv2.COLOR_GRAY2BGR))
+    gray = decode_as_manifest(data)
+    assert gray.ndim == 2 and gray.dtype == np.uint8
+    assert min(gray.shape) >= min(sig.MIN_DECODE_SIDE, w, h)
+    assert min(gray.shape) < 2 * sig.MIN_DECODE_SIDE or sig.reduced_gray_flag(w, h, "jpeg") == sig.IMREAD_GRAYSCALE
+
+
+def test_gray_of_layouts():
+    g = smooth_noise(60, 80, 4)
+    bgr = cv2.cvtColor(g, cv2.COLOR_GRAY2BGR)
+    assert np.array_equal(sig.gray_of(g), g)
+    assert np.array_equal(sig.gray_of(g[..., None]), g)
+    assert np.array_equal(sig.gray_of(bgr), g)
+    assert np.array_equal(sig.gray_of(bgr.astype(np.uint16) * 257), g)  # 16-bit
+    assert np.array_equal(sig.gray_of(g.astype(np.float32) / 255.0), g)  # float 0..1
+    alpha = np.full((60, 80, 1), 255, np.uint8)
+    assert np.array_equal(sig.gray_of(np.concatenate([bgr, alpha], axis=2)), g)  # opaque
+    assert (sig.gray_of(np.concatenate([bgr, 0 * alpha], axis=2)) == 255).all()  # transparent: white
+    assert (sig.gray_of(np.dstack([g, np.zeros_like(g)]), background=0) == 0).all()  # grey + alpha
+    with pytest.raises(ValueError):
+        sig.gray_of(np.zeros((4, 4, 5), np.uint8))
+
+
+def test_png_and_jpeg_of_one_picture_hash_alike():
+    bgr = cv2.cvtColor(smooth_noise(300, 400, 9, box=15), cv2.COLOR_GRAY2BGR)
+    bgr[..., 0] = np.roll(bgr[..., 0], 7, axis=1)  # some colour
+    rgba16 = cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA).astype(np.uint16) * 257
+    a = signals_of(encode(bgr, quality=85))
+    for data in (encode(bgr, ".png"), encode(rgba16, ".png")):
+        b = signals_of(data)
+        assert sig.hamming(a.phash, b.phash) <= 2
+        assert abs(a.brightness - b.brightness) < 1.0
+
+
+def test_pngsuite_decodes_to_grey(pngsuite_dir):
+    """Every decodable PngSuite file (all colour types, bit depths, palettes, alpha) goes through gray_of."""
+    n = 0
+    for f in sorted(pngsuite_dir.glob("*.png")):
+        if f.name.startswith("x"):
+            continue  # the deliberately corrupt ones
+        data = f.read_bytes()
+        try:
+            gray = decode_as_manifest(data)
+        except AssertionError:
+            continue  # a header the sniffer refuses
+        s = sig.image_signals(gray)
+        assert gray.ndim == 2 and gray.dtype == np.uint8
+        assert 0 <= s.brightness <= 255 and 0 <= s.entropy <= 8
+        n += 1
+    assert n > 100
+
+
+def test_jpeg_exif_orientation_is_applied():
+    """The grey and reduced-grey JPEG decodes turn the picture upright (OpenCV applies the EXIF
+    orientation for every flag but IMREAD_UNCHANGED), so a rotated-by-EXIF copy hashes as the upright one."""
+    pil = pytest.importorskip("PIL.Image", reason="writing an EXIF orientation needs Pillow")
+    import io
+
+    upright = cv2.cvtColor(blob_scene(300, 400), cv2.COLOR_GRAY2RGB)
+    stored = np.ascontiguousarray(np.rot90(upright, 1))  # what a camera held sideways stores
+    exif = pil.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    for size in (1, 4):  # a full decode and a reduced one
+        img = pil.fromarray(cv2.resize(stored, (stored.shape[1] * size, stored.shape[0] * size)))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+        up = cv2.resize(upright, (upright.shape[1] * size, upright.shape[0] * size))
+        expected = signals_of(encode(cv2.cvtColor(up, cv2.COLOR_RGB2BGR))).phash
+        assert sig.hamming(signals_of(buf.getvalue()).phash, expected) <= 2

@@ -1,0 +1,358 @@
+"""Near-duplicate groups by perceptual hash (``manifest/near_duplicates.py``).
+
+Band keys (pure Python and numpy) against the pigeonhole property; on Spark, the band keys, the candidate
+pairs and the connected components against brute force (all O(n²) hash pairs, a union-find), and the
+groups' representative rule, null hashes and independence from the input's partitioning.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from imgfeat.metadata.manifest import near_duplicates as nd
+from imgfeat.metadata.manifest.near_duplicates import (
+    band_key_rows,
+    band_keys,
+    band_layout,
+    band_values,
+    candidate_pairs,
+    connected_components,
+    near_duplicate_counts,
+    near_duplicate_groups,
+)
+
+INT64 = st.integers(-(1 << 63), (1 << 63) - 1)
+MASK64 = (1 << 64) - 1
+LOGGER = nd.__name__
+
+
+def popcount(x: int, y: int) -> int:
+    return ((x ^ y) & MASK64).bit_count()
+
+
+def signed(u: int) -> int:
+    return u - (1 << 64) if u >> 63 else u
+
+
+def flip(h: int, bits: Iterable[int]) -> int:
+    u = h & MASK64
+    for b in bits:
+        u ^= 1 << b
+    return signed(u)
+
+
+class UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, x: str, y: str) -> None:
+        rx, ry = self.find(x), self.find(y)
+        if rx != ry:
+            self.parent[max(rx, ry)] = min(rx, ry)
+
+    def components(self) -> dict[str, str]:
+        """Every node seen -> the smallest node of its component."""
+        groups: dict[str, list[str]] = {}
+        for x in list(self.parent):
+            groups.setdefault(self.find(x), []).append(x)
+        return {x: min(members) for members in groups.values() for x in members}
+
+
+def uf_components(edges: Iterable[tuple[str | None, str | None]]) -> dict[str, str]:
+    uf = UnionFind()
+    for a, b in edges:
+        if a is not None and b is not None and a != b:
+            uf.union(a, b)
+    return uf.components()
+
+
+def expected_edges(rows: list[tuple[str, int | None]], d: int) -> set[tuple[str, str]]:
+    """``candidate_pairs``' contract by brute force: a star per equal hash, then every pair of distinct
+    hashes within ``d`` (all O(U²) of them) as an edge between their smallest ids."""
+    reps: dict[int, str] = {}
+    for i, h in rows:
+        if h is not None:
+            reps[h] = min(reps.get(h, i), i)
+    edges = {(reps[h], i) for i, h in rows if h is not None and i != reps[h]}
+    hs = sorted(reps)
+    for x in range(len(hs)):
+        for y in range(x + 1, len(hs)):
+            if popcount(hs[x], hs[y]) <= d:
+                a, b = sorted((reps[hs[x]], reps[hs[y]]))
+                edges.add((a, b))
+    return edges
+
+
+def expected_groups(rows: list[tuple[str, str, int | None]], d: int) -> dict[str, str]:
+    """image_id -> representative's image_id for the non-representative members, by brute force."""
+    hashed = [(i, p, h) for i, p, h in rows if h is not None]
+    uf = UnionFind()
+    for i, _, _ in hashed:
+        uf.find(i)
+    for x in range(len(hashed)):
+        for y in range(x + 1, len(hashed)):
+            if popcount(hashed[x][2], hashed[y][2]) <= d:
+                uf.union(hashed[x][0], hashed[y][0])
+    comp = uf.components()
+    members: dict[str, list[tuple[str, str]]] = {}
+    for i, p, _ in hashed:
+        members.setdefault(comp[i], []).append((p, i))
+    out = {}
+    for group in members.values():
+        if len(group) > 1:
+            rep = min(group)[1]
+            out.update({i: rep for _, i in group if i != rep})
+    return out
+
+
+def random_hashes(rng: random.Random, n: int, d: int) -> list[int]:
+    """``n`` hashes: random ones (half with the sign bit set), near variants (<= d flips, some of bit 63),
+    far variants sharing band 0, a blank hash many times and a repeated negative hash."""
+    hs: list[int] = []
+    width0 = band_layout(d)[0][1]
+    while len(hs) < n:
+        kind = rng.random()
+        if not hs or kind < 0.35:
+            hs.append(signed(rng.getrandbits(64)))
+        elif kind < 0.6:
+            bits = rng.sample(range(64), rng.randint(1, max(d, 1)))
+            if rng.random() < 0.3:
+                bits = list({*bits[1:], 63})
+            hs.append(flip(rng.choice(hs), bits))
+        elif kind < 0.7 and width0 < 64:  # agrees on band 0 but further than d
+            hs.append(flip(rng.choice(hs), rng.sample(range(width0, 64), min(d + 1 + rng.randint(0, 2), 64 - width0))))
+        elif kind < 0.85:
+            hs.append(0)
+        else:
+            hs.append(-0x1234_5678_9ABC_DEF0)
+    return hs
+
+
+def rounds_logged(caplog: pytest.LogCaptureFixture) -> list[int]:
+    out = []
+    for rec in caplog.records:
+        m = re.match(r"connected components: stars after (\d+) round", rec.getMessage())
+        if rec.name == LOGGER and m:
+            out.append(int(m.group(1)))
+    return out
+
+
+# ---- band keys: pure Python and numpy ----
+
+@pytest.mark.parametrize("d", [0, 1, 2, 3, 7, 16, 63])
+def test_band_layout_covers_64_bits(d: int) -> None:
+    layout = band_layout(d)
+    assert len(layout) == d + 1
+    assert layout[0][0] == 0
+    assert all(s2 == s1 + w1 for (s1, w1), (s2, _) in zip(layout, layout[1:]))
+    assert sum(w for _, w in layout) == 64
+    assert max(w for _, w in layout) - min(w for _, w in layout) <= 1
+
+
+@pytest.mark.parametrize("bad", [-1, 64, 1.0, True])
+def test_band_layout_rejects_bad_distances(bad: object) -> None:
+    with pytest.raises(ValueError):
+        band_layout(bad)  # type: ignore[arg-type]
+
+
+def test_band_keys_values() -> None:
+    assert band_keys(-1, 0) == [(0, -1)]  # one band: the signed int64 itself
+    assert band_keys(MASK64, 0) == [(0, -1)]  # the same bits given unsigned
+    assert band_keys(-1, 1) == [(0, 0xFFFF_FFFF), (1, 0xFFFF_FFFF)]
+    assert band_keys(1 << 63, 1) == band_keys(-(1 << 63), 1) == [(0, 0), (1, 1 << 31)]
+    assert band_keys(0x0123_4567_89AB_CDEF, 3) == [(0, 0xCDEF), (1, 0x89AB), (2, 0x4567), (3, 0x0123)]
+    with pytest.raises(ValueError):
+        band_keys(1 << 64, 1)
+
+
+@settings(max_examples=400, deadline=None)
+@given(h=INT64, d=st.integers(0, 16), data=st.data())
+def test_pairs_within_distance_share_a_band(h: int, d: int, data: st.DataObject) -> None:
+    bits = data.draw(st.sets(st.integers(0, 63), max_size=d))
+    other = flip(h, bits)
+    assert popcount(h, other) == len(bits) <= d
+    assert set(band_keys(h, d)) & set(band_keys(other, d))
+
+
+@settings(max_examples=50, deadline=None)
+@given(hs=st.lists(INT64, min_size=1, max_size=20), d=st.integers(0, 20))
+def test_band_values_match_band_keys(hs: list[int], d: int) -> None:
+    want = [[v for _, v in band_keys(h, d)] for h in hs]
+    arr = np.array(hs, np.int64)
+    assert band_values(arr, d).tolist() == want
+    assert band_values(arr.view(np.uint64), d).tolist() == want
+
+
+# ---- Spark: band keys and candidate pairs ----
+
+@pytest.mark.spark
+def test_band_key_rows_match_python(spark) -> None:
+    rng = random.Random(1)
+    hs = [0, -1, 1, -(1 << 63), (1 << 63) - 1] + [signed(rng.getrandbits(64)) for _ in range(40)]
+    df = spark.createDataFrame([(h,) for h in hs], "phash long")
+    for d in (0, 1, 3, 16):
+        got = {(r["phash"], r["band"], r["value"]) for r in band_key_rows(df, d).collect()}
+        assert got == {(h, b, v) for h in hs for b, v in band_keys(h, d)}, d
+
+
+@pytest.mark.spark
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**32), d=st.integers(0, 6))
+def test_candidate_pairs_keep_near_and_drop_far(spark, seed: int, d: int) -> None:
+    rng = random.Random(seed)
+    rows: list[tuple[str, int | None]] = []
+    for k in range(12):
+        h = signed(rng.getrandbits(64))
+        near = flip(h, rng.sample(range(64), rng.randint(0, d)))
+        width0 = band_layout(d)[0][1]
+        far_bits = rng.sample(range(width0, 64) if width0 < 64 else range(64), min(d + rng.randint(1, 3), 64 - width0 or 64))
+        rows += [(f"h{k}", h), (f"n{k}", near), (f"f{k}", flip(h, far_bits))]
+    rows.append(("z", None))
+    got = {(r["a"], r["b"]) for r in candidate_pairs(spark.createDataFrame(rows, "image_id string, phash long"), d).collect()}
+    assert got == expected_edges(rows, d)
+    hashes = dict(rows)
+    assert all(popcount(hashes[a], hashes[b]) <= d for a, b in got)  # type: ignore[arg-type]
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("d", [0, 3])
+def test_candidate_pairs_equal_brute_force(spark, d: int) -> None:
+    rng = random.Random(7 + d)
+    hs = random_hashes(rng, 300, d)
+    ids = [f"{rng.getrandbits(40):010x}" for _ in hs]
+    rows: list[tuple[str, int | None]] = list(zip(ids, hs)) + [("nohash-a", None), ("nohash-b", None)]
+    assert sum(h == 0 for h in hs) > 30 and any(h < 0 for h in hs)
+    got_rows = candidate_pairs(spark.createDataFrame(rows, "image_id string, phash long"), d).collect()
+    got = [(r["a"], r["b"]) for r in got_rows]
+    assert len(got) == len(set(got)), "each pair once"
+    assert all(a < b for a, b in got)
+    want = expected_edges(rows, d)
+    assert set(got) == want
+    # The equal-hash stars: n - 1 edges per hash, not n² pairs.
+    assert sum(1 for a, b in got if dict(rows)[a] == dict(rows)[b]) == len(hs) - len(set(hs))
+    # Same groups as all O(n²) row pairs within d.
+    all_pairs = [(ids[x], ids[y]) for x in range(len(hs)) for y in range(x + 1, len(hs)) if popcount(hs[x], hs[y]) <= d]
+    assert uf_components(got) == uf_components(all_pairs)
+
+
+@pytest.mark.spark
+def test_candidate_pairs_guard_raises_before_a_huge_join(spark) -> None:
+    # 64 distinct hashes, one bit set in each: those whose bit is in another band share the band's value 0.
+    rows = [(f"i{k}", flip(0, [k])) for k in range(64)]
+    df = spark.createDataFrame(rows, "image_id string, phash long")
+    with pytest.raises(ValueError, match="max_candidates=100"):
+        candidate_pairs(df, 1, max_candidates=100)
+    candidate_pairs(df, 2, max_candidates=10_000)  # 2,667 candidates: under the limit, no error
+
+
+# ---- Spark: connected components ----
+
+def graph_cases(rng: random.Random) -> tuple[list[tuple[str | None, str | None]], list[str]]:
+    """Edges of several graphs with disjoint ids, and isolated ids that are in no edge."""
+    edges: list[tuple[str | None, str | None]] = []
+    chain = [f"c{rng.getrandbits(32):08x}" for _ in range(50)]  # a chain in random id order
+    edges += list(zip(chain, chain[1:]))
+    sorted_chain = [f"s{i:03d}" for i in range(50)]  # a chain in id order, given backwards
+    edges += [(b, a) for a, b in zip(sorted_chain, sorted_chain[1:])]
+    edges += [("t5", f"t{k}") for k in range(10) if k != 5]  # a star whose center is not the smallest
+    for k in range(40):  # many small components: pairs and triangles
+        if k % 3:
+            edges.append((f"p{k}a", f"p{k}b"))
+        else:
+            edges += [(f"p{k}a", f"p{k}b"), (f"p{k}b", f"p{k}c"), (f"p{k}c", f"p{k}a")]
+    nodes = [f"g{rng.getrandbits(24):06x}" for _ in range(80)]  # a random graph: trees, cycles, a bigger component
+    edges += [(rng.choice(nodes), rng.choice(nodes)) for _ in range(70)]
+    edges += [edges[0], edges[0][::-1], ("loop", "loop"), ("n1", None), (None, None)]  # repeats, a self-loop, nulls
+    rng.shuffle(edges)
+    return edges, ["loop", "n1", "lonely"]
+
+
+@pytest.mark.spark
+def test_connected_components_equal_union_find(spark, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    edges, isolated = graph_cases(random.Random(3))
+    df = spark.createDataFrame(edges, "a string, b string")
+    got_rows = connected_components(spark, df).collect()
+    got = {r["id"]: r["component"] for r in got_rows}
+    assert len(got) == len(got_rows), "one row per node"
+    assert got == uf_components(edges)
+    assert not set(isolated) & set(got), "isolated nodes, self-loops and null ends have no row"
+    (rounds,) = rounds_logged(caplog)
+    assert 1 <= rounds <= 10, rounds  # chains of 50: about log2(50)
+
+
+@pytest.mark.spark
+def test_connected_components_already_stars_and_empty(spark, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    star = [("a", f"x{k}") for k in range(20)] + [("b", "c")]
+    got = {r["id"]: r["component"] for r in connected_components(spark, spark.createDataFrame(star, "a string, b string")).collect()}
+    assert got == uf_components(star)
+    assert connected_components(spark, spark.createDataFrame([], "a string, b string")).count() == 0
+    assert rounds_logged(caplog) == [0, 0]
+
+
+@pytest.mark.spark
+def test_connected_components_raises_naming_max_iterations(spark) -> None:
+    chain = [(f"k{i:02d}", f"k{i + 1:02d}") for i in range(20)]
+    with pytest.raises(RuntimeError, match="max_iterations=1"):
+        connected_components(spark, spark.createDataFrame(chain, "a string, b string"), max_iterations=1)
+
+
+# ---- Spark: groups ----
+
+@pytest.mark.spark
+def test_near_duplicate_groups_representative_and_nulls(spark, tmp_path: Path) -> None:
+    base = 0x0F0F_0F0F_0F0F_0F0F
+    rows = [
+        ("id-a", "/z/last.jpg", base),
+        ("id-z", "/a/first.jpg", flip(base, [0, 1])),  # smallest path: the representative, though not the smallest id
+        ("id-m", "/m/mid.jpg", flip(base, [0, 1, 2, 3])),  # 4 bits from base, 2 from id-z: joined through it
+        ("id-b", "/b/blank1.png", 0),  # equal hashes: one group at any distance
+        ("id-c", "/b/blank0.png", 0),
+        ("id-y", "/y/alone.jpg", -1),  # far from everything: no group
+        ("id-0", "/0/nohash.jpg", None),  # never in a group, even with a path that sorts first
+        ("id-1", "/0/nohash2.jpg", None),
+        ("id-s", "/s/sign.jpg", flip(-0x0123_4567_89AB_CDEF, [63])),  # the sign bit flipped: one bit from id-t
+        ("id-t", "/t/sign.jpg", -0x0123_4567_89AB_CDEF),
+    ]
+    df = spark.createDataFrame(rows, "image_id string, path string, phash long")
+    groups = near_duplicate_groups(spark, df, 2, str(tmp_path))  # its parts as Parquet under scratch
+    got = {r["image_id"]: r["near_duplicate_of"] for r in groups.collect()}
+    assert got == {"id-a": "id-z", "id-m": "id-z", "id-b": "id-c", "id-t": "id-s"}
+    assert got == expected_groups(rows, 2)
+    assert near_duplicate_counts(groups) == {"groups": 3, "duplicates": 4, "members": 7}
+    kept = sorted(p.name.split("-")[0] for p in tmp_path.iterdir())
+    assert kept == ["cc", "hashes"], "of the components' rounds only the last one's edges stay"
+    exact = {r["image_id"]: r["near_duplicate_of"] for r in near_duplicate_groups(spark, df, 0).collect()}
+    assert exact == {"id-b": "id-c"}
+
+
+@pytest.mark.spark
+def test_near_duplicate_groups_match_brute_force_for_any_partitioning(spark) -> None:
+    rng = random.Random(11)
+    d = 3
+    hs: list[int | None] = list(random_hashes(rng, 160, d)) + [None] * 5
+    rows = [(f"{rng.getrandbits(40):010x}", f"/img/{rng.getrandbits(24):06x}-{k}.jpg", h) for k, h in enumerate(hs)]
+    want = expected_groups(rows, d)
+    assert len(set(want.values())) >= 5
+    df = spark.createDataFrame(rows, "image_id string, path string, phash long")
+    for n_part in (1, 7):
+        got_rows = near_duplicate_groups(spark, df.repartition(n_part), d).collect()
+        got = {r["image_id"]: r["near_duplicate_of"] for r in got_rows}
+        assert len(got) == len(got_rows)
+        assert got == want, n_part
