@@ -2,7 +2,7 @@
 to decide the pending shards on a restart.
 
     .venv/bin/python bench/bench_featurize_scale.py [--rows 200000] [--rows-per-shard 1000] [--files 8]
-        [--row-group 2000] [--worlds 1,2,4] [--dims 64,2048] [--index spark|arrow] [--results FILE]
+        [--row-group 2000] [--worlds 1,2,4] [--dims 64,2048] [--index spark|arrow] [--torchrun] [--results FILE]
 
 * A synthetic manifest (every manifest column, realistic strings; 2% of rows flagged) written with pyarrow
   clustered by shard (sorted by shard, split over ``--files`` files, row groups of ``--row-group`` rows),
@@ -17,6 +17,9 @@ to decide the pending shards on a restart.
   markers) at two feature sizes: after = ``assign.pending_shards`` (markers + one listing: O(shards));
   before = the check featurize made until now (each marker read alone, every file hashed with sha256).
   Page cache warm (the files were just written), so "before" is a lower bound for a cold object store.
+* ``--torchrun``: each world also runs under ``torchrun --nproc-per-node W`` (``featurize_scale_rank.py``:
+  rank 0 reads the shard index and broadcasts it, each rank reads its own shards, bytes counted in the
+  rank's process), the largest rank's bytes beside the simulated figure.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from bench.countfs import CountingFS  # noqa: E402
 from imgfeat.featurize import assign as assign_mod  # noqa: E402
 from imgfeat.metadata.contracts import feature_store, shard_index, shards  # noqa: E402
-from imgfeat.metadata.contracts.schema import MANIFEST_DIR, MANIFEST_SCHEMA, SUMMARY_FILE, manifest_path, read_manifest  # noqa: E402
+from imgfeat.metadata.contracts.schema import MANIFEST_DIR, MANIFEST_SCHEMA, SUMMARY_FILE, conform_to_manifest, manifest_path, read_manifest  # noqa: E402
 
 
 def synthetic_manifest(out: Path, rows: int, per_shard: int, files: int, row_group: int) -> pa.Table:
@@ -54,7 +57,7 @@ def synthetic_manifest(out: Path, rows: int, per_shard: int, files: int, row_gro
     labels = np.char.mod("class_%03d", np.arange(rows) % 100).astype(str)
     paths = np.char.add(np.char.add("s3://bucket/images/", labels), np.char.mod("/img_%09d.jpg", np.arange(rows))).astype(str)
     n = rows
-    table = pa.table({
+    table = conform_to_manifest(pa.table({
         "image_id": ids, "path": paths, "rel_path": np.char.mod("img_%09d.jpg", np.arange(rows)).astype(str),
         "label": labels, "label_index": pa.array(np.arange(rows) % 100, pa.int32()),
         "split": np.where(np.arange(rows) % 5 == 0, "val", "train"), "size_bytes": rng.integers(10_000, 500_000, n),
@@ -63,7 +66,7 @@ def synthetic_manifest(out: Path, rows: int, per_shard: int, files: int, row_gro
         "content_hash": np.char.mod("%016x", rng.integers(0, 2**62, size=rows)).astype(str), "duplicate_of": pa.nulls(n, pa.string()),
         "status": np.where(flagged, "undecodable", "ok"), "status_detail": pa.nulls(n, pa.string()),
         "shard": pa.array(shard, pa.int32(), mask=shard < 0),
-    }).cast(MANIFEST_SCHEMA)
+    }))
     table = table.sort_by([("shard", "ascending"), ("image_id", "ascending")])
     folder = out / MANIFEST_DIR
     folder.mkdir(parents=True, exist_ok=True)
@@ -103,7 +106,27 @@ def fmt_bytes(n: float) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def per_rank_reads(out: Path, worlds: list[int]) -> list[list[str]]:
+def torchrun_reads(out: Path, world: int) -> tuple[int, int]:
+    """(largest rank's manifest bytes, its rows) from ``torchrun --nproc-per-node world`` of
+    ``featurize_scale_rank.py``: featurize's own start-up reads in real rank processes."""
+    import json
+    import subprocess
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    with tempfile.TemporaryDirectory(prefix="ranks-") as results:
+        cmd = [str(torchrun), "--standalone", f"--nproc-per-node={world}",
+               str(REPO / "bench" / "featurize_scale_rank.py"), str(out), results]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
+        if proc.returncode:
+            raise SystemExit(f"torchrun with {world} ranks failed:\n{proc.stderr[-3000:]}")
+        ranks = [json.loads(p.read_text()) for p in Path(results).glob("rank-*.json")]
+    if len(ranks) != world:
+        raise SystemExit(f"torchrun with {world} ranks: {len(ranks)} rank results")
+    worst = max(ranks, key=lambda r: r["bytes"])
+    return worst["bytes"], worst["rows"]
+
+
+def per_rank_reads(out: Path, worlds: list[int], use_torchrun: bool = False) -> list[list[str]]:
     url = "countfile://" + str(out)
     CountingFS.bytes_read = 0
     t0 = time.perf_counter()
@@ -124,9 +147,13 @@ def per_rank_reads(out: Path, worlds: list[int]) -> list[list[str]]:
                 stats[key].append((CountingFS.bytes_read, time.perf_counter() - t0, sum(len(w) for w in work.values())))
         idx, st = stats["index"], stats["stats"]
         worst = max(b for b, _, _ in idx)
-        rows_out.append([str(world), fmt_bytes(whole), fmt_bytes(worst), f"{worst / whole:.3f} (1/{world} = {1 / world:.3f})",
-                         fmt_bytes(max(b for b, _, _ in st)), f"{max(r for _, _, r in idx):,}",
-                         f"{whole_s:.3f} / {max(t for _, t, _ in idx):.3f}"])
+        row = [str(world), fmt_bytes(whole), fmt_bytes(worst), f"{worst / whole:.3f} (1/{world} = {1 / world:.3f})",
+               fmt_bytes(max(b for b, _, _ in st)), f"{max(r for _, _, r in idx):,}",
+               f"{whole_s:.3f} / {max(t for _, t, _ in idx):.3f}"]
+        if use_torchrun:
+            got, rows = torchrun_reads(out, world)
+            row.append(f"{fmt_bytes(got)} ({got / whole:.3f}), {rows:,} rows")
+        rows_out.append(row)
     return rows_out
 
 
@@ -183,6 +210,7 @@ def main() -> None:
     ap.add_argument("--dims", default="64,2048")
     ap.add_argument("--index", choices=("spark", "arrow"), default="spark")
     ap.add_argument("--results", default=None, help="also write the Markdown to this file")
+    ap.add_argument("--torchrun", action="store_true", help="also measure each world under torchrun (real rank processes)")
     args = ap.parse_args()
     worlds = [int(w) for w in args.worlds.split(",")]
     dims = [int(d) for d in args.dims.split(",")]
@@ -197,7 +225,7 @@ def main() -> None:
         index_s = time.perf_counter() - t0
         index_bytes = (Path(manifest_path(str(out))) / shard_index.SHARD_INDEX_FILE).stat().st_size
         manifest_bytes = sum(shard_index.dataset_data_files(manifest_path(str(out))).values())
-        reads = per_rank_reads(out, worlds)
+        reads = per_rank_reads(out, worlds, args.torchrun)
         decide = pending_decision(out, tmp, dims)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -215,7 +243,8 @@ def main() -> None:
         "Manifest bytes read per rank (counted under the reader; the largest rank):",
         "",
         table(["world", "before: whole manifest, every rank", "after: own shards, with index", "after / before",
-               "after, no index (row-group stats only)", "rows per rank", "time s before / after"], reads),
+               "after, no index (row-group stats only)", "rows per rank", "time s before / after",
+               *(["under torchrun: largest rank (after / before), its rows"] if args.torchrun else [])], reads),
         "",
         "Rank 0 deciding the pending shards, every shard committed (npy float32, page cache warm):",
         "",

@@ -5,8 +5,8 @@
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("manifest", "manifest-realsize", "listing", "preprocess", "decode", "featurize", "featurize-scale", "incremental", "pca",
-         "reliability", "scale-run", "scale")
+ORDER = ("manifest", "manifest-realsize", "listing", "preprocess", "decode", "featurize", "featurize-scale", "incremental",
+         "near-duplicates", "quality-cost", "pca", "reliability", "scale-run", "scale")
 
 
 def main() -> None:

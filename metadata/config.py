@@ -27,7 +27,7 @@ REDUCED_DECODE_MODES = ("off", "safe", "fast")
 CHOICES: dict[str, tuple[str, ...]] = {
     "manifest.validation": ("header", "full"),
     "manifest.label_from": ("parent", "regex", "csv"),
-    "manifest.near_duplicates": ("flag", "drop", "off"),
+    "manifest.near_duplicates": ("flag", "off"),
     "preprocess.resize_policy": RESIZE_POLICIES,
     "preprocess.interpolation": INTERPOLATIONS,
     "preprocess.alpha": ("composite", "drop"),
@@ -139,9 +139,10 @@ class ManifestConfig:
     """Seed of the hash order for splits (change it to draw other splits)."""
     rows_per_shard: int = 1000
     """Ok rows per featurize shard (shards differ by at most one row)."""
-    near_duplicates: str = "flag"
-    """Near-duplicate detection by perceptual hash: ``flag`` (members marked, stay ok), ``drop`` (members
-    get status ``near_duplicate``) or ``off``. With ``header`` validation, ``off`` skips the decode."""
+    near_duplicates: str = "off"
+    """``flag``: every ok image gets a perceptual hash and quality signals from the check's decode (also with
+    ``header`` validation), and the summary gets near-duplicate groups, label conflicts and quality outliers;
+    ``off`` (the default until its cost is down: bench/RESULTS-quality-cost.md): none of that."""
     near_duplicate_distance: int = 4
     """Hamming distance (of 64 bits) within which two images' perceptual hashes make them near-duplicates
     (chosen from measurements on real photos: bench/RESULTS-near-duplicates.md)."""

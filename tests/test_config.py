@@ -41,7 +41,7 @@ def test_stage_fingerprints_unchanged_by_the_decode_section():
     existed (value pinned when the near-duplicate keys were added: the manifest gained its data-quality
     columns then, so older run folders rebuild it once)."""
     cfg = Config()
-    assert cfg.fingerprint("manifest") == "148dd8f7597da6da"
+    assert cfg.fingerprint("manifest") == "9857ac30599aaa5f"
     assert cfg.fingerprint("manifest") != Config(decode=DecodeConfig(max_pixels=5)).fingerprint("manifest")
     assert cfg.fingerprint("featurize", "preprocess") != Config(decode=DecodeConfig(max_pixels=5)).fingerprint(
         "featurize", "preprocess")

@@ -20,7 +20,7 @@ from imgfeat.featurize.fingerprint import digest
 from imgfeat.featurize.folder import prepare_folder
 from imgfeat.metadata.config import Config
 from imgfeat.metadata.contracts import feature_store, shard_index, shards
-from imgfeat.metadata.contracts.schema import MANIFEST_DIR, MANIFEST_SCHEMA, SUMMARY_FILE, manifest_path, read_manifest
+from imgfeat.metadata.contracts.schema import MANIFEST_DIR, SUMMARY_FILE, conform_to_manifest, manifest_path, read_manifest
 from imgfeat.verify import verify_run
 
 ROWS, PER_SHARD, FILES, ROW_GROUP = 12_000, 250, 4, 125
@@ -35,7 +35,7 @@ def _rows(n: int, per_shard: int, seed: int = 0) -> pa.Table:
     status = ["ok" if i % 50 else "undecodable" for i in range(n)]
     ok_rank = np.cumsum([s == "ok" for s in status]) - 1
     shard = [int(r) // per_shard if s == "ok" else None for r, s in zip(ok_rank, status)]
-    return pa.table({
+    return conform_to_manifest(pa.table({
         "image_id": ids, "path": [f"file:///data/img/{i:07d}.jpg" for i in range(n)], "rel_path": [f"{i}.jpg" for i in range(n)],
         "label": [f"c{i % 7}" for i in range(n)], "label_index": pa.array([i % 7 for i in range(n)], pa.int32()),
         "split": ["train" if i % 4 else "val" for i in range(n)], "size_bytes": pa.array(np.full(n, 1000), pa.int64()),
@@ -43,7 +43,7 @@ def _rows(n: int, per_shard: int, seed: int = 0) -> pa.Table:
         "height": pa.array(np.full(n, 48), pa.int32()), "channels": pa.array(np.full(n, 3), pa.int32()),
         "content_hash": [None] * n, "duplicate_of": [None] * n, "status": status, "status_detail": [""] * n,
         "shard": pa.array(shard, pa.int32()),
-    }).cast(MANIFEST_SCHEMA)
+    }))
 
 
 def write_clustered(out: Path, table: pa.Table, files: int, row_group: int) -> Path:

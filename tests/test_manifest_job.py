@@ -208,7 +208,8 @@ def test_header_mode_skips_the_decode(spark, tmp_path):
     rows = {r["rel_path"]: r for r in read_manifest(str(tmp_path / "out")).to_pylist()}
     assert {rel: r["status"] for rel, r in rows.items()} == {"a/stream.png": "ok", "a/fine.jpg": "ok"}
     assert rows["a/fine.jpg"]["phash"] is None
-    # Near-duplicate detection needs each image's hash: with it on, header mode decodes (and so sees the bad stream).
+    # Near-duplicate detection needs each image's hash: with it on, header mode decodes (and so sees the bad
+    # stream).
     cfg = load_config(None, {"manifest": {"validation": "header", "near_duplicates": "flag"}})
     run_manifest(cfg, [str(tmp_path / "src")], str(tmp_path / "out2"))
     rows = {r["rel_path"]: r for r in read_manifest(str(tmp_path / "out2")).to_pylist()}
@@ -347,3 +348,39 @@ def test_prefetched_reads_every_entry_in_order(messy_tree, window, budget):
     for e, data in got:
         expect = read_or_error(e, 1 << 20)
         assert type(data) is type(expect) and (not isinstance(data, bytes) or data == expect)
+
+
+def _blocks(seed: int, h: int = 60, w: int = 80) -> np.ndarray:
+    """A photo-like picture: random coloured blocks, smoothed (stable perceptual hashes, unlike gradients).
+    Under 5,000 pixels: a Spark worker reused from ``test_caps_from_config`` keeps OpenCV's cap of 5,000."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+    return cv2.GaussianBlur(cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST), (0, 0), 2)
+
+
+def test_summary_reports_near_duplicates_label_conflicts_and_quality_outliers(spark, tmp_path):
+    """A re-encoded copy under another label is a near-duplicate group with a label conflict; a dark frame is
+    a quality outlier; distinct pictures are in no group. Figures come from Spark aggregates."""
+    import cv2
+
+    from imgfeat.metadata.manifest.image_signals import hamming
+    from imgfeat.metadata.manifest.job import run_manifest
+
+    src = tmp_path / "src"
+    for i in range(6):
+        write_image(src / "cat" / f"{i}.jpg", _blocks(i), IMWRITE_JPEG_QUALITY=95)
+    write_image(src / "dog" / "copy.jpg", cv2.resize(_blocks(2), (60, 45), interpolation=cv2.INTER_AREA), IMWRITE_JPEG_QUALITY=60)
+    write_image(src / "dog" / "night.png", (_blocks(9) // 12).astype(np.uint8), ".png")
+    cfg = load_config(None, {"manifest": {"validation": "full", "near_duplicates": "flag"}})
+    summary = run_manifest(cfg, [str(src)], str(tmp_path / "out"))
+    rows = {r["rel_path"]: r for r in read_manifest(str(tmp_path / "out")).to_pylist()}
+    assert hamming(rows["dog/copy.jpg"]["phash"], rows["cat/2.jpg"]["phash"]) <= 4
+    near = summary["near_duplicates"]
+    assert (near["groups"], near["duplicates"], near["label_conflicts"]) == (1, 1, 1)
+    assert near["examples"] == [{"path": rows["dog/copy.jpg"]["path"], "near_duplicate_of": rows["cat/2.jpg"]["path"]}]
+    quality = summary["quality"]
+    assert quality["rows"] == 8 and quality["outliers"]["dark"] == 1
+    assert quality["examples"]["dark"] == rows["dog/night.png"]["path"]
+    assert rows["dog/night.png"]["brightness"] < 20

@@ -67,6 +67,14 @@ SIGNAL_COLUMNS = ("phash", "blur", "brightness", "contrast", "entropy")
 """The per-image data-quality columns (``manifest.image_signals``): null where the image was not decoded."""
 
 
+def conform_to_manifest(table: pa.Table) -> pa.Table:
+    """``table`` in ``MANIFEST_SCHEMA``'s column order and types, a column it lacks added as nulls
+    (rows made by other tools, or by a release before that column existed)."""
+    n = table.num_rows
+    return pa.table({f.name: table[f.name] if f.name in table.column_names else pa.nulls(n, f.type)
+                     for f in MANIFEST_SCHEMA}).cast(MANIFEST_SCHEMA)
+
+
 def normalize_uri(path: str) -> str:
     """A canonical URI: ``file:///abs/path`` for local paths, ``scheme://bucket/key`` otherwise."""
     if "://" in path:

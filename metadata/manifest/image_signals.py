@@ -49,12 +49,13 @@ so tiny images read as smooth (low blur).
 Decode (``reduced_gray_flag``, ``gray_of``): a JPEG is decoded grey at 1/8, 1/4 or 1/2 scale, the most
 reduced whose shorter side stays >= ``MIN_DECODE_SIDE`` (128) px, i.e. at least twice the signal copy.
 The trade-off, measured on 200 real-size photos of 400-2,000 px (bench/RESULTS-near-duplicates.md, "The
-reduced decode's floor"): the more reduced, the cheaper (mean decode 3.41 ms full, 2.42 ms with a 64 px
-floor, 2.51 ms with 128, 3.06 ms with 256), and the hash hardly cares (distance to the full decode's hash:
+reduced decode's floor"): the more reduced, the cheaper (mean decode 3.27 ms full, 2.38 ms with a 64 px
+floor, 2.40 ms with 128, 2.55 ms with 256), and the hash hardly cares (distance to the full decode's hash:
 median 0, 95th percentile 2 bits); but the 64 px signal copy box-averages the decoded pixels a second
 time, which blurs when the decode is near 64 px: blur from the reduced decode / blur from the full
 decode was 0.55-0.93 (5th-95th percentile) with a 64 px floor, 0.79-0.97 with 128 and 0.94-1.00 with
-256. 128 px keeps the blur within about 20 % of the full decode's for 4 % more decode time than 64.
+256. 128 px keeps the blur within about 20 % of the full decode's for 1-4 % more decode time than 64
+(two runs).
 The grey and reduced JPEG decodes apply the EXIF orientation (OpenCV does for every flag but
 ``IMREAD_UNCHANGED``), so the hash is of the picture as shown. Other formats are decoded with
 ``IMREAD_UNCHANGED`` (no reduced decode exists for them; it is the decode the manifest check already
@@ -360,7 +361,7 @@ do not either); strictly, 84 %, since Fruits-360 holds many near-identical frame
 2 is stricter (99.7 % / 99.7 %; resizes 98.7 %, captions 76 %); 6 and above let photos that share a
 layout (one fruit centred on white) chain into large groups (8: one group of 939 files). Crops of
 90-95 % are not near-duplicates for any DCT hash (median 14 bits): 2 % at 4. imagededup's PHash scored
-the same within a point at every distance, at 3.6x our cost per file."""
+the same within a point at every distance, at 3.4x our CPU per file (PIL decodes at full size)."""
 
 OUTLIER_THRESHOLDS: dict[str, float] = {
     "blur_below": 100.0,

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgfeat.metadata.config import Config, ManifestConfig, dump_toml
-from imgfeat.metadata.contracts.schema import CONFIG_FILE, MANIFEST_SCHEMA, SUMMARY_FILE
+from imgfeat.metadata.contracts.schema import CONFIG_FILE, MANIFEST_SCHEMA, SIGNAL_COLUMNS, SUMMARY_FILE
 from imgfeat.metadata.contracts.shard_index import (
     build_shard_index,
     dataset_data_files,
@@ -40,6 +40,7 @@ from imgfeat.metadata.contracts.shard_index import (
 from imgfeat.metadata.manifest import labels as labels_mod
 from imgfeat.metadata.manifest import organize as org
 from imgfeat.metadata.manifest.checks import check_entry, prefetched
+from imgfeat.metadata.manifest.data_quality import near_duplicate_summary, quality_summary
 from imgfeat.metadata.manifest.discover import (
     list_on_spark,
     listed_batches,
@@ -128,7 +129,7 @@ def _make_checker(cfg: Config) -> Callable[[Iterator[pa.RecordBatch]], Iterator[
     mc, dc = cfg.manifest, cfg.decode
     validation, max_bytes, max_pixels, formats = mc.validation, dc.max_bytes, dc.max_pixels, tuple(dc.formats)
     max_scans, split_from_folders = dc.max_jpeg_scans, mc.split_from_folders
-    signals = mc.near_duplicates != "off" or mc.validation == "full"
+    signals = mc.near_duplicates != "off"
     label = _labeller(mc)
     names = CHECKED_SCHEMA.names
     as_tuple = operator.itemgetter(*names)
@@ -301,6 +302,10 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
         timings["check_s"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
+        quality, near = _data_quality(spark, cfg, join(work, "checked"), join(work, "near"), slices)
+        timings["quality_s"] = time.perf_counter() - t2
+
+        t2 = time.perf_counter()
         one_task = checked["rows"] <= ONE_TASK_ROWS
         if one_task:
             organizer = _make_organizer(cfg, files, work, previous, previous_rows)
@@ -348,6 +353,8 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
         "incremental": changes,
         "published": published,
         "labels_csv_sha256": labels_sha,
+        "quality": quality,
+        "near_duplicates": near,
         "listing_digest": listing,
         "master": spark.sparkContext.master,
     }
@@ -356,6 +363,23 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
     log.info("manifest v%d: %d files, %d ok, %d shards in %.1fs -> %s", version, total,
              counts["by_status"].get("ok", 0), counts["num_shards"], timings["total_s"], out)
     return summary
+
+
+def _data_quality(spark: SparkSession, cfg: Config, checked: str, scratch: str,
+                  tasks: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The summary's ``quality`` and ``near_duplicates`` (``data_quality``; None where not computed: both
+    need ``near_duplicates = "flag"``, which computes the signals)."""
+    if cfg.manifest.near_duplicates == "off":
+        return None, None
+    frame = read_parquet_dataset(spark, checked, columns=["path", "image_id", "status", "label", "content_hash",
+                                                          *SIGNAL_COLUMNS], num_partitions=tasks)
+    found = quality_summary(frame)
+    quality = found if found["rows"] else None
+    near = near_duplicate_summary(spark, frame, cfg.manifest.near_duplicate_distance, scratch)
+    if near["groups"]:
+        log.info("manifest: %d near-duplicate groups (%d files), %d with conflicting labels", near["groups"],
+                 near["members"], near["label_conflicts"])
+    return quality, near
 
 
 def _kept_summary(cfg: Config, out: str, roots: list[str], listing: str, labels_sha: str | None,

@@ -1,0 +1,93 @@
+"""Data-quality figures of the checked rows for the manifest summary: quality outliers and near-duplicates.
+
+Both run on Spark over the check job's output, before organize, and bring only aggregates to the driver:
+
+* ``quality_summary``: per signal (``image_signals``) the number of ``ok`` rows past its outlier threshold
+  (``image_signals.OUTLIER_THRESHOLDS``), the smallest such path as an example, and percentiles of each
+  signal (one aggregation job; Spark's approximate percentiles, 1% accuracy).
+* ``near_duplicate_summary``: exact duplicates collapsed to their original (``groupBy(content_hash)``),
+  then ``near_duplicates.near_duplicate_groups`` over the originals' perceptual hashes: the number of
+  groups and members, a few (member, representative) path pairs, and the groups whose members (with
+  their exact duplicates) carry more than one label, which are probable label errors.
+
+Cost: one scan of the checked rows each, the shuffles of the near-duplicate search (see
+``near_duplicates``), and at most ``EXAMPLES`` rows per list to the driver.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from imgfeat.metadata.manifest.image_signals import OUTLIER_THRESHOLDS
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column, DataFrame, SparkSession
+
+EXAMPLES = 5
+"""Example paths per list in the summary."""
+
+
+def _outlier_conditions() -> dict[str, Column]:
+    from pyspark.sql import functions as F
+
+    t = OUTLIER_THRESHOLDS
+    return {
+        "blurry": F.col("blur") < t["blur_below"],
+        "dark": F.col("brightness") < t["brightness_below"],
+        "bright": F.col("brightness") > t["brightness_above"],
+        "low_contrast": F.col("contrast") < t["contrast_below"],
+        "low_entropy": F.col("entropy") < t["entropy_below"],
+    }
+
+
+def quality_summary(checked: DataFrame) -> dict[str, Any]:
+    """Outlier counts, examples and signal percentiles of the ``ok`` rows of ``checked`` that have signals."""
+    from pyspark.sql import functions as F
+
+    ok = checked.where((F.col("status") == "ok") & F.col("phash").isNotNull())
+    conds = _outlier_conditions()
+    aggs = [F.count(F.lit(1)).alias("_n")]
+    for name, cond in conds.items():
+        aggs += [F.sum(F.when(cond, 1).otherwise(0)).alias(f"n_{name}"), F.min(F.when(cond, F.col("path"))).alias(f"x_{name}")]
+    for col in ("blur", "brightness", "contrast", "entropy"):
+        aggs.append(F.percentile_approx(col, [0.01, 0.5, 0.99], 100).alias(f"p_{col}"))
+    row = ok.agg(*aggs).first()
+    if row is None or not row["_n"]:
+        return {"rows": 0, "thresholds": dict(OUTLIER_THRESHOLDS), "outliers": {}, "examples": {}, "percentiles": {}}
+    return {
+        "rows": int(row["_n"]),
+        "thresholds": dict(OUTLIER_THRESHOLDS),
+        "outliers": {name: int(row[f"n_{name}"] or 0) for name in conds},
+        "examples": {name: row[f"x_{name}"] for name in conds if row[f"x_{name}"] is not None},
+        "percentiles": {col: dict(zip(("p1", "p50", "p99"), (round(float(v), 3) for v in row[f"p_{col}"])))
+                        for col in ("blur", "brightness", "contrast", "entropy") if row[f"p_{col}"] is not None},
+    }
+
+
+def near_duplicate_summary(spark: SparkSession, checked: DataFrame, distance: int, scratch: str) -> dict[str, Any]:
+    """Near-duplicate groups among the ``ok`` rows of ``checked`` (exact duplicates counted with their
+    original): counts, example pairs and label conflicts. ``scratch``: a work folder for the search."""
+    from pyspark.sql import functions as F
+
+    from imgfeat.metadata.manifest.near_duplicates import near_duplicate_counts, near_duplicate_groups
+
+    ok = checked.where((F.col("status") == "ok") & F.col("content_hash").isNotNull())
+    originals = (ok.groupBy("content_hash")
+                 .agg(F.min(F.struct("path", "image_id", "phash")).alias("f"),
+                      F.collect_set("label").alias("labels"))
+                 .select("content_hash", "labels", "f.*"))
+    groups = near_duplicate_groups(spark, originals.select("image_id", "path", "phash"), distance, scratch)
+    counts = near_duplicate_counts(groups)
+    paths = originals.select("image_id", "path", "labels")
+    pairs = (groups.join(paths, "image_id")
+             .join(paths.select(F.col("image_id").alias("near_duplicate_of"), F.col("path").alias("rep_path")),
+                   "near_duplicate_of"))
+    examples = [(r["path"], r["rep_path"]) for r in pairs.orderBy("path").select("path", "rep_path").limit(EXAMPLES).collect()]
+    # A family: a representative with its members, each with its exact duplicates; conflicting when it holds 2+ labels.
+    family = (originals.join(groups, "image_id", "left")
+              .select(F.coalesce("near_duplicate_of", "image_id").alias("rep"), F.explode("labels").alias("label")))
+    conflicts = family.groupBy("rep").agg(F.countDistinct("label").alias("k")).where("k > 1")
+    crow = conflicts.agg(F.count(F.lit(1)).alias("n")).first()
+    conflict_examples = [r["path"] for r in conflicts.join(paths.select(F.col("image_id").alias("rep"), "path"), "rep")
+                         .orderBy("path").select("path").limit(EXAMPLES).collect()]
+    return {"distance": distance, **counts, "examples": [{"path": p, "near_duplicate_of": q} for p, q in examples],
+            "label_conflicts": int(crow["n"]) if crow is not None else 0, "label_conflict_examples": conflict_examples}
