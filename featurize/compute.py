@@ -197,18 +197,7 @@ class ShardComputer:
                 y = y[:real].float().cpu().numpy()
                 t3 = time.perf_counter()
                 timings["forward"] += t3 - t2
-                idx = indices.numpy()
-                if feats is None:
-                    feats = np.zeros((n, y.shape[1]), dtype=self.out_dtype)
-                feats[idx] = y.astype(self.out_dtype)
-                ok_np = ok.numpy()
-                ok_all[idx] = ok_np
-                for k, i in enumerate(idx):
-                    reasons[i] = batch_reasons[k]
-                self.stats.batches += 1
-                if self.progress is not None:
-                    self.progress.update(len(idx))
-                hooks.fault_point("batch_done", "")
+                feats = self._record(feats, n, y, indices.numpy(), ok.numpy(), ok_all, reasons, batch_reasons)
                 t0 = time.perf_counter()
         if feats is None:
             feats = np.zeros((0, 0), dtype=self.out_dtype)

@@ -13,6 +13,7 @@ import numpy as np
 
 from imgfeat.metadata.config import REDUCED_DECODE_MODES, DecodeConfig, PreprocessConfig
 from imgfeat.metadata.contracts.cv2_env import cv2_error_verdict, decoder_cv2, quiet_decoder
+from imgfeat.metadata.contracts.samples import to_uint8
 from imgfeat.metadata.contracts.sniff import HeaderInfo, parse_header
 
 DECODE_REASONS = ("unreadable", "not_image", "unsupported_format", "truncated", "undecodable", "too_large", "zero_bytes")
@@ -157,16 +158,10 @@ def to_rgb8(cv2: Any, img: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:
-    if img.dtype == np.uint16:
-        # 65535 / 257 = 255: rounds to the nearest 8-bit value, as libpng's strip-16 with rounding does.
-        return ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    if np.issubdtype(img.dtype, np.floating):
-        return np.clip(np.nan_to_num(img) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    if np.issubdtype(img.dtype, np.integer):
-        info = np.iinfo(img.dtype)
-        scaled = (img.astype(np.float64) - info.min) * (255.0 / (info.max - info.min))
-        return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
-    raise DecodeError("undecodable", f"unsupported sample type {img.dtype}")
+    try:
+        return to_uint8(img)
+    except ValueError as exc:
+        raise DecodeError("undecodable", str(exc)) from None
 
 
 def composite(rgba: np.ndarray, background: list[int] | tuple[int, int, int]) -> np.ndarray:

@@ -76,6 +76,8 @@ from typing import Any
 
 import numpy as np
 
+from imgfeat.metadata.contracts.samples import to_uint8
+
 HASH_SIDE = 32
 """The pHash's box-averaged block: HASH_SIDE x HASH_SIDE."""
 HASH_FREQS = 8
@@ -309,21 +311,6 @@ def reduced_gray_flag(width: int | None, height: int | None, fmt: str | None,
     return IMREAD_GRAYSCALE
 
 
-def _to_uint8(img: np.ndarray) -> np.ndarray:
-    """Samples to uint8 as the featurizer's decoder does (preprocess/decode.py ``_to_uint8``)."""
-    if img.dtype == np.uint8:
-        return img
-    if img.dtype == np.uint16:
-        return ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    if np.issubdtype(img.dtype, np.floating):
-        return np.clip(np.nan_to_num(img) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    if np.issubdtype(img.dtype, np.integer):
-        info = np.iinfo(img.dtype)
-        scaled = (img.astype(np.float64) - info.min) * (255.0 / (info.max - info.min))
-        return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
-    raise ValueError(f"unsupported sample type {img.dtype}")
-
-
 def gray_of(img: np.ndarray, background: int = 255) -> np.ndarray:
     """Whatever ``cv2.imdecode`` returned (grey, grey+alpha, BGR, BGRA; 8/16-bit or float) as 2-D uint8 grey.
 
@@ -331,7 +318,7 @@ def gray_of(img: np.ndarray, background: int = 255) -> np.ndarray:
     JPEG's luma); alpha composited over ``background`` (white by default, as the featurizer does)."""
     if not isinstance(img, np.ndarray) or img.ndim not in (2, 3) or img.size == 0:
         raise ValueError(f"not a decoded image: {getattr(img, 'shape', type(img))}")
-    img = _to_uint8(img)
+    img = to_uint8(img)
     if img.ndim == 2:
         return np.ascontiguousarray(img)
     channels = img.shape[2]
