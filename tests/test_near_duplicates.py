@@ -287,10 +287,12 @@ def test_connected_components_equal_union_find(spark, caplog: pytest.LogCaptureF
     caplog.set_level(logging.INFO, logger=LOGGER)
     edges, isolated = graph_cases(random.Random(3))
     df = spark.createDataFrame(edges, "a string, b string")
-    got_rows = connected_components(spark, df).collect()
+    got_rows = connected_components(spark, df, one_task_edges=0).collect()
     got = {r["id"]: r["component"] for r in got_rows}
     assert len(got) == len(got_rows), "one row per node"
     assert got == uf_components(edges)
+    one_task = connected_components(spark, df).collect()  # the small-input path: a union-find in one task
+    assert len(one_task) == len(got_rows) and {r["id"]: r["component"] for r in one_task} == got
     assert not set(isolated) & set(got), "isolated nodes, self-loops and null ends have no row"
     (rounds,) = rounds_logged(caplog)
     assert 1 <= rounds <= 10, rounds  # chains of 50: about log2(50)
@@ -300,9 +302,10 @@ def test_connected_components_equal_union_find(spark, caplog: pytest.LogCaptureF
 def test_connected_components_already_stars_and_empty(spark, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
     star = [("a", f"x{k}") for k in range(20)] + [("b", "c")]
-    got = {r["id"]: r["component"] for r in connected_components(spark, spark.createDataFrame(star, "a string, b string")).collect()}
+    frame = spark.createDataFrame(star, "a string, b string")
+    got = {r["id"]: r["component"] for r in connected_components(spark, frame, one_task_edges=0).collect()}
     assert got == uf_components(star)
-    assert connected_components(spark, spark.createDataFrame([], "a string, b string")).count() == 0
+    assert connected_components(spark, spark.createDataFrame([], "a string, b string"), one_task_edges=-1).count() == 0
     assert rounds_logged(caplog) == [0, 0]
 
 
@@ -310,7 +313,8 @@ def test_connected_components_already_stars_and_empty(spark, caplog: pytest.LogC
 def test_connected_components_raises_naming_max_iterations(spark) -> None:
     chain = [(f"k{i:02d}", f"k{i + 1:02d}") for i in range(20)]
     with pytest.raises(RuntimeError, match="max_iterations=1"):
-        connected_components(spark, spark.createDataFrame(chain, "a string, b string"), max_iterations=1)
+        connected_components(spark, spark.createDataFrame(chain, "a string, b string"), max_iterations=1,
+                             one_task_edges=0)
 
 
 # ---- Spark: groups ----

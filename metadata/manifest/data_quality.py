@@ -68,14 +68,16 @@ def near_duplicate_summary(spark: SparkSession, checked: DataFrame, distance: in
     original): counts, example pairs and label conflicts. ``scratch``: a work folder for the search."""
     from pyspark.sql import functions as F
 
-    from imgfeat.metadata.manifest.near_duplicates import near_duplicate_counts, near_duplicate_groups
+    from imgfeat.metadata.manifest.near_duplicates import materialize, near_duplicate_counts, near_duplicate_groups
 
     ok = checked.where((F.col("status") == "ok") & F.col("content_hash").isNotNull())
-    originals = (ok.groupBy("content_hash")
-                 .agg(F.min(F.struct("path", "image_id", "phash")).alias("f"),
-                      F.collect_set("label").alias("labels"))
-                 .select("content_hash", "labels", "f.*"))
-    groups = near_duplicate_groups(spark, originals.select("image_id", "path", "phash"), distance, scratch)
+    # Both are read by several jobs below: computed once each (Parquet under scratch).
+    originals = materialize(ok.groupBy("content_hash")
+                            .agg(F.min(F.struct("path", "image_id", "phash")).alias("f"),
+                                 F.collect_set("label").alias("labels"))
+                            .select("content_hash", "labels", "f.*"), scratch, "originals")
+    groups = materialize(near_duplicate_groups(spark, originals.select("image_id", "path", "phash"), distance, scratch),
+                         scratch, "groups")
     counts = near_duplicate_counts(groups)
     paths = originals.select("image_id", "path", "labels")
     pairs = (groups.join(paths, "image_id")

@@ -28,7 +28,8 @@ The steps and what each costs as the data grows (``N`` rows with a hash, ``U`` d
    against ``distance``, and kept only at the *lowest* band where the two hashes agree, so every pair comes
    out once with no shuffle to dedupe it (O(B) column arithmetic per candidate). A big bucket makes
    ``n_b²`` candidates whatever the plan; AQE's skew join can split its partition over several tasks.
-4. connected components (``connected_components``): alternating large-star / small-star (Kiveris et al.
+4. connected components (``connected_components``): up to ``ONE_TASK_EDGES`` edges a union-find in one
+   task; above, alternating large-star / small-star (Kiveris et al.
    2014, "Connected Components in MapReduce and Beyond") on the ``E`` near edges between distinct hashes
    (the equal-hash stars of step 1 are already in their final form and never enter it). A round shuffles
    ``O(E)`` rows four times (a partial ``min`` by node, the join by neighbour, the two steps' outputs by
@@ -52,9 +53,11 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
 
 from imgfeat.metadata import storage
 from imgfeat.metadata.spark.parquet import read_parquet_dataset, write_parquet_dataset
@@ -216,8 +219,9 @@ def candidate_pairs(df: DataFrame, distance: int, *, max_candidates: int | None 
         _near_edges(table, distance, max_candidates))
 
 
-def _materialize(df: DataFrame, scratch: str | None, name: str) -> DataFrame:
-    """``df`` computed once: a local checkpoint, or with ``scratch`` a Parquet dataset ``scratch/name``."""
+def materialize(df: DataFrame, scratch: str | None, name: str) -> DataFrame:
+    """``df`` computed once: a local checkpoint, or with ``scratch`` a Parquet dataset ``scratch/name``
+    (for a frame that several jobs read)."""
     if scratch is None:
         return df.localCheckpoint(eager=True)
     url = storage.join(scratch, name)
@@ -254,8 +258,38 @@ def _branching(edges: DataFrame) -> int:
     return edges.groupBy("hi").agg(F.count(F.lit(1)).alias("n")).filter(F.col("n") > 1).count()
 
 
+ONE_TASK_EDGES = 1_000_000
+"""Up to this many distinct edges, the components are computed by a union-find in one task (about
+100 MB and a few seconds there) instead of Spark rounds, each of which costs several jobs."""
+
+
+def _union_find_task(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """In one task: every ``(hi, lo)`` edge into a union-find whose roots are the smallest ids (a larger
+    root always goes under a smaller one), then ``(id, component)`` for every node."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for batch in batches:
+        for hi, lo in zip(batch.column("hi").to_pylist(), batch.column("lo").to_pylist()):
+            parent.setdefault(hi, hi)
+            parent.setdefault(lo, lo)
+            a, b = find(hi), find(lo)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    ids = list(parent)
+    for start in range(0, len(ids), 65536):
+        chunk = ids[start:start + 65536]
+        yield pa.RecordBatch.from_arrays([pa.array(chunk, pa.string()), pa.array([find(x) for x in chunk], pa.string())],
+                                         names=["id", "component"])
+
+
 def connected_components(spark: SparkSession, edges: DataFrame, max_iterations: int = 50, *,
-                         scratch: str | None = None) -> DataFrame:
+                         scratch: str | None = None, one_task_edges: int = ONE_TASK_EDGES) -> DataFrame:
     """``(id, component)`` for every node of ``edges`` (columns ``a``, ``b``: string ids, undirected):
     ``component`` is the smallest id of the node's connected component (string order), and the smallest
     node maps to itself. Only nodes of some edge appear: an isolated node has no row (a self-loop ``(x, x)``
@@ -267,7 +301,8 @@ def connected_components(spark: SparkSession, edges: DataFrame, max_iterations: 
     nothing: the large-star moved no edge (a count on the cluster, part of the round) and no node has two
     smaller neighbours (one more count, only then). After ``max_iterations`` rounds without that it
     raises ``RuntimeError``. Each round's edges are materialized (``localCheckpoint``, or Parquet under
-    ``scratch``), so the lineage does not grow.
+    ``scratch``), so the lineage does not grow. Up to ``one_task_edges`` distinct edges (one count tells),
+    a union-find in one task gives the same answer without rounds.
     """
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
@@ -276,7 +311,15 @@ def connected_components(spark: SparkSession, edges: DataFrame, max_iterations: 
     a, b = F.col("a"), F.col("b")
     current = edges.filter(a.isNotNull() & b.isNotNull() & (a != b)).select(
         F.greatest(a, b).alias("hi"), F.least(a, b).alias("lo")).distinct()
-    current = _materialize(current, scratch, f"cc-{tag}-000")
+    current = materialize(current, scratch, f"cc-{tag}-000")
+    n_edges = current.count()
+    if n_edges <= one_task_edges:
+        log.info("connected components: %d edges, a union-find in one task", n_edges)
+        found = materialize(current.coalesce(1).mapInArrow(_union_find_task, "id string, component string"),
+                             scratch, f"cc-{tag}-uf")
+        if scratch is not None:
+            storage.remove_folder(storage.join(scratch, f"cc-{tag}-000"))
+        return found
     rounds = 0
     while True:
         large = _large_star(current).persist(StorageLevel.MEMORY_AND_DISK)
@@ -288,7 +331,7 @@ def connected_components(spark: SparkSession, edges: DataFrame, max_iterations: 
                 raise RuntimeError(f"connected_components: not converged after max_iterations={max_iterations} rounds")
             rounds += 1
             log.debug("connected components round %d: the large-star moved %d edges", rounds, moved)
-            current = _materialize(_small_star(large.select("hi", "lo")), scratch, f"cc-{tag}-{rounds:03d}")
+            current = materialize(_small_star(large.select("hi", "lo")), scratch, f"cc-{tag}-{rounds:03d}")
         finally:
             large.unpersist()
         if scratch is not None:
@@ -319,7 +362,7 @@ def near_duplicate_groups(spark: SparkSession, rows: DataFrame, distance: int, s
     band_layout(distance)
     tag = uuid.uuid4().hex[:12]
     valid = _valid(rows, "image_id", "path", "phash")
-    table = _materialize(_hash_table(valid, with_first=True), scratch, f"hashes-{tag}")
+    table = materialize(_hash_table(valid, with_first=True), scratch, f"hashes-{tag}")
     comps = connected_components(spark, _near_edges(table, distance, max_candidates), max_iterations, scratch=scratch)
     per_hash = table.join(comps, F.col("rep") == F.col("id"), "left").select(
         "phash", "first", "n", F.coalesce("component", "rep").alias("group"))
