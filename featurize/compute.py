@@ -96,6 +96,30 @@ def forward_seconds_per_image(model: torch.nn.Module, device: torch.device, cfg:
             torch.cuda.empty_cache()
 
 
+class _ShardArrays:
+    """One shard's features [n, d] (made at its first batch), ok flags and reject reasons, filled batch by batch."""
+
+    def __init__(self, n: int, dtype: Any) -> None:
+        self.n, self.dtype = n, dtype
+        self.feats: np.ndarray | None = None
+        self.ok = np.zeros(n, dtype=bool)
+        self.reasons = [""] * n
+
+    def add(self, y: np.ndarray, idx: np.ndarray, ok_np: np.ndarray, batch_reasons: list[str]) -> None:
+        """The features ``y`` of rows ``idx``, their ok flags and reasons."""
+        if self.feats is None:
+            self.feats = np.zeros((self.n, y.shape[1]), dtype=self.dtype)
+        self.feats[idx] = y.astype(self.dtype)
+        self.ok[idx] = ok_np
+        for k, i in enumerate(idx):
+            self.reasons[i] = batch_reasons[k]
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(features, ok, reasons); features [0, 0] when no batch came."""
+        feats = self.feats if self.feats is not None else np.zeros((0, 0), dtype=self.dtype)
+        return feats, self.ok, self.reasons
+
+
 class ShardComputer:
     """Compute and commit shards with one model on one device."""
 
@@ -168,9 +192,7 @@ class ShardComputer:
         if self.device.type == "cuda" and self.overlap:
             return self.features_overlapped(dataset, batches)
         n = len(dataset)
-        feats: np.ndarray | None = None
-        ok_all = np.zeros(n, dtype=bool)
-        reasons = [""] * n
+        arrays = _ShardArrays(n, self.out_dtype)
         timings = self.stats.timings
         non_blocking = self.device.type == "cuda"
         batch_size = self.cfg.preprocess.batch_size
@@ -197,26 +219,18 @@ class ShardComputer:
                 y = y[:real].float().cpu().numpy()
                 t3 = time.perf_counter()
                 timings["forward"] += t3 - t2
-                feats = self._record(feats, n, y, indices.numpy(), ok.numpy(), ok_all, reasons, batch_reasons)
+                self._record(arrays, y, indices.numpy(), ok.numpy(), batch_reasons)
                 t0 = time.perf_counter()
-        if feats is None:
-            feats = np.zeros((0, 0), dtype=self.out_dtype)
-        return feats, ok_all, reasons
+        return arrays.result()
 
-    def _record(self, feats: np.ndarray | None, n: int, y: np.ndarray, idx: np.ndarray, ok_np: np.ndarray,
-                ok_all: np.ndarray, reasons: list[str], batch_reasons: list[str]) -> np.ndarray:
-        """Store one batch's features and status in the shard's arrays (made at the first batch); returns them."""
-        if feats is None:
-            feats = np.zeros((n, y.shape[1]), dtype=self.out_dtype)
-        feats[idx] = y.astype(self.out_dtype)
-        ok_all[idx] = ok_np
-        for k, i in enumerate(idx):
-            reasons[i] = batch_reasons[k]
+    def _record(self, arrays: _ShardArrays, y: np.ndarray, idx: np.ndarray, ok_np: np.ndarray,
+                batch_reasons: list[str]) -> None:
+        """Store one batch's features and status in the shard's arrays; count it and move the progress bar."""
+        arrays.add(y, idx, ok_np, batch_reasons)
         self.stats.batches += 1
         if self.progress is not None:
             self.progress.update(len(idx))
         hooks.fault_point("batch_done", "")
-        return feats
 
     def _backend_for_device(self) -> CudaBackend:
         if self._backend is None:
@@ -228,9 +242,7 @@ class ShardComputer:
         """``features`` on CUDA with CPU decode: batch n+1 is copied on a side stream while batch n computes
         (``overlap.CopyAhead``); the tail batch is padded on the host, as on a CPU device."""
         n = len(dataset)
-        feats: np.ndarray | None = None
-        ok_all = np.zeros(n, dtype=bool)
-        reasons = [""] * n
+        arrays = _ShardArrays(n, self.out_dtype)
         timings = self.stats.timings
         batch_size = self.cfg.preprocess.batch_size
         it = batches if batches is not None else _batches(dataset, self.cfg, self.num_workers)
@@ -256,20 +268,16 @@ class ShardComputer:
                 timings["read_decode"] += wait
                 timings["transfer"] += stage
                 timings["forward"] += max(0.0, t3 - t0 - wait - stage)
-                feats = self._record(feats, n, y, indices.numpy(), ok.numpy(), ok_all, reasons, batch_reasons)
+                self._record(arrays, y, indices.numpy(), ok.numpy(), batch_reasons)
                 t0 = t3
-        if feats is None:
-            feats = np.zeros((0, 0), dtype=self.out_dtype)
-        return feats, ok_all, reasons
+        return arrays.result()
 
     def features_gpu_decode(self, dataset: RawBytesDataset,
                             batches: Iterator[Any] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """``features`` with JPEGs decoded on the device (``gpu_decode.GpuDecoder``): the decode counts as
         ``read_decode``, normalizing as ``transfer``; the tail batch is padded on the device."""
         n = len(dataset)
-        feats: np.ndarray | None = None
-        ok_all = np.zeros(n, dtype=bool)
-        reasons = [""] * n
+        arrays = _ShardArrays(n, self.out_dtype)
         timings = self.stats.timings
         batch_size = self.cfg.preprocess.batch_size
         decoder = self.gpu_decoder
@@ -291,14 +299,12 @@ class ShardComputer:
                         y = self.model(x)
                     y = y[:real].float().cpu().numpy()
                     timings["forward"] += time.perf_counter() - t2
-                    feats = self._record(feats, n, y, raw.indices.numpy(), ok.numpy(), ok_all, reasons, batch_reasons)
+                    self._record(arrays, y, raw.indices.numpy(), ok.numpy(), batch_reasons)
                     t0 = time.perf_counter()
         finally:
             self.stats.decode_fallbacks = dict(decoder.fallbacks)
             self.stats.gpu_decoded = decoder.gpu_images
-        if feats is None:
-            feats = np.zeros((0, 0), dtype=self.out_dtype)
-        return feats, ok_all, reasons
+        return arrays.result()
 
     def make_dataset(self, rows: pa.Table, decode: str | None = None) -> ManifestDataset:
         """The dataset over ``rows`` for ``decode`` (default this computer's): ``RawBytesDataset`` for ``gpu``."""
