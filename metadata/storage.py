@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -143,12 +144,24 @@ def move_folder(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
     fs.invalidate_cache()
 
 
-def remove_folder(url: str) -> None:
-    """Remove the folder at ``url`` and everything in it, if it exists."""
+def remove_folder(url: str, attempts: int = 5) -> None:
+    """Remove the folder at ``url`` and everything in it, if it exists.
+
+    Retried a few times: a task of a failed Spark job that is still being stopped may add a file
+    while the folder is removed (``Directory not empty``).
+    """
     fs, path = fsspec.core.url_to_fs(url)
-    fs.invalidate_cache()
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    for attempt in range(attempts):
+        fs.invalidate_cache()
+        if not fs.exists(path):
+            return
+        try:
+            fs.rm(path, recursive=True)
+            return
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * 2 ** attempt)
 
 
 def publish_folder(staging: str, url: str, keep_previous_at: str | None = None) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import operator
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -245,6 +246,19 @@ def _make_organizer(cfg: Config, files: list[str], work: str, previous: str | No
     return organize
 
 
+def _remove_run_folders(*folders: str) -> None:
+    """Remove the run's work folders; while the job's own error propagates, a folder that cannot be
+    removed is logged rather than raised over that error."""
+    failing = sys.exc_info()[0] is not None
+    for folder in folders:
+        try:
+            remove_folder(folder)
+        except OSError as exc:
+            if not failing:
+                raise
+            log.warning("could not remove %s after the failure below: %s", folder, exc)
+
+
 def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None = None,
                  incremental: bool = False) -> dict[str, Any]:
     """Build the manifest of ``sources`` under ``out``; return the summary (also written as JSON)."""
@@ -332,8 +346,7 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
             log.info("manifest: no file added, changed or removed; version %d kept", version)
         timings["write_s"] = time.perf_counter() - t3
     finally:
-        remove_folder(work)
-        remove_folder(staging)
+        _remove_run_folders(work, staging)
     timings["total_s"] = time.perf_counter() - t0
 
     total = counts["total"]

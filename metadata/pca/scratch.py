@@ -27,4 +27,4 @@ def drop_scratch(out: str) -> None:
         return
     for entry in fs.ls(root, detail=False):
         if entry.rstrip("/").rsplit("/", 1)[-1].startswith(SCRATCH_PREFIX):
-            fs.rm(entry, recursive=True)
+            storage.remove_folder(fs.unstrip_protocol(entry))
