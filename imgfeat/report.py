@@ -94,6 +94,24 @@ def _flagged(run: str, limit: int) -> list[dict[str, Any]]:
     return picked
 
 
+def _quality_tiles(manifest: dict | None) -> dict[str, list[dict[str, Any]]]:
+    """Thumbnails of the manifest summary's data-quality examples (a few files each: the summary holds at
+    most 5 per list): near-duplicate pairs, leaks across splits, label conflicts and quality outliers."""
+    if not manifest:
+        return {}
+    near = manifest.get("near_duplicates") or {}
+    quality = manifest.get("quality") or {}
+    tiles: dict[str, list[dict[str, Any]]] = {
+        "pairs": [dict(x, thumb=thumbnail(x["path"]), rep_thumb=thumbnail(x["near_duplicate_of"]))
+                  for x in near.get("examples", [])],
+        "leaks": [dict(x, thumb=thumbnail(x["path"]), rep_thumb=thumbnail(x["near_duplicate_of"]))
+                  for x in near.get("crossing_examples", [])],
+        "conflicts": [{"path": p, "thumb": thumbnail(p)} for p in (manifest.get("label_conflicts") or {}).get("examples", [])],
+        "outliers": [{"signal": k, "path": p, "thumb": thumbnail(p)} for k, p in quality.get("examples", {}).items()],
+    }
+    return {k: v for k, v in tiles.items() if v}
+
+
 def build_report(run: str, cfg: Config | None = None) -> dict[str, Any]:
     """Collect everything the report shows into one JSON-able dict."""
     state = read_json(join(run, RUN_STATE)) or {}
@@ -195,7 +213,7 @@ def write_report(run: str, cfg: Config | None = None) -> dict[str, Any]:
             plots[url.rsplit("/", 1)[-1]] = base64.b64encode(_read_bytes(url)).decode()
         except OSError:
             log.warning("report: plot %s is missing", url)
-    write_bytes_atomic(join(run, REPORT_HTML), render_html(report, flagged, plots).encode())
+    write_bytes_atomic(join(run, REPORT_HTML), render_html(report, flagged, plots, _quality_tiles(report["manifest"])).encode())
     log.info("report: %s", join(run, REPORT_HTML))
     return report
 
@@ -223,7 +241,46 @@ def _e(value: Any) -> str:
     return html.escape(str(value))
 
 
-def render_html(report: dict[str, Any], flagged: list[dict[str, Any]], plots: dict[str, str]) -> str:
+def _tile(thumb: str, caption: str, muted: str) -> str:
+    return (f"<div class='thumb'><img alt='{_e(muted)}' src='data:image/png;base64,{thumb}'>"
+            f"<div>{caption}</div><div class='muted'>{_e(muted)}</div></div>")
+
+
+def _quality_section(m: dict[str, Any], tiles: dict[str, list[dict[str, Any]]]) -> str:
+    """Near-duplicates, leaks across splits, label conflicts and quality outliers, with thumbnails."""
+    near, conflicts, quality = m.get("near_duplicates"), m.get("label_conflicts") or {}, m.get("quality")
+    if not near and not conflicts.get("families") and not quality:
+        return ""
+    out = ["<h2 id='quality'>Data quality</h2>"]
+    if near:
+        out.append(f"<p>{near['groups']:,} near-duplicate group(s) (perceptual hashes within {near['distance']} bits) "
+                   f"holding {near['members']:,} images; each group is in one split, except "
+                   f"<b>{near.get('crossing_pairs', 0):,}</b> member(s) whose own folder split differs from their "
+                   "representative's (a leak in the folder splits).</p>")
+        for key, title in (("leaks", "Leaks across splits"), ("pairs", "Near-duplicate pairs (examples)")):
+            pairs = "".join(
+                _tile(x["thumb"], f"<b>{_e(x.get('split', 'member'))}</b>", x["path"])
+                + _tile(x["rep_thumb"], f"<b>{_e(x.get('representative_split', 'representative'))}</b>", x["near_duplicate_of"])
+                for x in tiles.get(key, []))
+            if pairs:
+                out.append(f"<h3>{title}</h3><div class='thumbs'>{pairs}</div>")
+    if conflicts.get("families"):
+        out.append(f"<p><b>{conflicts['families']:,}</b> picture(s) appear under two or more labels "
+                   f"({conflicts['rows']:,} rows, column <code>label_conflict</code>): probable label errors.</p>")
+        out.append("<div class='thumbs'>" + "".join(_tile(x["thumb"], "<b>label conflict</b>", x["path"])
+                                                    for x in tiles.get("conflicts", [])) + "</div>")
+    if quality and quality.get("rows"):
+        th = quality["thresholds"]
+        out.append(_table(["signal", "outliers", "example"], [[_e(k), n, _e(quality["examples"].get(k, ""))]
+                                                             for k, n in quality["outliers"].items()])
+                   + "<p class='muted'>thresholds: " + ", ".join(f"{_e(k)} {_e(v)}" for k, v in th.items()) + "</p>")
+        out.append("<div class='thumbs'>" + "".join(_tile(x["thumb"], f"<b>{_e(x['signal'])}</b>", x["path"])
+                                                    for x in tiles.get("outliers", [])) + "</div>")
+    return "".join(out)
+
+
+def render_html(report: dict[str, Any], flagged: list[dict[str, Any]], plots: dict[str, str],
+                quality_tiles: dict[str, list[dict[str, Any]]] | None = None) -> str:
     """The static page: every figure is inline, nothing is fetched."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>imgfeat run report</title><style>{_CSS}</style>"
              "</head><body>", f"<h1>imgfeat run report</h1><p class='muted'>{_e(report['run'])} &middot; {_e(report['created_at'])}</p>"]
@@ -286,6 +343,7 @@ def render_html(report: dict[str, Any], flagged: list[dict[str, Any]], plots: di
                 f"<span class='bar' style='width:{int(160 * sum(per.values()) / top)}px'></span>"]
                 for label, per in m.get("by_label_split", {}).items()]
         parts.append("<h2 id='classes'>Per-class counts (usable files)</h2>" + _table(["label", *splits, "total", ""], rows))
+        parts.append(_quality_section(m, quality_tiles or {}))
     if flagged:
         tiles = "".join(f"<div class='thumb'><img alt='{_e(r['status'])}' src='data:image/png;base64,{r['thumb']}'>"
                         f"<div><b>{_e(r['status'])}</b>: {_e(r['status_detail'])}</div><div class='muted'>{_e(r['path'])}</div></div>"

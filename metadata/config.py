@@ -27,7 +27,7 @@ REDUCED_DECODE_MODES = ("off", "safe", "fast")
 CHOICES: dict[str, tuple[str, ...]] = {
     "manifest.validation": ("header", "full"),
     "manifest.label_from": ("parent", "regex", "csv"),
-    "manifest.near_duplicates": ("flag", "off"),
+    "manifest.near_duplicates": ("flag", "drop", "off"),
     "preprocess.resize_policy": RESIZE_POLICIES,
     "preprocess.interpolation": INTERPOLATIONS,
     "preprocess.alpha": ("composite", "drop"),
@@ -141,8 +141,11 @@ class ManifestConfig:
     """Ok rows per featurize shard (shards differ by at most one row)."""
     near_duplicates: str = "off"
     """``flag``: every ok image gets a perceptual hash and quality signals from the check's decode (also with
-    ``header`` validation), and the summary gets near-duplicate groups, label conflicts and quality outliers;
-    ``off`` (the default until its cost is down: bench/RESULTS-quality-cost.md): none of that."""
+    ``header`` validation); near-duplicate groups are found, each group kept in one split (column
+    ``near_duplicate_of``), and the summary gets the groups, crossing folder splits and quality outliers;
+    ``drop``: the same, and every member but the group's representative gets status ``near_duplicate``
+    (not featurized); ``off`` (the default until its cost is down: bench/RESULTS-quality-cost.md): none of
+    that. Label conflicts among exact duplicates are marked in every mode."""
     near_duplicate_distance: int = 4
     """Hamming distance (of 64 bits) within which two images' perceptual hashes make them near-duplicates
     (chosen from measurements on real photos: bench/RESULTS-near-duplicates.md)."""

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from imgfeat.metadata.config import DecodeConfig, PreprocessConfig
-from imgfeat.metadata.contracts.cv2_env import import_cv2
+from imgfeat.metadata.contracts.cv2_env import import_cv2, quiesce_before_fork
 from imgfeat.preprocess.dataset import Item, ManifestDataset, collate
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ def make_loader(dataset: Dataset, cfg: PreprocessConfig, batch_size: int | None 
         kwargs.update(batch_size=batch_size or cfg.batch_size, shuffle=shuffle, drop_last=False)
     if workers:
         kwargs.update(persistent_workers=True, prefetch_factor=cfg.prefetch_factor)
+        quiesce_before_fork()
     else:
         import_cv2(max_pixels, threads=1)
     kwargs.update(overrides)
@@ -222,6 +223,7 @@ def _child(dataset: Dataset, batch_indices: Sequence[int], conn: Any) -> None:
 def _run_isolated(dataset: Dataset, batch_indices: Sequence[int]) -> tuple[list[Item] | None, str]:
     """(items, "") from a forked child, or (None, why) when the child died or hung past the timeout."""
     ctx = mp.get_context("fork")
+    quiesce_before_fork()
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(dataset, list(batch_indices), send), daemon=True)
     proc.start()

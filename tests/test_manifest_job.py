@@ -378,9 +378,59 @@ def test_summary_reports_near_duplicates_label_conflicts_and_quality_outliers(sp
     rows = {r["rel_path"]: r for r in read_manifest(str(tmp_path / "out")).to_pylist()}
     assert hamming(rows["dog/copy.jpg"]["phash"], rows["cat/2.jpg"]["phash"]) <= 4
     near = summary["near_duplicates"]
-    assert (near["groups"], near["duplicates"], near["label_conflicts"]) == (1, 1, 1)
+    assert (near["groups"], near["duplicates"], near["crossing_pairs"]) == (1, 1, 0)
     assert near["examples"] == [{"path": rows["dog/copy.jpg"]["path"], "near_duplicate_of": rows["cat/2.jpg"]["path"]}]
+    assert summary["label_conflicts"] == {"families": 1, "rows": 2, "examples": [rows["cat/2.jpg"]["path"]]}
+    copy, rep = rows["dog/copy.jpg"], rows["cat/2.jpg"]
+    assert copy["near_duplicate_of"] == rep["image_id"] and rep["near_duplicate_of"] is None
+    assert copy["split"] == rep["split"] and copy["label_conflict"] and rep["label_conflict"]
+    assert sum(r["label_conflict"] for r in rows.values()) == 2
+    text = format_summary(summary)
+    assert "label conflicts: 1 group(s)" in text
+    assert any(line.split() == ["dark", "1", rows["dog/night.png"]["path"]] for line in text.splitlines())
     quality = summary["quality"]
     assert quality["rows"] == 8 and quality["outliers"]["dark"] == 1
     assert quality["examples"]["dark"] == rows["dog/night.png"]["path"]
     assert rows["dog/night.png"]["brightness"] < 20
+
+
+def test_near_duplicates_across_folder_splits_are_reported_and_drop_mode_keeps_one_row_per_file(spark, tmp_path):
+    """Folder splits put a picture in Training and its re-encode in Test: the folders' splits are kept and
+    the pair is reported as a leak; ``drop`` takes the copy out of the shards, and every file is still one row."""
+    import cv2
+
+    from imgfeat.metadata.manifest.job import run_manifest
+
+    src = tmp_path / "src"
+    for i in range(5):
+        write_image(src / "Training" / "cat" / f"{i}.jpg", _blocks(i), IMWRITE_JPEG_QUALITY=95)
+    write_image(src / "Test" / "cat" / "leak.jpg", cv2.resize(_blocks(3), (60, 45), interpolation=cv2.INTER_AREA),
+                IMWRITE_JPEG_QUALITY=70)
+    write_image(src / "Test" / "cat" / "other.jpg", _blocks(7), IMWRITE_JPEG_QUALITY=95)
+    (src / "Test" / "cat" / "same.jpg").write_bytes((src / "Training" / "cat" / "1.jpg").read_bytes())
+    flagged = run_manifest(load_config(None, {"manifest": {"near_duplicates": "flag"}}), [str(src)], str(tmp_path / "flag"))
+    rows = {r["rel_path"]: r for r in read_manifest(str(tmp_path / "flag")).to_pylist()}
+    # The representative is the group's smallest path: "Test/..." sorts before "Training/...".
+    rep, member = rows["Test/cat/leak.jpg"], rows["Training/cat/3.jpg"]
+    assert (member["split"], rep["split"], member["near_duplicate_of"]) == ("train", "test", rep["image_id"])
+    assert rep["near_duplicate_of"] is None
+    assert flagged["near_duplicates"]["crossing_pairs"] == 1
+    assert flagged["near_duplicates"]["crossing_examples"] == [
+        {"path": member["path"], "split": "train", "near_duplicate_of": rep["path"], "representative_split": "test"}]
+    assert rows["Training/cat/1.jpg"]["split"] == "test"  # an exact duplicate follows its original (Test/cat/same.jpg)
+    assert f"leak: {member['path']} (train)" in format_summary(flagged)
+    from imgfeat.report import write_report
+
+    write_report(str(tmp_path / "flag"))  # a manifest folder alone makes a report too
+    page = (tmp_path / "flag" / "report.html").read_text()
+    assert "Leaks across splits" in page and page.count("data:image/png;base64,") >= 4
+    assert flagged["by_status"] == {"duplicate": 1, "ok": 7}
+
+    dropped = run_manifest(load_config(None, {"manifest": {"near_duplicates": "drop"}}), [str(src)], str(tmp_path / "drop"))
+    rows = {r["rel_path"]: r for r in read_manifest(str(tmp_path / "drop")).to_pylist()}
+    assert len(rows) == 8 == dropped["total"] == sum(dropped["by_status"].values())
+    assert dropped["by_status"] == {"duplicate": 1, "near_duplicate": 1, "ok": 6}
+    member = rows["Training/cat/3.jpg"]
+    assert (member["status"], member["shard"]) == ("near_duplicate", None)
+    assert member["status_detail"] == "near duplicate of " + rep["path"]
+    assert sum(r["shard"] is not None for r in rows.values()) == 6

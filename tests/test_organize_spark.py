@@ -92,12 +92,14 @@ def write_parts(table: pa.Table, folder: Path, parts: int, seed: int = 1) -> lis
     return files
 
 
-def reference(files: list[str], cfg: Config, base: int, previous_rows: int = 0) -> tuple[pa.Table, dict[str, Any]]:
+def reference(files: list[str], cfg: Config, base: int, previous_rows: int = 0,
+              near: str | None = None) -> tuple[pa.Table, dict[str, Any]]:
     """The one-task organize (pyarrow): the manifest sorted by path and the counts."""
     mc = cfg.manifest
     parts = [pq.read_table(Path(f.removeprefix("file://"))) for f in files]
+    near_table = pq.read_table(near.removeprefix("file://")) if near else None
     plans, counts = org.organize([p.select(org.NARROW_COLUMNS) for p in parts], dict(mc.split_ratios), mc.split_seed,
-                                 mc.rows_per_shard, base, previous_rows)
+                                 mc.rows_per_shard, base, previous_rows, near_table, mc.near_duplicates == "drop")
     table = pa.concat_tables([org.finish(p, q, counts["label_names"], MANIFEST_SCHEMA) for p, q in zip(parts, plans)])
     return table.sort_by("path"), counts
 
@@ -151,6 +153,28 @@ def config(**manifest: Any) -> Config:
     return load_config(None, {"manifest": manifest})
 
 
+def write_near_map(table: pa.Table, folder: Path, every: int, seed: int = 0) -> str:
+    """A near-duplicate map over ``table``'s ok originals (smallest path per content hash): they are dealt at
+    random into groups of about ``every``; each group's smallest path is its representative."""
+    ok = table.filter(pc.equal(table["status"], "ok")).sort_by([("content_hash", "ascending"), ("path", "ascending")])
+    firsts: dict[str, dict] = {}
+    for r in ok.to_pylist():
+        firsts.setdefault(r["content_hash"], r)
+    rng = np.random.default_rng(seed)
+    groups: dict[int, list[dict]] = {}
+    for r in firsts.values():
+        groups.setdefault(int(rng.integers(max(1, len(firsts) // every))), []).append(r)
+    rows = []
+    for members in groups.values():
+        members.sort(key=lambda r: r["path"])
+        rep = members[0]
+        rows += [{"content_hash": m["content_hash"], "rep_hash": rep["content_hash"], "rep_id": rep["image_id"],
+                  "rep_path": rep["path"]} for m in members[1:]]
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=org.NEAR_SCHEMA), folder / "part-00000.parquet")
+    return (folder / "part-00000.parquet").as_uri()
+
+
 def test_same_manifest_and_counts_as_one_task_with_1_or_7_partitions(spark, tmp_path):
     cfg = config(rows_per_shard=97, split_ratios={"train": 0.7, "val": 0.2, "test": 0.1}, split_seed="s1")
     table = checked_rows(4000, seed=3)
@@ -165,6 +189,29 @@ def test_same_manifest_and_counts_as_one_task_with_1_or_7_partitions(spark, tmp_
     rows = np.bincount(shards)
     assert set(shards) == set(range(counts["num_shards"])) and rows.max() - rows.min() <= 1
     assert counts["shard_rows"]["max"] - counts["shard_rows"]["min"] <= 1
+
+
+@pytest.mark.parametrize("mode", ["flag", "drop"])
+def test_near_duplicate_groups_give_the_same_manifest_and_counts_as_one_task(spark, tmp_path, mode):
+    cfg = config(rows_per_shard=61, split_ratios={"train": 0.7, "val": 0.2, "test": 0.1}, near_duplicates=mode)
+    table = checked_rows(3000, seed=8, incremental=mode == "drop")
+    files = write_parts(table, tmp_path / "checked", 4)
+    near = write_near_map(table, tmp_path / "near", every=4)
+    expect, counts = reference(files, cfg, base=0, near=near)
+    leak, conflicts = counts["leakage"], counts["label_conflicts"]
+    assert leak["near_duplicate_members"] > 500 and leak["crossing_pairs"] > 20 and conflicts["families"] > 50
+    assert (counts["by_status"].get("near_duplicate", 0) > 500) == (mode == "drop")
+    got, got_counts = on_spark(spark, files, tmp_path / "staging", cfg, 3, base=0, near=near)
+    assert got_counts == counts
+    assert_same(got, expect)
+    # A group stays in one split unless a member's own (folder or kept) split says otherwise: that is a crossing pair.
+    rows = got.to_pylist()
+    split_of = {r["image_id"]: r["split"] for r in rows}
+    crossing = [r for r in rows if r["near_duplicate_of"] and r["duplicate_of"] is None
+                and r["split"] != split_of[r["near_duplicate_of"]]]
+    assert len(crossing) == leak["crossing_pairs"]
+    by_path = {r["path"]: r for r in table.to_pylist()}
+    assert all(by_path[r["path"]]["folder_split"] == r["split"] for r in crossing)
 
 
 def test_incremental_run_keeps_shards_and_numbers_new_ones_after_the_previous_manifest(spark, tmp_path):
@@ -274,8 +321,8 @@ _row = st.tuples(
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(_row, min_size=1, max_size=60), parts=st.integers(1, 3), per_shard=st.integers(1, 7),
        ratios=st.sampled_from([{"train": 0.8, "val": 0.1, "test": 0.1}, {"train": 0.5, "val": 0.0, "test": 0.5},
-                               {"a": 1.0}]), base=st.integers(0, 5))
-def test_random_small_inputs_match(spark, tmp_path_factory, rows, parts, per_shard, ratios, base):
+                               {"a": 1.0}]), base=st.integers(0, 5), near=st.sampled_from(["off", "flag", "drop"]))
+def test_random_small_inputs_match(spark, tmp_path_factory, rows, parts, per_shard, ratios, base, near):
     tmp = tmp_path_factory.mktemp("prop")
     records = []
     for i, (label, status, which, size, split, pshard) in enumerate(rows):
@@ -286,9 +333,12 @@ def test_random_small_inputs_match(spark, tmp_path_factory, rows, parts, per_sha
             mtime=0.0, format="png", width=1, height=1, channels=3, content_hash=f"{which:064x}" if ok else None,
             status=status, status_detail="", folder_split=split if pshard is None else split or "val",
             _kept=pshard is not None, _pshard=pshard if ok else None, _prev=pshard is not None))
-    files = write_parts(pa.Table.from_pylist(records, schema=CHECKED_SCHEMA), tmp / "checked", min(parts, len(rows)))
-    cfg = config(rows_per_shard=per_shard, split_ratios=ratios)
-    expect, counts = reference(files, cfg, base=base, previous_rows=len(rows))
-    got, got_counts = on_spark(spark, files, tmp / "staging", cfg, parts, base=base, previous_rows=len(rows))
+    table = pa.Table.from_pylist(records, schema=CHECKED_SCHEMA)
+    files = write_parts(table, tmp / "checked", min(parts, len(rows)))
+    cfg = config(rows_per_shard=per_shard, split_ratios=ratios, near_duplicates=near)
+    near_url = write_near_map(table, tmp / "near", 3) if near != "off" else None
+    expect, counts = reference(files, cfg, base=base, previous_rows=len(rows), near=near_url)
+    got, got_counts = on_spark(spark, files, tmp / "staging", cfg, parts, base=base, previous_rows=len(rows),
+                               near=near_url)
     assert got_counts == counts
     assert_same(got, expect)

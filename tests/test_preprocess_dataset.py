@@ -198,3 +198,14 @@ def test_loader_workers_die_with_a_killed_parent(tmp_path):
     init = loader.worker_init_fn
     assert isinstance(init, functools.partial)
     assert init.keywords["parent"] == os.getpid()
+
+
+def test_a_loader_with_workers_stops_the_parents_opencv_threads_before_forking(images):
+    """A forked worker must not inherit a pool of OpenCV threads it cannot join (see ``quiesce_before_fork``)."""
+    import cv2
+
+    cv2.setNumThreads(2)
+    cv2.GaussianBlur(np.zeros((512, 512, 3), np.uint8), (0, 0), 3)  # the pool runs
+    ds = ManifestDataset(rows_for(images), CFG)
+    batches = list(iter_batches_contained(ds, CFG, batch_size=4, num_workers=1))
+    assert cv2.getNumThreads() == 1 and sum(len(b[0]) for b in batches) == len(ds)

@@ -39,6 +39,17 @@ def import_cv2(max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = 1) ->
     return cv2
 
 
+def quiesce_before_fork() -> None:
+    """Stop OpenCV's pool threads in this process (``setNumThreads(1)``) if it has imported cv2, before it
+    forks decode workers. A fork copies the pool's state but not its threads or the locks they hold; a
+    child that then reconfigures the pool (``worker_init`` sets one thread) can wait forever. Seen once:
+    a DataLoader worker hung in ``cv2.setNumThreads`` after the test process had used cv2 with its
+    default threads. Processes that fork workers do not decode themselves, so one thread costs nothing."""
+    cv2 = sys.modules.get("cv2")
+    if cv2 is not None and cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
+
+
 _decoder_cv2: ModuleType | None = None
 
 

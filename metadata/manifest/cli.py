@@ -59,6 +59,7 @@ def format_summary(s: dict[str, Any]) -> str:
         for label, per in s["by_label_split"].items():
             lines.append(f"{label[:23]:<24}" + "".join(f"{per.get(sp, 0):>10}" for sp in splits)
                          + f"{sum(per.values()):>10}")
+    lines += _data_quality_lines(s)
     if s.get("incremental"):
         lines.append("")
         lines.append("incremental: " + ", ".join(f"{k} {v}" for k, v in s["incremental"].items()))
@@ -68,6 +69,29 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append("timings: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in t.items()) +
                      (f"  ({s['files_per_s']:.0f} files/s)" if s.get("files_per_s") else ""))
     return "\n".join(lines)
+
+
+def _data_quality_lines(s: dict[str, Any]) -> list[str]:
+    """The summary's near-duplicates, leaks across splits, label conflicts and quality outliers, as text."""
+    lines: list[str] = []
+    near, conflicts, quality = s.get("near_duplicates"), s.get("label_conflicts"), s.get("quality")
+    if near:
+        lines += ["", f"near-duplicates (distance <= {near['distance']}): {near['groups']} groups, {near['members']} "
+                  f"images; {near.get('crossing_pairs', 0)} member(s) in another split than their representative"]
+        lines += [f"  {x['path']}\n    ~ {x['near_duplicate_of']}" for x in near.get("examples", [])]
+        for x in near.get("crossing_examples", []):
+            lines.append(f"  leak: {x['path']} ({x['split']})\n    ~ {x['near_duplicate_of']} ({x['representative_split']})")
+    if conflicts and conflicts.get("families"):
+        lines += ["", f"label conflicts: {conflicts['families']} group(s) of the same picture under 2+ labels "
+                  f"({conflicts['rows']} rows, column label_conflict)"]
+        lines += [f"  {p}" for p in conflicts.get("examples", [])]
+    if quality and quality.get("rows"):
+        th = quality["thresholds"]
+        lines += ["", f"quality outliers among {quality['rows']} images (thresholds: "
+                  + ", ".join(f"{k} {v}" for k, v in th.items()) + ")"]
+        for name, n in quality["outliers"].items():
+            lines.append(f"  {name:<14}{n:>8}  {quality['examples'].get(name, '')}")
+    return lines
 
 
 def register(subparsers: Any) -> None:

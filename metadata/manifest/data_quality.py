@@ -7,8 +7,8 @@ Both run on Spark over the check job's output, before organize, and bring only a
   signal (one aggregation job; Spark's approximate percentiles, 1% accuracy).
 * ``near_duplicate_summary``: exact duplicates collapsed to their original (``groupBy(content_hash)``),
   then ``near_duplicates.near_duplicate_groups`` over the originals' perceptual hashes: the number of
-  groups and members, a few (member, representative) path pairs, and the groups whose members (with
-  their exact duplicates) carry more than one label, which are probable label errors.
+  groups and members and a few (member, representative) path pairs; and the near-duplicate map that
+  organize reads (label conflicts and crossing splits are counted there, where splits are known).
 
 Cost: one scan of the checked rows each, the shuffles of the near-duplicate search (see
 ``near_duplicates``), and at most ``EXAMPLES`` rows per list to the driver.
@@ -63,33 +63,32 @@ def quality_summary(checked: DataFrame) -> dict[str, Any]:
     }
 
 
-def near_duplicate_summary(spark: SparkSession, checked: DataFrame, distance: int, scratch: str) -> dict[str, Any]:
+def near_duplicate_summary(spark: SparkSession, checked: DataFrame, distance: int,
+                           scratch: str) -> tuple[dict[str, Any], str]:
     """Near-duplicate groups among the ``ok`` rows of ``checked`` (exact duplicates counted with their
-    original): counts, example pairs and label conflicts. ``scratch``: a work folder for the search."""
+    original): the summary's counts and example pairs, and the URL of the near-duplicate map under
+    ``scratch`` (``organize.NEAR_SCHEMA``: per member original, its representative), which organize
+    reads to keep each group in one split."""
     from pyspark.sql import functions as F
 
     from imgfeat.metadata.manifest.near_duplicates import materialize, near_duplicate_counts, near_duplicate_groups
+    from imgfeat.metadata.manifest.organize import NEAR_SCHEMA
+    from imgfeat.metadata.spark.parquet import write_parquet_dataset
+    from imgfeat.metadata.storage import join
 
     ok = checked.where((F.col("status") == "ok") & F.col("content_hash").isNotNull())
-    # Both are read by several jobs below: computed once each (Parquet under scratch).
-    originals = materialize(ok.groupBy("content_hash")
-                            .agg(F.min(F.struct("path", "image_id", "phash")).alias("f"),
-                                 F.collect_set("label").alias("labels"))
-                            .select("content_hash", "labels", "f.*"), scratch, "originals")
+    # Read by several jobs below: computed once (Parquet under scratch).
+    originals = materialize(ok.groupBy("content_hash").agg(F.min(F.struct("path", "image_id", "phash")).alias("f"))
+                            .select("content_hash", "f.*"), scratch, "originals")
     groups = materialize(near_duplicate_groups(spark, originals.select("image_id", "path", "phash"), distance, scratch),
                          scratch, "groups")
     counts = near_duplicate_counts(groups)
-    paths = originals.select("image_id", "path", "labels")
-    pairs = (groups.join(paths, "image_id")
-             .join(paths.select(F.col("image_id").alias("near_duplicate_of"), F.col("path").alias("rep_path")),
-                   "near_duplicate_of"))
+    reps = originals.select(F.col("image_id").alias("near_duplicate_of"), F.col("content_hash").alias("rep_hash"),
+                            F.col("path").alias("rep_path"))
+    pairs = groups.join(originals.select("image_id", "content_hash", "path"), "image_id").join(reps, "near_duplicate_of")
+    url = join(scratch, "near_map")
+    write_parquet_dataset(pairs.select("content_hash", "rep_hash", F.col("near_duplicate_of").alias("rep_id"), "rep_path"),
+                          url, schema=NEAR_SCHEMA)
     examples = [(r["path"], r["rep_path"]) for r in pairs.orderBy("path").select("path", "rep_path").limit(EXAMPLES).collect()]
-    # A family: a representative with its members, each with its exact duplicates; conflicting when it holds 2+ labels.
-    family = (originals.join(groups, "image_id", "left")
-              .select(F.coalesce("near_duplicate_of", "image_id").alias("rep"), F.explode("labels").alias("label")))
-    conflicts = family.groupBy("rep").agg(F.countDistinct("label").alias("k")).where("k > 1")
-    crow = conflicts.agg(F.count(F.lit(1)).alias("n")).first()
-    conflict_examples = [r["path"] for r in conflicts.join(paths.select(F.col("image_id").alias("rep"), "path"), "rep")
-                         .orderBy("path").select("path").limit(EXAMPLES).collect()]
-    return {"distance": distance, **counts, "examples": [{"path": p, "near_duplicate_of": q} for p, q in examples],
-            "label_conflicts": int(crow["n"]) if crow is not None else 0, "label_conflict_examples": conflict_examples}
+    return {"distance": distance, **counts,
+            "examples": [{"path": p, "near_duplicate_of": q} for p, q in examples]}, url

@@ -71,7 +71,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHECKED_SCHEMA = pa.schema(
-    [f for f in MANIFEST_SCHEMA if f.name not in ("label_index", "split", "duplicate_of", "shard")]
+    [f for f in MANIFEST_SCHEMA if f.name not in org.PLANNED_COLUMNS]
     + [pa.field("folder_split", pa.string()), pa.field("_kept", pa.bool_()), pa.field("_pshard", pa.int32()),
        pa.field("_prev", pa.bool_())]
 )
@@ -204,7 +204,7 @@ def _kept_row(p: dict[str, Any]) -> dict[str, Any]:
     row = {n: p.get(n) for n in CHECKED_SCHEMA.names}
     row.update(folder_split=p["split"], _kept=True, _prev=True,
                _pshard=p["shard"] if p["status"] == "ok" else None)
-    if p["status"] == "duplicate":
+    if p["status"] in ("duplicate", "near_duplicate"):
         row.update(status="ok", status_detail="")
     return row
 
@@ -218,13 +218,15 @@ def _read_parts(files: list[str], columns: list[str] | None = None) -> list[pa.T
     return tables
 
 
-def _make_organizer(cfg: Config, files: list[str], work: str, previous: str | None, previous_rows: int):
+def _make_organizer(cfg: Config, files: list[str], work: str, previous: str | None, previous_rows: int,
+                    near_map: str | None = None):
     """The organize task (one, up to ``ONE_TASK_ROWS`` rows): duplicates, splits, shards and counts over
     all checked rows; yields the whole manifest sorted by (shard, path), rows without a shard last, so a
     featurize rank's shard filter skips the other row groups. The counts go to ``work/organized.json``
     and the shard index rows to ``work/index_rows.parquet``."""
     mc = cfg.manifest
     ratios, seed, per_shard = dict(mc.split_ratios), mc.split_seed, mc.rows_per_shard
+    drop = mc.near_duplicates == "drop"
 
     def organize(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for _ in batches:
@@ -234,7 +236,8 @@ def _make_organizer(cfg: Config, files: list[str], work: str, previous: str | No
             top = pc.max(pa.concat_tables(_read_parts(dataset_files(previous), ["shard"]))["shard"]).as_py()
             base = 0 if top is None else top + 1
         parts = _read_parts(files)
-        plans, counts = org.organize(parts, ratios, seed, per_shard, base, previous_rows)
+        near = pa.concat_tables(_read_parts(dataset_files(near_map))).cast(org.NEAR_SCHEMA) if near_map else None
+        plans, counts = org.organize(parts, ratios, seed, per_shard, base, previous_rows, near, drop)
         write_json_atomic(join(work, _ORGANIZED), counts)
         names = counts["label_names"]
         table = pa.concat_tables([org.finish(t, p, names, MANIFEST_SCHEMA) for t, p in zip(parts, plans)])
@@ -316,17 +319,18 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
         timings["check_s"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        quality, near = _data_quality(spark, cfg, join(work, "checked"), join(work, "near"), slices)
+        quality, near, near_map = _data_quality(spark, cfg, join(work, "checked"), join(work, "near"), slices)
         timings["quality_s"] = time.perf_counter() - t2
 
         t2 = time.perf_counter()
         one_task = checked["rows"] <= ONE_TASK_ROWS
         if one_task:
-            organizer = _make_organizer(cfg, files, work, previous, previous_rows)
+            organizer = _make_organizer(cfg, files, work, previous, previous_rows, near_map)
             write_parquet_dataset(spark.range(0, 1, 1, 1), staging, schema=MANIFEST_SCHEMA, transform=organizer)
             counts = read_json_required(join(work, _ORGANIZED))
         else:
-            counts = organize_on_spark(spark, files, staging, cfg, previous, previous_rows, partitions=slices)
+            counts = organize_on_spark(spark, files, staging, cfg, previous, previous_rows, partitions=slices,
+                                       near=near_map)
         timings["organize_s"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
@@ -367,7 +371,8 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
         "published": published,
         "labels_csv_sha256": labels_sha,
         "quality": quality,
-        "near_duplicates": near,
+        "near_duplicates": dict(near, **counts["leakage"]) if near else None,
+        "label_conflicts": counts["label_conflicts"],
         "listing_digest": listing,
         "master": spark.sparkContext.master,
     }
@@ -379,20 +384,19 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
 
 
 def _data_quality(spark: SparkSession, cfg: Config, checked: str, scratch: str,
-                  tasks: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """The summary's ``quality`` and ``near_duplicates`` (``data_quality``; None where not computed: both
-    need ``near_duplicates = "flag"``, which computes the signals)."""
+                  tasks: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str | None]:
+    """The summary's ``quality`` and ``near_duplicates`` (``data_quality``) and the URL of the near-duplicate
+    map for organize; None where not computed (``near_duplicates = "off"``: no signals)."""
     if cfg.manifest.near_duplicates == "off":
-        return None, None
+        return None, None, None
     frame = read_parquet_dataset(spark, checked, columns=["path", "image_id", "status", "label", "content_hash",
                                                           *SIGNAL_COLUMNS], num_partitions=tasks)
     found = quality_summary(frame)
     quality = found if found["rows"] else None
-    near = near_duplicate_summary(spark, frame, cfg.manifest.near_duplicate_distance, scratch)
+    near, near_map = near_duplicate_summary(spark, frame, cfg.manifest.near_duplicate_distance, scratch)
     if near["groups"]:
-        log.info("manifest: %d near-duplicate groups (%d files), %d with conflicting labels", near["groups"],
-                 near["members"], near["label_conflicts"])
-    return quality, near
+        log.info("manifest: %d near-duplicate groups (%d files)", near["groups"], near["members"])
+    return quality, near, near_map
 
 
 def _kept_summary(cfg: Config, out: str, roots: list[str], listing: str, labels_sha: str | None,

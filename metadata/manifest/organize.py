@@ -5,9 +5,17 @@ on the driver). Pure functions, no Spark import, so the rules are testable on th
 
 * duplicates: among ``ok`` rows, rows with the same ``content_hash`` form a group; its first path is
   the original, the others are duplicates of it and follow its split;
-* splits: the folder split when the path has one; else, per label, the originals are ordered by a
-  seeded hash of their content and cut at the configured ratios (exact per-label proportions);
-* shards: originals without a previous shard are sorted by size (largest first) and dealt out over
+* near-duplicates (with the near-duplicate map, ``NEAR_SCHEMA``, from ``data_quality``): an original
+  that is a member of a group takes its folder split, else its representative's (a member whose folder
+  split differs from the representative's is a *crossing pair*, counted in ``leakage``); its rows get
+  ``near_duplicate_of``; in ``drop`` mode the member original gets status ``near_duplicate`` and no shard;
+* label conflicts: a family (a representative with its members, every one with its exact duplicates;
+  or an exact-duplicate group in no near group) whose ok rows hold 2+ labels: ``label_conflict`` on
+  each of its rows, counted in ``label_conflicts``;
+* splits: the folder split when the path has one; else, per label, the originals (representatives and
+  originals in no group) are ordered by a seeded hash of their content and cut at the configured ratios
+  (exact per-label proportions);
+* shards: originals (but dropped near-duplicates) without a previous shard are sorted by size (largest first) and dealt out over
   ``ceil(n / rows_per_shard)`` shards in a snake order, so shard sizes differ by at most one row and
   large and small files spread evenly; rows with a previous shard (incremental runs) keep it.
 """
@@ -28,8 +36,14 @@ NARROW_COLUMNS = ["path", "image_id", "status", "label", "folder_split", "size_b
 """The checked columns the organize step reads."""
 
 PLAN_SCHEMA = pa.schema([("split", pa.string()), ("shard", pa.int32()), ("duplicate_of", pa.string()),
-                         ("first_path", pa.string())])
-"""Per checked row, aligned with it: split, shard, the original's image_id and path (duplicates only)."""
+                         ("first_path", pa.string()), ("near_duplicate_of", pa.string()), ("dropped_for", pa.string()),
+                         ("label_conflict", pa.bool_())])
+"""Per checked row, aligned with it: split, shard, the original's image_id and path (duplicates only), the
+near-duplicate representative's image_id (members and their duplicates), the representative's path (the
+members dropped by ``drop``), and whether its family holds two or more labels."""
+
+PLANNED_COLUMNS = ("label_index", "split", "duplicate_of", "near_duplicate_of", "label_conflict", "shard")
+"""The manifest columns organize computes over all rows (the others come from each file's check)."""
 
 
 def _np(arr: pa.ChunkedArray | pa.Array, fill: Any = None) -> np.ndarray:
@@ -98,12 +112,38 @@ def assign_shards(originals: pa.Table, rows_per_shard: int, base: int) -> np.nda
     return np.where(fresh, snake, _np(pshard, -1))
 
 
+NEAR_SCHEMA = pa.schema([("content_hash", pa.string()), ("rep_hash", pa.string()), ("rep_id", pa.string()),
+                         ("rep_path", pa.string())])
+"""The near-duplicate map (``data_quality.near_duplicate_map``): per member original's content hash, its
+group representative's content hash, image_id and path (the representative itself is not in it)."""
+
+EXAMPLES = 5
+"""Example rows per list in the counts (crossing pairs, label conflicts)."""
+
+
+def _members(originals: pa.Table, near: pa.Table | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per original: whether it is a near-duplicate member, and its representative's index (else itself)."""
+    n = originals.num_rows
+    rep = np.arange(n)
+    if near is None or not near.num_rows or not n:
+        return np.zeros(n, bool), rep
+    at = _np(pc.index_in(originals["content_hash"], value_set=near["content_hash"]), -1)
+    rep_at = np.full(n, -1, np.int64)
+    found = at >= 0
+    rep_at[found] = _np(pc.index_in(near["rep_hash"].take(pa.array(at[found])), value_set=originals["content_hash"]), -1)
+    member = rep_at >= 0  # a representative that is not an ok original here cannot hold its group
+    rep[member] = rep_at[member]
+    return member, rep
+
+
 def organize(parts: list[pa.Table], ratios: dict[str, float], seed: str, rows_per_shard: int, base: int = 0,
-             previous_rows: int = 0) -> tuple[list[pa.Table], dict[str, Any]]:
+             previous_rows: int = 0, near: pa.Table | None = None, drop: bool = False) -> tuple[list[pa.Table], dict[str, Any]]:
     """Plan tables aligned with ``parts`` (``PLAN_SCHEMA``) and the summary counts.
 
     ``parts``: checked rows with ``NARROW_COLUMNS``; ``base``: the first free shard number;
-    ``previous_rows``: rows of the previous manifest (incremental runs), for the removed count.
+    ``previous_rows``: rows of the previous manifest (incremental runs), for the removed count;
+    ``near``: the near-duplicate map (``NEAR_SCHEMA``) or None; ``drop``: its members other than the
+    representatives get status ``near_duplicate`` and no shard.
     """
     t = pa.concat_tables([p.select(NARROW_COLUMNS) for p in parts]).combine_chunks()
     n = t.num_rows
@@ -122,8 +162,25 @@ def organize(parts: list[pa.Table], ratios: dict[str, float], seed: str, rows_pe
     is_dup = orig_of != np.arange(len(order))
 
     originals = okt.take(first_row)
-    splits = assign_splits(originals, ratios, seed)
-    shards = assign_shards(originals, rows_per_shard, base)
+    member, rep = _members(originals, near)
+    dropped = member & drop
+    splits = np.empty(originals.num_rows, dtype=object)
+    lead = np.flatnonzero(~member)  # representatives and originals in no group: their own split
+    splits[lead] = assign_splits(originals.take(lead), ratios, seed)
+    folder = np.array(originals["folder_split"].to_pylist(), dtype=object)
+    mem = np.flatnonzero(member)
+    splits[mem] = np.where(_is_none(folder[mem]), splits[rep[mem]], folder[mem])
+    dealt = np.flatnonzero(~dropped)
+    shards = np.full(originals.num_rows, -1, np.int64)
+    shards[dealt] = assign_shards(originals.take(dealt), rows_per_shard, base)
+
+    # A family: a representative, its members and all their exact duplicates; 2+ labels in it is a conflict.
+    family = rep[group_of]
+    labels = pa.table({"family": family, "label": okt["label"]})
+    per_family = labels.group_by("family").aggregate([("label", "count_distinct")])
+    conflicted = np.zeros(originals.num_rows, bool)
+    conflicted[_np(per_family["family"])[_np(per_family["label_count_distinct"]) > 1]] = True
+    row_conflict = conflicted[family]
 
     split_col = np.full(n, None, dtype=object)
     split_col[ok_idx] = splits[group_of]
@@ -135,11 +192,23 @@ def organize(parts: list[pa.Table], ratios: dict[str, float], seed: str, rows_pe
     orig_ids, orig_paths = okt["image_id"].to_numpy(zero_copy_only=False), okt["path"].to_numpy(zero_copy_only=False)
     dup_of[dup_rows] = orig_ids[orig_of[is_dup]]
     first_path[dup_rows] = orig_paths[orig_of[is_dup]]
+    rep_ids, rep_paths = orig_ids[first_row[rep]], orig_paths[first_row[rep]]
+    near_of = np.full(n, None, dtype=object)
+    in_group = member[group_of]
+    near_of[ok_idx[in_group]] = rep_ids[group_of[in_group]]
+    drop_detail = np.full(n, None, dtype=object)
+    dropped_rows = ok_idx[dropped[group_of] & ~is_dup]
+    drop_detail[dropped_rows] = rep_paths[group_of[dropped[group_of] & ~is_dup]]
+    conflict_col = np.zeros(n, bool)
+    conflict_col[ok_idx] = row_conflict
     plan = pa.table({
         "split": pa.array(split_col, pa.string()),
         "shard": pa.array(shard_col, pa.int32(), mask=shard_col < 0),
         "duplicate_of": pa.array(dup_of, pa.string()),
         "first_path": pa.array(first_path, pa.string()),
+        "near_duplicate_of": pa.array(near_of, pa.string()),
+        "dropped_for": pa.array(drop_detail, pa.string()),
+        "label_conflict": pa.array(conflict_col, pa.bool_()),
     }, schema=PLAN_SCHEMA)
     plans, offset = [], 0
     for p in parts:
@@ -149,8 +218,37 @@ def organize(parts: list[pa.Table], ratios: dict[str, float], seed: str, rows_pe
     counts = np.diff(np.append(first_pos, len(order)))
     multi = counts > 1
     last_paths = okt["path"].take(order[first_pos[multi] + counts[multi] - 1]) if multi.any() else None
-    summary = _summary(t, originals, splits, shards, int(is_dup.sum()), last_paths, previous_rows)
+    kept = originals.take(dealt)
+    summary = _summary(t, kept, splits[dealt], shards[dealt], int(is_dup.sum()), last_paths, previous_rows)
+    if dropped.any():
+        by_status, examples = summary["by_status"], summary["example_by_status"]
+        by_status["ok"] -= int(dropped.sum())
+        if not by_status["ok"]:
+            del by_status["ok"]
+        by_status["near_duplicate"] = int(dropped.sum())
+        examples["near_duplicate"] = min(originals["path"].take(pa.array(np.flatnonzero(dropped))).to_pylist())
+        summary["by_status"], summary["example_by_status"] = dict(sorted(by_status.items())), dict(sorted(examples.items()))
+    crossing = mem[splits[mem] != splits[rep[mem]]]
+    cross = sorted(zip(originals["path"].take(pa.array(crossing, pa.int64())).to_pylist(), splits[crossing],
+                       rep_paths[crossing], splits[rep[crossing]]))
+    in_conflict = np.flatnonzero(conflicted)
+    summary["leakage"] = {
+        "near_duplicate_members": int(member.sum()),
+        "crossing_pairs": len(cross),
+        "crossing_examples": [{"path": a, "split": b, "near_duplicate_of": c, "representative_split": d}
+                              for a, b, c, d in cross[:EXAMPLES]],
+    }
+    summary["label_conflicts"] = {
+        "families": len(in_conflict),
+        "rows": int(row_conflict.sum()),
+        "examples": sorted(originals["path"].take(pa.array(in_conflict, pa.int64())).to_pylist())[:EXAMPLES],
+    }
     return plans, summary
+
+
+def _is_none(values: np.ndarray) -> np.ndarray:
+    """Elementwise ``is None`` of an object array."""
+    return np.fromiter((v is None for v in values), bool, len(values))
 
 
 def _summary(t: pa.Table, originals: pa.Table, splits: np.ndarray, shards: np.ndarray, dups: int,
@@ -215,13 +313,18 @@ def finish(checked: pa.Table, plan: pa.Table, label_names: list[str], schema: pa
     status = checked["status"]
     is_dup = pc.is_valid(plan["duplicate_of"])
     index = pc.index_in(checked["label"], value_set=pa.array(label_names, pa.string()))
+    is_dropped = pc.is_valid(plan["dropped_for"])
     cols = {
         "label_index": pc.if_else(pc.equal(status, "bad_label"), pa.scalar(None, pa.int32()), index.cast(pa.int32())),
         "split": plan["split"],
         "duplicate_of": plan["duplicate_of"],
-        "status": pc.if_else(is_dup, "duplicate", status),
-        "status_detail": pc.if_else(is_dup, pc.binary_join_element_wise("same bytes as ", plan["first_path"], ""),
-                                    checked["status_detail"]),
+        "near_duplicate_of": plan["near_duplicate_of"],
+        "label_conflict": plan["label_conflict"],
+        "status": pc.if_else(is_dup, "duplicate", pc.if_else(is_dropped, "near_duplicate", status)),
+        "status_detail": pc.if_else(
+            is_dup, pc.binary_join_element_wise("same bytes as ", plan["first_path"], ""),
+            pc.if_else(is_dropped, pc.binary_join_element_wise("near duplicate of ", plan["dropped_for"], ""),
+                       checked["status_detail"])),
         "shard": plan["shard"],
     }
     table = pa.table({f.name: (cols[f.name] if f.name in cols else checked[f.name]).cast(f.type) for f in schema})

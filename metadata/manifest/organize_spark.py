@@ -7,11 +7,16 @@ computed so that no task and not the driver holds more than its share of the row
   (the group key is the content hash; an ``ok`` row without one is its own group). The smallest path's
   row is the original, and the aggregate row already carries the original's columns, so the aggregate
   *is* the table of originals (one row per group);
-* splits: the originals without a folder split are sorted globally by (label, seeded hash, image_id,
+* near-duplicates and label conflicts: the originals are joined with the near-duplicate map on the
+  content hash (left join), which gives each member its representative; the family key (the
+  representative's content hash, else the original's own) is shuffled once with the labels exploded
+  from the duplicate groups (``countDistinct``), and the families with 2+ labels joined back;
+* splits: the representatives and originals in no group without a folder split are sorted globally by (label, seeded hash, image_id,
   content hash) and numbered in that order (``_numbered``: a range-partitioned sort, persisted, then
   per-partition counts become offsets, as ``RDD.zipWithIndex`` does). Per label the driver gets its
   count and its first number, so a row's rank within its label is its number minus that start; the
-  cut at the ratios is the same float arithmetic as ``organize.assign_splits``;
+  cut at the ratios is the same float arithmetic as ``organize.assign_splits``; a member takes its folder
+  split, else its representative's (a join on the representative's content hash);
 * shards: the originals without a previous shard are numbered in (size descending with missing sizes
   last, image_id, content hash) order; the number becomes the snake-dealt shard from ``base``. Rows with a
   previous shard keep it. The numbered frames carry the originals' columns, so the per-group plan is a
@@ -21,7 +26,8 @@ computed so that no task and not the driver holds more than its share of the row
   written sorted by (shard, path), rows without a shard last, in small row groups so that the ``shard``
   statistics let a reader skip other shards.
 
-Shuffles: the group-by of the ok rows (hash, ``spark.sql.shuffle.partitions``), two range sorts of
+Shuffles: the group-by of the ok rows (hash, ``spark.sql.shuffle.partitions``), the family count and its
+join back (with the near-duplicate map: its join and the members' join to their representatives), two range sorts of
 originals (each with Spark's sampling job), the join of the checked rows with the plan (hash, both
 sides), the range sort of the manifest rows; the count aggregates shuffle only partial counts. The
 checked files are read twice (narrow columns, persisted; every column for the write).
@@ -68,13 +74,17 @@ _NARROW_DDL = ("path string, image_id string, status string, label string, folde
                "content_hash string, _pshard int, _kept boolean, _prev boolean, _h long")
 assert _NARROW_SCHEMA.names == org.NARROW_COLUMNS
 
+_NO_ROWS: dict[str, Any] = {k: None for k in ("dups", "dup_example", "members", "dropped", "drop_example", "crossing",
+                                               "families", "conflict_rows")}
+"""The overall counts when no row is ok (a grouping set of no rows has no total row)."""
+
 _SIGN = np.uint64(1 << 63)
 _HEX16 = "^[0-9a-fA-F]{16}"
 
 
 def organize_on_spark(spark: SparkSession, checked_files: list[str], staging: str, cfg: Config,
                       previous: str | None = None, previous_rows: int = 0, base: int | None = None,
-                      partitions: int | None = None) -> dict[str, Any]:
+                      partitions: int | None = None, near: str | None = None) -> dict[str, Any]:
     """Organize the checked rows in ``checked_files`` and write the manifest to ``staging``.
 
     Writes a ``MANIFEST_SCHEMA`` Parquet dataset at ``staging`` (``write_parquet_dataset``: executors write
@@ -82,7 +92,8 @@ def organize_on_spark(spark: SparkSession, checked_files: list[str], staging: st
     groups of ``ROW_GROUP_ROWS``. Returns the counts ``organize.organize`` returns (the ``organized.json``
     of the job). ``base``: the first free shard number (default: one past the largest shard of the
     ``previous`` manifest, 0 without one); ``previous_rows``: rows of the previous manifest (for the removed
-    count); ``partitions``: tasks per stage (default ``[spark].partitions``, else the default parallelism).
+    count); ``partitions``: tasks per stage (default ``[spark].partitions``, else the default parallelism);
+    ``near``: the near-duplicate map (``organize.NEAR_SCHEMA`` Parquet dataset) or None.
     """
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
@@ -115,13 +126,17 @@ def organize_on_spark(spark: SparkSession, checked_files: list[str], staging: st
         # Duplicates: one aggregate row per group of ok rows with the same bytes; its smallest path is the original.
         ok = narrow.filter(_is_ok()).withColumn("_dkey", _group_key())
         first = F.min(F.struct("path", "image_id", "label", "folder_split", "size_bytes", "_pshard", "_h"))
-        originals = keep(ok.groupBy("_dkey").agg(first.alias("f"), F.max("path").alias("_last"),
-                                                  F.count(F.lit(1)).alias("_n")).select("_dkey", "_last", "_n", "f.*"))
-        carry = ["_dkey", "_last", "_n", "path", "image_id", "label", "size_bytes", "_pshard"]
+        originals = ok.groupBy("_dkey").agg(first.alias("f"), F.max("path").alias("_last"), F.count(F.lit(1)).alias("_n"),
+                                            F.collect_set("label").alias("_labels")).select("_dkey", "_last", "_n", "_labels", "f.*")
+        originals = keep(_with_families(spark, originals, near, n_part))
+        carry = ["_dkey", "_last", "_n", "path", "image_id", "label", "size_bytes", "_pshard", "_rep", "_rep_id",
+                 "_rep_path", "label_conflict"]
 
-        # Splits: the folder split, else the rank within the label in the seeded hash order, cut at the ratios.
-        with_split = originals.filter(F.col("folder_split").isNotNull()).select(*carry, F.col("folder_split").alias("split"))
-        need = originals.filter(F.col("folder_split").isNull()).select(
+        # Splits: the folder split, else the rank within the label in the seeded hash order, cut at the ratios;
+        # a near-duplicate member: its folder split, else its representative's.
+        lead = originals.filter(F.col("_rep").isNull())
+        with_split = lead.filter(F.col("folder_split").isNotNull()).select(*carry, F.col("folder_split").alias("split"))
+        need = lead.filter(F.col("folder_split").isNull()).select(
             *carry, "_h", F.coalesce(F.col("label"), F.lit("\x00")).alias("_lkey"))
         need = keep(_numbered(need, [F.col("_lkey"), F.col("_h"), F.col("image_id"), F.col("_dkey")], n_sort))
         stats = need.groupBy("_p", "_lkey").agg(F.count(F.lit(1)).alias("n"), F.min("_local").alias("lo")).collect()
@@ -141,10 +156,21 @@ def organize_on_spark(spark: SparkSession, checked_files: list[str], staging: st
             drawn = F.element_at(F.array(*[F.lit(s) for s in names]), picked + 1)
             with_split = with_split.unionByName(
                 need.join(F.broadcast(per_label), "_lkey").select(*carry, drawn.alias("split")))
+        with_split = with_split.withColumn("_rep_split", F.lit(None).cast("string"))
+        if near is not None:
+            rep_split = with_split.select(F.col("_dkey").alias("_rep"), F.col("split").alias("_rep_split"))
+            members = originals.filter(F.col("_rep").isNotNull()).join(rep_split, "_rep", "left")
+            with_split = with_split.unionByName(members.select(
+                *carry, F.coalesce("folder_split", "_rep_split").alias("split"), "_rep_split"))
+        drop = F.lit(mc.near_duplicates == "drop") & F.col("_rep").isNotNull()
+        with_split = with_split.withColumn("_drop", drop)
+        carry += ["_rep_split", "_drop"]
 
-        # Shards: originals without a previous shard, largest first, snake-dealt over new shards from base.
-        kept = with_split.filter(F.col("_pshard").isNotNull()).select("*", F.col("_pshard").alias("shard"))
-        fresh = with_split.filter(F.col("_pshard").isNull())
+        # Shards: originals without a previous shard, largest first, snake-dealt over new shards from base
+        # (dropped near-duplicates get none).
+        dealt = with_split.filter(~F.col("_drop"))
+        kept = dealt.filter(F.col("_pshard").isNotNull()).select("*", F.col("_pshard").alias("shard"))
+        fresh = dealt.filter(F.col("_pshard").isNull())
         fresh = keep(_numbered(fresh, [F.col("size_bytes").desc_nulls_last(), F.col("image_id"), F.col("_dkey")], n_sort))
         counts = [(r["_p"], r["n"]) for r in fresh.groupBy("_p").agg(F.count(F.lit(1)).alias("n")).collect()]
         offsets = _offsets(counts)
@@ -153,24 +179,62 @@ def organize_on_spark(spark: SparkSession, checked_files: list[str], staging: st
         pos = number % F.lit(num)
         block = ((number - pos) / F.lit(num)).cast("long")  # exact: both are integers below 2**53
         snake = F.when(block % 2 == 0, pos).otherwise(F.lit(num - 1) - pos) + F.lit(base)
-        plan = kept.unionByName(fresh.select(*carry, "split", snake.alias("shard")))
-        plan = plan.select("_dkey", "_n", "_last", "label", "size_bytes", "split", F.col("shard").cast("int"),
-                           F.col("path").alias("_first_path"), F.col("image_id").alias("_first_id"))
+        plan = kept.unionByName(fresh.select(*carry, "split", snake.alias("shard"))).unionByName(
+            with_split.filter(F.col("_drop")).select(*carry, "split", F.lit(None).cast("int").alias("shard")))
+        plan = keep(plan.select(*carry, "split", F.col("shard").cast("int"), F.col("path").alias("_first_path"),
+                                F.col("image_id").alias("_first_id")))
 
-        # One job for the per-(label, split) and the per-shard counts.
-        both = plan.groupingSets([["label", "split"], ["shard"]], "label", "split", "shard").agg(
-            F.grouping_id().alias("_g"), F.count(F.lit(1)).alias("n"), F.sum(F.col("_n") - 1).alias("dups"),
+        # One job for the per-(label, split), the per-shard and the overall counts.
+        crossing = F.col("_rep").isNotNull() & ~F.col("split").eqNullSafe(F.col("_rep_split"))
+        led = F.col("label_conflict") & F.col("_rep").isNull()  # one representative (lead) per family
+        counted = F.when(~F.col("_drop"), 1).otherwise(0)
+        both = plan.groupingSets([["label", "split"], ["shard"], []], "label", "split", "shard").agg(
+            F.grouping_id().alias("_g"), F.sum(counted).alias("n"), F.sum(F.col("_n") - 1).alias("dups"),
             F.min(F.when(F.col("_n") > 1, F.col("_last"))).alias("dup_example"),
-            F.sum(F.coalesce("size_bytes", F.lit(0))).alias("bytes")).collect()
-        by_pair = [r for r in both if r["_g"] == 1]  # grouping_id: bit 0 set = shard not grouped
-        by_shard = [r for r in both if r["_g"] == 6]
-        counts_out = _summary(per_status, by_pair, by_shard, previous_rows)
+            F.sum(F.when(~F.col("_drop"), F.coalesce("size_bytes", F.lit(0))).otherwise(0)).alias("bytes"),
+            F.sum(F.when(F.col("_rep").isNotNull(), 1).otherwise(0)).alias("members"),
+            F.sum(F.when(F.col("_drop"), 1).otherwise(0)).alias("dropped"),
+            F.min(F.when(F.col("_drop"), F.col("path"))).alias("drop_example"),
+            F.sum(F.when(crossing, 1).otherwise(0)).alias("crossing"),
+            F.sum(F.when(led, 1).otherwise(0)).alias("families"),
+            F.sum(F.when(F.col("label_conflict"), F.col("_n")).otherwise(0)).alias("conflict_rows")).collect()
+        by_pair = [r for r in both if r["_g"] == 1 and r["n"]]  # grouping_id: bit 0 set = shard not grouped
+        by_shard = [r for r in both if r["_g"] == 6 and r["shard"] is not None]
+        total = next((r for r in both if r["_g"] == 7), None) or _NO_ROWS
+        counts_out = _summary(per_status, by_pair, by_shard, previous_rows, total)
+        counts_out["leakage"]["crossing_examples"] = [
+            {"path": r["path"], "split": r["split"], "near_duplicate_of": r["_rep_path"], "representative_split": r["_rep_split"]}
+            for r in plan.filter(crossing).orderBy("path").limit(org.EXAMPLES).collect()] if total["crossing"] else []
+        counts_out["label_conflicts"]["examples"] = [
+            r["path"] for r in plan.filter(led).orderBy("path").select("path").limit(org.EXAMPLES).collect()
+        ] if total["families"] else []
 
         _write_manifest(spark, checked_files, staging, plan, counts_out["label_names"], n_part, n_sort)
         return counts_out
     finally:
         for df in persisted:
             df.unpersist()
+
+
+def _with_families(spark: SparkSession, originals: DataFrame, near: str | None, partitions: int) -> DataFrame:
+    """The originals with their near-duplicate representative (``_rep``: its content hash, ``_rep_id``,
+    ``_rep_path``; null for representatives and originals in no group, from the map at ``near``) and
+    ``label_conflict``: their family (a representative, its members, all their exact duplicates) holds two
+    or more labels (counted with a shuffle by family, never collected)."""
+    from pyspark.sql import functions as F
+
+    if near is not None:
+        reps = read_parquet_dataset(spark, near, num_partitions=partitions).select(
+            F.col("content_hash").alias("_dkey"), F.col("rep_hash").alias("_rep"), F.col("rep_id").alias("_rep_id"),
+            F.col("rep_path").alias("_rep_path"))
+        originals = originals.join(reps, "_dkey", "left")
+    else:
+        originals = originals.select("*", *[F.lit(None).cast("string").alias(c) for c in ("_rep", "_rep_id", "_rep_path")])
+    originals = originals.withColumn("_fam", F.coalesce("_rep", "_dkey"))
+    conflicted = (originals.select("_fam", F.explode("_labels").alias("_label")).groupBy("_fam")
+                  .agg(F.countDistinct("_label").alias("_k")).where(F.col("_k") > 1).select("_fam", F.lit(True).alias("_c")))
+    return originals.join(conflicted, "_fam", "left").select(
+        *[c for c in originals.columns if c not in ("_fam", "_labels")], F.coalesce("_c", F.lit(False)).alias("label_conflict"))
 
 
 def previous_base(spark: SparkSession, previous: str | None) -> int:
@@ -229,8 +293,10 @@ def _number(offsets: dict[int, int]) -> Column:
     return F.element_at(F.array(*[F.lit(v).cast("long") for v in table]), F.col("_p") + 1) + F.col("_local")
 
 
-def _summary(per_status: list[Any], by_pair: list[Any], by_shard: list[Any], previous_rows: int) -> dict[str, Any]:
-    """The counts of ``organize._summary`` from the aggregate rows (same keys, same values)."""
+def _summary(per_status: list[Any], by_pair: list[Any], by_shard: list[Any], previous_rows: int,
+             total_row: Any) -> dict[str, Any]:
+    """The counts of ``organize.organize`` from the aggregate rows (same keys, same values; the example
+    lists of ``leakage`` and ``label_conflicts`` are filled in by the caller)."""
     by_status: dict[str, int] = {}
     examples: dict[str, str] = {}
     firsts: dict[str, str] = {}
@@ -249,13 +315,20 @@ def _summary(per_status: list[Any], by_pair: list[Any], by_shard: list[Any], pre
     for status, path in firsts.items():
         if status != "ok":
             examples[status] = path
-    dups = sum(r["dups"] for r in by_pair)
+    dups = total_row["dups"] or 0
     if dups:
         by_status["ok"] -= dups
         if not by_status["ok"]:
             del by_status["ok"]
         by_status["duplicate"] = dups
-        examples["duplicate"] = min(r["dup_example"] for r in by_pair if r["dup_example"] is not None)
+        examples["duplicate"] = total_row["dup_example"]
+    dropped = total_row["dropped"] or 0
+    if dropped:
+        by_status["ok"] -= dropped
+        if not by_status["ok"]:
+            del by_status["ok"]
+        by_status["near_duplicate"] = dropped
+        examples["near_duplicate"] = total_row["drop_example"]
     pairs: Counter = Counter()
     for r in by_pair:
         pairs[(str(r["label"]), str(r["split"]))] += r["n"]
@@ -274,6 +347,10 @@ def _summary(per_status: list[Any], by_pair: list[Any], by_shard: list[Any], pre
         "num_shards": len(by_shard),
         "incremental": {"unchanged": kept, "new": new, "changed": total - kept - new,
                         "removed": previous_rows - prev},
+        "leakage": {"near_duplicate_members": total_row["members"] or 0, "crossing_pairs": total_row["crossing"] or 0,
+                    "crossing_examples": []},
+        "label_conflicts": {"families": total_row["families"] or 0, "rows": total_row["conflict_rows"] or 0,
+                            "examples": []},
     }
 
 
@@ -283,17 +360,21 @@ def _write_manifest(spark: SparkSession, files: list[str], staging: str, plan: D
     from pyspark.sql import functions as F
 
     full = _read_checked(spark, files, partitions)
-    groups = plan.select("_dkey", "_first_path", "_first_id", "split", F.col("shard").alias("_shard"))
+    groups = plan.select("_dkey", "_first_path", "_first_id", "split", F.col("shard").alias("_shard"),
+                         F.col("_rep_id").alias("near_duplicate_of"), "_rep_path", "_drop", F.col("label_conflict").alias("_conflict"))
     # Rows other than ok get a key no group has (spread by path, so no task gets all of them) and no plan.
     key = F.when(_is_ok(), _group_key()).otherwise(F.concat(F.lit("\x01"), F.col("path")))
     rows = full.withColumn("_dkey", key).join(groups, "_dkey", "left")
     dup = F.coalesce(F.col("path") != F.col("_first_path"), F.lit(False))
+    dropped = ~dup & F.coalesce(F.col("_drop"), F.lit(False))
     rows = rows.select(
         *[F.col(c) for c in full.columns if c not in ("status", "status_detail")],
         "split", F.when(dup, F.lit(None)).otherwise(F.col("_shard")).cast("int").alias("shard"),
-        F.when(dup, F.col("_first_id")).alias("duplicate_of"),
-        F.when(dup, F.lit("duplicate")).otherwise(F.col("status")).alias("status"),
-        F.when(dup, F.concat(F.lit("same bytes as "), F.col("_first_path"))).otherwise(F.col("status_detail"))
+        F.when(dup, F.col("_first_id")).alias("duplicate_of"), "near_duplicate_of",
+        F.coalesce("_conflict", F.lit(False)).alias("label_conflict"),
+        F.when(dup, F.lit("duplicate")).when(dropped, F.lit("near_duplicate")).otherwise(F.col("status")).alias("status"),
+        F.when(dup, F.concat(F.lit("same bytes as "), F.col("_first_path")))
+        .when(dropped, F.concat(F.lit("near duplicate of "), F.col("_rep_path"))).otherwise(F.col("status_detail"))
         .alias("status_detail"))
     if label_names:
         index = spark.createDataFrame(list(enumerate(label_names)), "_index int, label string")
