@@ -149,11 +149,17 @@ class ManifestConfig:
     near_duplicate_distance: int = 4
     """Hamming distance (of 64 bits) within which two images' perceptual hashes make them near-duplicates
     (chosen from measurements on real photos: bench/RESULTS-near-duplicates.md)."""
+    near_duplicate_max_pairs: int = 1_000_000_000
+    """Budget of candidate pairs for the near-duplicate search (its band join grows as distinct hashes²
+    over 2^(64/(distance+1))): counted before the join, and when the distance would make more, the largest
+    smaller distance that fits is used instead, logged and written to the summary."""
 
     def validate(self) -> None:
         check_choices("manifest", self)
         if not 0 <= self.near_duplicate_distance <= 16:
             raise ValueError("manifest.near_duplicate_distance must be between 0 and 16")
+        if self.near_duplicate_max_pairs < 0:
+            raise ValueError("manifest.near_duplicate_max_pairs must be >= 0")
         if self.label_from == "regex" and "(?P<label>" not in self.label_regex:
             raise ValueError("manifest.label_regex needs a named group (?P<label>...)")
         if self.label_from == "csv" and not self.labels_csv:

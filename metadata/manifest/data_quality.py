@@ -15,12 +15,15 @@ Cost: one scan of the checked rows each, the shuffles of the near-duplicate sear
 """
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from imgfeat.metadata.manifest.image_signals import OUTLIER_THRESHOLDS
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
 
 EXAMPLES = 5
 """Example paths per list in the summary."""
@@ -63,8 +66,34 @@ def quality_summary(checked: DataFrame) -> dict[str, Any]:
     }
 
 
+def candidate_pairs_at(hashes: DataFrame, distance: int) -> int:
+    """How many candidate pairs the band join of the distinct ``phash`` values of ``hashes`` makes at
+    ``distance``: the sum of n(n-1)/2 over its (band, value) buckets, one aggregation job (``B·U`` rows
+    shuffled with partial counts; one number to the driver)."""
+    from pyspark.sql import functions as F
+
+    from imgfeat.metadata.manifest.near_duplicates import band_key_rows
+
+    if distance == 0:
+        return 0
+    sizes = band_key_rows(hashes.select("phash"), distance).groupBy("band", "value").agg(F.count(F.lit(1)).alias("n"))
+    row = sizes.agg(F.sum(F.col("n") * (F.col("n") - 1) / 2).alias("p")).first()
+    return int(row["p"] or 0) if row is not None else 0
+
+
+def fitting_distance(hashes: DataFrame, requested: int, max_pairs: int) -> tuple[int, int]:
+    """The largest distance up to ``requested`` whose band join makes at most ``max_pairs`` candidate
+    pairs, and that count (``hashes``: distinct ``phash`` values). Fewer bits of distance mean fewer,
+    wider bands, so the count falls steeply (for U uniform hashes about (d+1)·U²/2^(64/(d+1)+1))."""
+    for distance in range(requested, -1, -1):
+        pairs = candidate_pairs_at(hashes, distance)
+        if pairs <= max_pairs:
+            return distance, pairs
+    return 0, 0
+
+
 def near_duplicate_summary(spark: SparkSession, checked: DataFrame, distance: int,
-                           scratch: str) -> tuple[dict[str, Any], str]:
+                           scratch: str, max_pairs: int | None = None) -> tuple[dict[str, Any], str]:
     """Near-duplicate groups among the ``ok`` rows of ``checked`` (exact duplicates counted with their
     original): the summary's counts and example pairs, and the URL of the near-duplicate map under
     ``scratch`` (``organize.NEAR_SCHEMA``: per member original, its representative), which organize
@@ -80,6 +109,14 @@ def near_duplicate_summary(spark: SparkSession, checked: DataFrame, distance: in
     # Read by several jobs below: computed once (Parquet under scratch).
     originals = materialize(ok.groupBy("content_hash").agg(F.min(F.struct("path", "image_id", "phash")).alias("f"))
                             .select("content_hash", "f.*"), scratch, "originals")
+    requested, pairs = distance, None
+    if max_pairs is not None:
+        hashes = originals.where(F.col("phash").isNotNull()).select("phash").distinct()
+        distance, pairs = fitting_distance(hashes, requested, max_pairs)
+        if distance < requested:
+            log.warning("near duplicates: distance %d would make more than %d candidate pairs "
+                        "(manifest.near_duplicate_max_pairs); searched at distance %d (%d pairs)",
+                        requested, max_pairs, distance, pairs)
     groups = materialize(near_duplicate_groups(spark, originals.select("image_id", "path", "phash"), distance, scratch),
                          scratch, "groups")
     counts = near_duplicate_counts(groups)
@@ -90,5 +127,5 @@ def near_duplicate_summary(spark: SparkSession, checked: DataFrame, distance: in
     write_parquet_dataset(pairs.select("content_hash", "rep_hash", F.col("near_duplicate_of").alias("rep_id"), "rep_path"),
                           url, schema=NEAR_SCHEMA)
     examples = [(r["path"], r["rep_path"]) for r in pairs.orderBy("path").select("path", "rep_path").limit(EXAMPLES).collect()]
-    return {"distance": distance, **counts,
+    return {"distance": distance, "requested_distance": requested, "candidate_pairs": pairs, **counts,
             "examples": [{"path": p, "near_duplicate_of": q} for p, q in examples]}, url

@@ -393,7 +393,8 @@ def _data_quality(spark: SparkSession, cfg: Config, checked: str, scratch: str,
                                                           *SIGNAL_COLUMNS], num_partitions=tasks)
     found = quality_summary(frame)
     quality = found if found["rows"] else None
-    near, near_map = near_duplicate_summary(spark, frame, cfg.manifest.near_duplicate_distance, scratch)
+    near, near_map = near_duplicate_summary(spark, frame, cfg.manifest.near_duplicate_distance, scratch,
+                                            cfg.manifest.near_duplicate_max_pairs)
     if near["groups"]:
         log.info("manifest: %d near-duplicate groups (%d files)", near["groups"], near["members"])
     return quality, near, near_map
