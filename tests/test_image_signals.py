@@ -406,3 +406,174 @@ def test_jpeg_exif_orientation_is_applied():
         up = cv2.resize(upright, (upright.shape[1] * size, upright.shape[0] * size))
         expected = signals_of(encode(cv2.cvtColor(up, cv2.COLOR_RGB2BGR))).phash
         assert sig.hamming(signals_of(buf.getvalue()).phash, expected) <= 2
+
+
+# ----------------------------------------------------------------------------------------- the fast path
+# ``image_signals`` and ``perceptual_hash`` compute the box averages in float64 from one integral image
+# (``_grid_sums``) and the DCT in float64 without the mean's removal; the references below are the
+# integer implementations they replaced (and ``_box_sums``/``_hash_block``, kept as the fallback).
+
+
+def _reference_hash_from_block(block: np.ndarray) -> int:
+    """The mean-free int64 DCT of the first implementation (``block * 1024 - sum``)."""
+    block = np.asarray(block, np.int64)
+    centred = block * (sig.HASH_SIDE * sig.HASH_SIDE) - int(block.sum())
+    coeffs = (sig._DCT @ centred @ sig._DCT_T).ravel()
+    median = np.partition(coeffs[1:], 31)[31]
+    bits = coeffs > median
+    bits[0] = False
+    return int.from_bytes(np.packbits(bits, bitorder="little").tobytes(), "little", signed=True)
+
+
+def _reference_signals(gray: np.ndarray) -> sig.ImageSignals:
+    """The first implementation of ``image_signals``: int64 box sums, histogram entropy as -sum p log2 p."""
+    h, w = gray.shape
+    integral = sig._integral(gray)
+    phash = _reference_hash_from_block(sig._hash_block(gray, integral if min(h, w) >= sig.HASH_SIDE else None))
+    copy = sig._signal_copy(gray, integral, sig.SIGNAL_SIDE)
+    lap = cv2.Laplacian(copy, cv2.CV_64F, ksize=1)[1:-1, 1:-1]
+    blur = float(cv2.meanStdDev(lap)[1][0, 0] ** 2) if lap.size else 0.0
+    contrast = float(cv2.meanStdDev(copy)[1][0, 0])
+    hist = np.bincount((copy + 0.5).astype(np.uint8).ravel(), minlength=256)
+    p = hist[hist > 0] / copy.size
+    entropy = float(-(p * np.log2(p)).sum()) + 0.0
+    return sig.ImageSignals(phash, blur, float(integral[h, w]) / (h * w), contrast, entropy)
+
+
+def _random_images(seed: int, n: int):
+    """Noise, smooth noise and flat images of random sizes, tiny to panorama (1..700 px a side)."""
+    rng = np.random.default_rng(seed)
+    for k in range(n):
+        h, w = (int(v) for v in rng.integers(1, 700, 2))
+        if k % 7 == 0:
+            w = min(5000, w * 12)  # a panorama: the signal copy's aspect cap
+        g = rng.integers(0, 256, (h, w), dtype=np.uint8)
+        if k % 3 == 1:
+            g = cv2.GaussianBlur(g, (0, 0), 1 + k % 5)
+        elif k % 11 == 2:
+            g = np.full((h, w), int(rng.integers(0, 256)), np.uint8)
+        yield g
+
+
+def test_grid_sums_equal_the_int64_box_sums():
+    for gray in _random_images(3, 60):
+        h, w = gray.shape
+        grids = tuple(g for g in ((32, 32), sig.signal_size(h, w), (7, 13), (h, w)) if g[0] <= h and g[1] <= w)
+        total, sums = sig._grid_sums(gray, grids)
+        integral = sig._integral(gray)
+        assert total == int(gray.sum(dtype=np.int64))
+        for (oh, ow), got in zip(grids, sums):
+            want = sig._box_sums(integral, oh, ow)
+            assert got.dtype == np.float64 and got.shape == (oh, ow)
+            assert np.array_equal(got, want.astype(np.float64)), (h, w, oh, ow)
+
+
+def test_fast_signals_equal_the_reference_implementation():
+    n = 0
+    for gray in _random_images(5, 120):
+        ref, got = _reference_signals(gray), sig.image_signals(gray)
+        assert got.phash == ref.phash == sig.perceptual_hash(gray), gray.shape
+        assert (got.blur, got.brightness, got.contrast) == (ref.blur, ref.brightness, ref.contrast), gray.shape
+        assert got.entropy == pytest.approx(ref.entropy, rel=0, abs=1e-12)
+        n += min(gray.shape) >= 64
+    assert n > 60  # most of them on the fast path
+
+
+def test_fast_signals_on_real_photos_equal_the_reference(fruits_dir):
+    files = sorted(fruits_dir.rglob("*.jpg"))[::97]
+    for f in files:
+        data = f.read_bytes()
+        for gray in (decode_as_manifest(data),  # 100 x 100: a full-size grey decode
+                     decode_as_manifest(encode(cv2.resize(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR),
+                                                          (500, 375), interpolation=cv2.INTER_CUBIC)))):  # 1/2 decode
+            ref, got = _reference_signals(gray), sig.image_signals(gray)
+            assert got.phash == ref.phash
+            assert (got.blur, got.brightness, got.contrast) == (ref.blur, ref.brightness, ref.contrast)
+            assert got.entropy == pytest.approx(ref.entropy, rel=0, abs=1e-12)
+
+
+def test_hash_from_block_equals_the_mean_free_int64_dct():
+    rng = np.random.default_rng(9)
+    blocks = [rng.integers(0, 255 * 256 + 1, (32, 32)) for _ in range(300)]
+    blocks += [np.full((32, 32), 255 * 256), np.zeros((32, 32), np.int64), np.tile(np.arange(32) * 2000, (32, 1))]
+    blocks += [np.fliplr(b) + b for b in blocks[:20]]  # mirror-symmetric: many coefficients exactly 0
+    for b in blocks:
+        b = np.asarray(b, np.int64)
+        assert sig._hash_from_block(b) == sig._hash_from_block(b.astype(np.float64)) == _reference_hash_from_block(b)
+
+
+def test_the_int64_fallback_gives_the_same_values(monkeypatch):
+    images = list(_random_images(7, 20))
+    fast = [sig.image_signals(g) for g in images]
+    monkeypatch.setattr(sig, "_float_exact", lambda h, w: False)
+    slow = [sig.image_signals(g) for g in images]
+    for g, a, b in zip(images, fast, slow):
+        assert (a.phash, a.blur, a.brightness, a.contrast) == (b.phash, b.blur, b.brightness, b.contrast), g.shape
+        assert sig.perceptual_hash(g) == a.phash
+
+
+def test_float_exact_bound():
+    assert sig._float_exact(10_000, 10_000)  # the default decode.max_pixels (1e8)
+    assert not sig._float_exact(20_000, 20_000)
+    # The bound: 255 * pixels * 2**18 (the hash block in 1/256 units) must stay below 2**53.
+    assert 255 * 10_000 * 10_000 * 2**18 < 2**53 <= 255 * 20_000 * 20_000 * 2**18
+
+
+def test_workspace_is_per_thread():
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = list(_random_images(11, 24))
+    want = [sig.image_signals(g) for g in images]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            assert list(pool.map(sig.image_signals, images)) == want
+
+
+def test_signals_row_has_the_signal_columns():
+    from imgfeat.metadata.contracts.schema import SIGNAL_COLUMNS
+
+    s = sig.image_signals(blob_scene(120, 160))
+    assert s.as_row() == dataclasses.asdict(s)
+    assert tuple(s.as_row()) == SIGNAL_COLUMNS
+
+
+@pytest.mark.parametrize("size", [(100, 100), (500, 375), (1200, 900)])
+def test_check_entry_fills_the_signals_of_its_reduced_decode(tmp_path, size):
+    """The manifest check's row carries exactly what the documented decode (``reduced_gray_flag``, then
+    ``gray_of``) and ``image_signals`` give, for a small JPEG (full grey decode), a real-size one (1/2)
+    and a bigger one (1/4); a PNG through ``IMREAD_UNCHANGED``."""
+    from imgfeat.metadata.manifest.checks import check_entry
+    from imgfeat.metadata.manifest.listing import Entry
+
+    bgr = cv2.resize(cv2.cvtColor(blob_scene(150, 200), cv2.COLOR_GRAY2BGR), size, interpolation=cv2.INTER_CUBIC)
+    bgr[..., 2] = np.roll(bgr[..., 2], 5, axis=0)
+    for ext in (".jpg", ".png"):
+        data = encode(bgr, ext)
+        path = tmp_path / f"x{ext}"
+        path.write_bytes(data)
+        entry = Entry(root=f"file://{tmp_path}", path=f"file://{path}", size=len(data), mtime=0.0)
+        row = check_entry(entry, "header", 1 << 26, 1 << 28, ("jpeg", "png"), data, signals=True)
+        assert row["status"] == "ok", row
+        assert {k: row[k] for k in sig.ImageSignals.__dataclass_fields__} == signals_of(data).as_row()
+
+
+@pytest.mark.parametrize("h,w", [(100, 100), (64, 64), (300, 300), (96, 144), (144, 96), (64, 1100), (255, 256)])
+def test_nested_grids_equal_the_reference(h, w):
+    """Copy sides that are multiples of 32: the hash grid is summed from the copy's cells."""
+    oh, ow = sig.signal_size(h, w)
+    assert oh % 32 == 0 and ow % 32 == 0 or (h, w) == (255, 256)
+    for k, gray in enumerate((noise(h, w), smooth_noise(h, w, 3), blob_scene(h, w))):
+        ref, got = _reference_signals(gray), sig.image_signals(gray)
+        assert got.phash == ref.phash == sig.perceptual_hash(gray), k
+        assert (got.blur, got.brightness, got.contrast) == (ref.blur, ref.brightness, ref.contrast)
+        assert got.entropy == pytest.approx(ref.entropy, rel=0, abs=1e-12)
+
+
+def test_block_of_is_the_exact_floor():
+    rng = np.random.default_rng(13)
+    for scale in (1, 3, 10_000, 47_000, 99_991, 12_000_000, 100_000_000, 130_000_000):
+        sums = rng.integers(0, 255 * scale * 1024 + 1, 4096, dtype=np.int64)
+        sums[:64] = (np.arange(64) * scale * 4)  # exact multiples: quotients that are integers
+        sums[64:128] = np.maximum(np.arange(64) * scale * 4 - 1, 0)  # just below them
+        want = (sums * 256) // scale
+        assert np.array_equal(sig._block_of(sums.astype(np.float64), float(scale)), want.astype(np.float64)), scale

@@ -24,9 +24,11 @@ from imgfeat.metadata.manifest.near_duplicates import (
     band_layout,
     band_values,
     candidate_pairs,
+    components_of,
     connected_components,
     near_duplicate_counts,
     near_duplicate_groups,
+    near_pairs,
 )
 
 INT64 = st.integers(-(1 << 63), (1 << 63) - 1)
@@ -335,15 +337,18 @@ def test_near_duplicate_groups_representative_and_nulls(spark, tmp_path: Path) -
         ("id-t", "/t/sign.jpg", -0x0123_4567_89AB_CDEF),
     ]
     df = spark.createDataFrame(rows, "image_id string, path string, phash long")
-    groups = near_duplicate_groups(spark, df, 2, str(tmp_path))  # its parts as Parquet under scratch
-    got = {r["image_id"]: r["near_duplicate_of"] for r in groups.collect()}
-    assert got == {"id-a": "id-z", "id-m": "id-z", "id-b": "id-c", "id-t": "id-s"}
-    assert got == expected_groups(rows, 2)
-    assert near_duplicate_counts(groups) == {"groups": 3, "duplicates": 4, "members": 7}
-    kept = sorted(p.name.split("-")[0] for p in tmp_path.iterdir())
-    assert kept == ["cc", "hashes"], "of the components' rounds only the last one's edges stay"
-    exact = {r["image_id"]: r["near_duplicate_of"] for r in near_duplicate_groups(spark, df, 0).collect()}
-    assert exact == {"id-b": "id-c"}
+    for one_task, parts in ((nd.ONE_TASK_HASHES, ["hashes", "tagged"]), (0, ["cc", "hashes", "tagged"])):
+        scratch = tmp_path / f"scratch-{one_task}"
+        groups = near_duplicate_groups(spark, df, 2, str(scratch), one_task_hashes=one_task)  # parts as Parquet
+        got = {r["image_id"]: r["near_duplicate_of"] for r in groups.collect()}
+        assert got == {"id-a": "id-z", "id-m": "id-z", "id-b": "id-c", "id-t": "id-s"}, one_task
+        assert got == expected_groups(rows, 2)
+        assert near_duplicate_counts(groups) == {"groups": 3, "duplicates": 4, "members": 7}
+        kept = sorted(p.name.split("-")[0] for p in scratch.iterdir())
+        assert kept == parts, "of the components' rounds only the last one's edges stay"
+        exact = {r["image_id"]: r["near_duplicate_of"]
+                 for r in near_duplicate_groups(spark, df, 0, one_task_hashes=one_task).collect()}
+        assert exact == {"id-b": "id-c"}
 
 
 @pytest.mark.spark
@@ -356,7 +361,69 @@ def test_near_duplicate_groups_match_brute_force_for_any_partitioning(spark) -> 
     assert len(set(want.values())) >= 5
     df = spark.createDataFrame(rows, "image_id string, path string, phash long")
     for n_part in (1, 7):
-        got_rows = near_duplicate_groups(spark, df.repartition(n_part), d).collect()
-        got = {r["image_id"]: r["near_duplicate_of"] for r in got_rows}
-        assert len(got) == len(got_rows)
-        assert got == want, n_part
+        for one_task in (nd.ONE_TASK_HASHES, 0):  # the one-task search and the Spark one
+            got_rows = near_duplicate_groups(spark, df.repartition(n_part), d, one_task_hashes=one_task).collect()
+            got = {r["image_id"]: r["near_duplicate_of"] for r in got_rows}
+            assert len(got) == len(got_rows)
+            assert got == want, (n_part, one_task)
+
+
+# ---- the one-task search: numpy, no Spark ----
+
+def brute_pairs(hs: list[int], d: int) -> set[tuple[int, int]]:
+    return {(i, j) for i in range(len(hs)) for j in range(i + 1, len(hs)) if popcount(hs[i], hs[j]) <= d}
+
+
+@pytest.mark.parametrize("d", [0, 1, 2, 4, 7, 16])
+def test_near_pairs_equal_brute_force(d: int) -> None:
+    rng = random.Random(20 + d)
+    hs = sorted(set(random_hashes(rng, 400, d)), key=lambda _: rng.random())  # distinct, in random order
+    a, b = near_pairs(np.array(hs, np.int64), d)
+    got = [(min(x, y), max(x, y)) for x, y in zip(a.tolist(), b.tolist())]
+    assert len(got) == len(set(got)), "each pair once"
+    assert set(got) == brute_pairs(hs, d)
+    a2, b2 = near_pairs(np.array(hs, np.int64).view(np.uint64), d)  # the same bits as uint64
+    assert sorted(zip(a2.tolist(), b2.tolist())) == sorted(zip(a.tolist(), b.tolist()))
+
+
+def test_near_pairs_big_buckets_and_edge_cases() -> None:
+    # 64 hashes that share every band but one bit each: one bucket per band holds all of them.
+    hs = [flip(0, [k]) for k in range(64)] + [0]
+    for d in (1, 2, 3):
+        a, b = near_pairs(np.array(hs, np.int64), d)
+        assert {(min(x, y), max(x, y)) for x, y in zip(a.tolist(), b.tolist())} == brute_pairs(hs, d)
+    for arr in (np.zeros(0, np.int64), np.array([5], np.int64)):
+        a, b = near_pairs(arr, 3)
+        assert a.size == b.size == 0
+
+
+def test_popcount_fallback_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 2**63, 1000, dtype=np.int64).view(np.uint64) * np.uint64(3)
+    want = [bin(int(v)).count("1") for v in x]
+    assert nd._popcount(x).tolist() == want
+    monkeypatch.delattr(np, "bitwise_count", raising=False)  # numpy < 2 has none
+    assert nd._popcount(x).tolist() == want
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 60), data=st.data())
+def test_components_of_equal_union_find(n: int, data: st.DataObject) -> None:
+    edges = data.draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)), max_size=3 * n))
+    a = np.array([e[0] for e in edges], np.int64)
+    b = np.array([e[1] for e in edges], np.int64)
+    got = components_of(n, a, b)
+    uf = UnionFind()
+    for x in range(n):
+        uf.find(f"{x:03d}")
+    for x, y in edges:
+        uf.union(f"{x:03d}", f"{y:03d}")
+    want = uf.components()
+    assert got.tolist() == [int(want[f"{x:03d}"]) for x in range(n)]
+
+
+def test_components_of_long_chains() -> None:
+    rng = random.Random(5)
+    for ids in (list(range(3000)), list(range(3000))[::-1], rng.sample(range(3000), 3000)):
+        a, b = np.array(ids[:-1]), np.array(ids[1:])
+        assert (components_of(3000, a, b) == 0).all()

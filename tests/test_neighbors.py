@@ -117,10 +117,11 @@ def test_probe_cells_extend_until_k_neighbours_exist() -> None:
 
 def test_block_split_bounds() -> None:
     assert ivf.blocks_for(100, 100) == 1 and ivf.blocks_for(101, 100) == 2 and ivf.blocks_for(1000, 100) == 13
-    ids = [f"{i:032x}" for i in range(1000)]
-    blocks = ivf.block_of(ids, 13)
+    vids = (np.arange(1000) // 100 << 32) | (np.arange(1000) % 100)  # (shard, row) numbers
+    blocks = ivf.block_of(vids, 13)
     assert np.bincount(blocks, minlength=13).max() <= 100  # about 1000 / 13 = 77 each
-    np.testing.assert_array_equal(blocks, ivf.block_of(ids, 13))
+    np.testing.assert_array_equal(blocks, ivf.block_of(vids, np.full(1000, 13)))
+    assert (ivf.block_of(vids, 1) == 0).all()
     assert ivf.default_block_rows(128) == 65_536 and ivf.default_block_rows(2048) == 16_384
 
 

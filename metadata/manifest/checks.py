@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict
 from typing import Any
 
 import fsspec
@@ -203,7 +202,7 @@ def check_entry(entry: Entry, validation: str, max_bytes: int, max_pixels: int, 
         if info.format != "jpeg":
             row["channels"] = 1 if img.ndim == 2 else int(img.shape[2])
         try:
-            row.update(asdict(image_signals(gray_of(img))))
+            row.update(image_signals(gray_of(img)).as_row())
         except ValueError:  # a decodable image without a grey form (unusual channel layouts) keeps no signals
             pass
     elif validation == "full":

@@ -173,6 +173,20 @@ def _valid(rows: DataFrame, *columns: str) -> DataFrame:
     return rows.filter(F.col("phash").isNotNull() & F.col("image_id").isNotNull()).select(*columns)
 
 
+def _check_candidates(keys: DataFrame, distance: int, max_candidates: int) -> None:
+    """Raise ``ValueError`` when the band join of ``keys`` (``band_key_rows``) would make more than
+    ``max_candidates`` candidate pairs (one aggregate job; the driver gets one number)."""
+    from pyspark.sql import functions as F
+
+    sizes = keys.groupBy("band", "value").agg(F.count(F.lit(1)).alias("n"))
+    row = sizes.agg(F.sum(F.col("n") * (F.col("n") - 1) / 2).alias("p")).first()
+    pairs = int(row["p"] or 0) if row is not None else 0
+    log.info("near duplicates at distance %d: %d candidate pairs from the band join", distance, pairs)
+    if pairs > max_candidates:
+        raise ValueError(f"near duplicates at distance {distance}: the band join would make {pairs} candidate pairs, "
+                         f"more than max_candidates={max_candidates} (use a smaller distance)")
+
+
 def _near_edges(table: DataFrame, distance: int, max_candidates: int | None = None) -> DataFrame:
     """Edges ``(a, b)`` (``a < b``) between the representatives of the distinct hashes of ``table``
     (``phash``, ``rep``) that differ in 1..``distance`` bits, each pair once."""
@@ -182,13 +196,7 @@ def _near_edges(table: DataFrame, distance: int, max_candidates: int | None = No
         return table.sparkSession.createDataFrame([], "a string, b string")
     keys = band_key_rows(table.select("phash", "rep"), distance)
     if max_candidates is not None:
-        sizes = keys.groupBy("band", "value").agg(F.count(F.lit(1)).alias("n"))
-        row = sizes.agg(F.sum(F.col("n") * (F.col("n") - 1) / 2).alias("p")).first()
-        pairs = int(row["p"] or 0) if row is not None else 0
-        log.info("near duplicates at distance %d: %d candidate pairs from the band join", distance, pairs)
-        if pairs > max_candidates:
-            raise ValueError(f"near duplicates at distance {distance}: the band join would make {pairs} candidate pairs, "
-                             f"more than max_candidates={max_candidates} (use a smaller distance)")
+        _check_candidates(keys, distance, max_candidates)
     left, right = keys.alias("l"), keys.alias("r")
     joined = left.join(right, (F.col("l.band") == F.col("r.band")) & (F.col("l.value") == F.col("r.value"))
                        & (F.col("l.phash") < F.col("r.phash")))
@@ -222,11 +230,18 @@ def candidate_pairs(df: DataFrame, distance: int, *, max_candidates: int | None 
 def materialize(df: DataFrame, scratch: str | None, name: str) -> DataFrame:
     """``df`` computed once: a local checkpoint, or with ``scratch`` a Parquet dataset ``scratch/name``
     (for a frame that several jobs read)."""
+    return _materialize_counted(df, scratch, name, count=False)[0]
+
+
+def _materialize_counted(df: DataFrame, scratch: str | None, name: str, count: bool = True) -> tuple[DataFrame, int]:
+    """``materialize`` and, with ``count``, its number of rows: free with ``scratch`` (the writing tasks
+    report their rows), one count job over the local checkpoint otherwise; -1 without ``count``."""
     if scratch is None:
-        return df.localCheckpoint(eager=True)
+        done = df.localCheckpoint(eager=True)
+        return done, done.count() if count else -1
     url = storage.join(scratch, name)
-    write_parquet_dataset(df, url)
-    return read_parquet_dataset(df.sparkSession, url)
+    rows = write_parquet_dataset(df, url)["rows"]
+    return read_parquet_dataset(df.sparkSession, url), rows
 
 
 def _large_star(edges: DataFrame) -> DataFrame:
@@ -311,8 +326,7 @@ def connected_components(spark: SparkSession, edges: DataFrame, max_iterations: 
     a, b = F.col("a"), F.col("b")
     current = edges.filter(a.isNotNull() & b.isNotNull() & (a != b)).select(
         F.greatest(a, b).alias("hi"), F.least(a, b).alias("lo")).distinct()
-    current = materialize(current, scratch, f"cc-{tag}-000")
-    n_edges = current.count()
+    current, n_edges = _materialize_counted(current, scratch, f"cc-{tag}-000")
     if n_edges <= one_task_edges:
         log.info("connected components: %d edges, a union-find in one task", n_edges)
         found = materialize(current.coalesce(1).mapInArrow(_union_find_task, "id string, component string"),
@@ -341,8 +355,125 @@ def connected_components(spark: SparkSession, edges: DataFrame, max_iterations: 
         current.select(F.col("lo").alias("id"), F.col("lo").alias("component")).distinct())
 
 
+ONE_TASK_HASHES = 1_000_000
+"""Up to this many distinct hashes, the whole search after the hash table (band buckets, the exact check,
+the components and each group's representative) runs in one task with numpy (``_search_task``: a few
+seconds and a few hundred MB there at the limit, for data that is not degenerate), instead of the band
+self-join, the components' jobs and the joins back, each of which costs Spark jobs and shuffles."""
+
+BROADCAST_ROWS = 100_000
+"""A per-hash map (``phash``, representative id) of at most this many rows (a few MB) is broadcast to the
+join with the rows, so the rows are not shuffled for it (Spark's own default broadcasts below 10 MB, but
+it cannot size the frames ``read_parquet_dataset`` makes)."""
+
+_POP8 = np.array([bin(i).count("1") for i in range(256)], np.uint8)
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    """Number of set bits of each element of a 1-D uint64 array."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2
+        return np.bitwise_count(x)
+    return _POP8[x.view(np.uint8).reshape(-1, 8)].sum(axis=1)
+
+
+def near_pairs(phashes: np.ndarray, distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs ``(i, j)`` of the 1-D array of distinct hashes ``phashes`` (int64, or uint64 with the same
+    bits) that differ in 1..``distance`` bits, each pair once (in either order): the band join of
+    ``band_keys`` in numpy, for one task.
+
+    Per band the hashes are sorted by band value; within a bucket of equal values every pair is a
+    candidate, made by offsets (position ``p`` with ``p + k`` for k = 1, 2, ...: one vectorized step per
+    offset, over the buckets that are still longer than it, so the work is the number of candidates plus
+    the largest bucket's size in numpy calls), checked exactly (``bit_count`` of the xor) and kept only at
+    the lowest band where the two agree, as the Spark join does."""
+    arr = np.ascontiguousarray(phashes)
+    bits = arr.view(np.uint64)
+    n = arr.shape[0]
+    empty = np.zeros(0, np.int64)
+    if distance == 0 or n < 2:  # one band, the whole hash: distinct hashes never share it
+        return empty, empty
+    bands = band_values(arr, distance)
+    pos = np.arange(n)
+    found_a, found_b = [empty], [empty]
+    for t in range(bands.shape[1]):
+        order = np.argsort(bands[:, t], kind="stable")
+        values = bands[order, t]
+        starts = np.flatnonzero(np.concatenate([[True], values[1:] != values[:-1]]))
+        sizes = np.diff(np.append(starts, n))
+        end = np.repeat(starts + sizes, sizes)  # per sorted position: the end of its bucket
+        active = pos[end - pos > 1]
+        k = 1
+        while active.size:
+            i, j = order[active], order[active + k]
+            keep = _popcount(bits[i] ^ bits[j]) <= distance
+            for s in range(t):  # each pair once: at the lowest band where the two agree
+                keep &= bands[i, s] != bands[j, s]
+            found_a.append(i[keep])
+            found_b.append(j[keep])
+            k += 1
+            active = active[end[active] - active > k]
+    return np.concatenate(found_a), np.concatenate(found_b)
+
+
+def components_of(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """For nodes ``0..n-1`` and the undirected edges ``(a[k], b[k])``: each node's component, labelled by
+    its smallest node. Vectorized union-find: every root with an edge to a smaller root is hooked under the
+    smallest such root (``np.minimum.at``), then every node is pointed at its root (pointer jumping);
+    repeated until no edge joins two roots. A node's parent is never larger than itself, so the roots are
+    the components' smallest nodes, whatever the edges' order."""
+    parent = np.arange(n)
+    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    while a.size:
+        ra, rb = parent[a], parent[b]
+        differ = ra != rb
+        if not differ.any():
+            break
+        a, b, ra, rb = a[differ], b[differ], ra[differ], rb[differ]
+        np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
+        while True:
+            up = parent[parent]
+            if np.array_equal(up, parent):
+                break
+            parent = up
+    return parent
+
+
+def _search_task(distance: int):
+    """The one-task search (``ONE_TASK_HASHES``): the hash table's rows (``phash``, ``n``, ``first``) in,
+    ``(phash, rep_id)`` out for every hash in a group of two or more rows, ``rep_id`` being the image_id of
+    the group's representative (the smallest ``first``: path, then image_id; null paths first, as Spark
+    orders structs)."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        import pyarrow.compute as pc
+
+        table = pa.Table.from_batches(list(batches))
+        if table.num_rows == 0:
+            return
+        phash = table.column("phash").to_numpy()
+        size = table.column("n").to_numpy()
+        first = table.column("first").combine_chunks()
+        paths, ids = first.field("path"), first.field("image_id")
+        comp = components_of(len(phash), *near_pairs(phash, distance))
+        members = np.bincount(comp, weights=size, minlength=len(phash))  # rows per component (at its root)
+        keys = pa.table({"has_path": pc.is_valid(paths), "p": paths, "i": ids})  # False (a null path) first
+        order = pc.sort_indices(keys, sort_keys=[("has_path", "ascending"), ("p", "ascending"),
+                                                 ("i", "ascending")]).to_numpy()
+        rank = np.empty(len(order), np.int64)
+        rank[order] = np.arange(len(order))
+        best = np.full(len(order), len(order), np.int64)
+        np.minimum.at(best, comp, rank)
+        keep = np.flatnonzero(members[comp] >= 2)
+        rep = order[best[comp[keep]]]
+        yield pa.RecordBatch.from_arrays([pa.array(phash[keep], pa.int64()), ids.take(pa.array(rep))],
+                                         names=["phash", "rep_id"])
+
+    return run
+
+
 def near_duplicate_groups(spark: SparkSession, rows: DataFrame, distance: int, scratch: str | None = None, *,
-                          max_candidates: int | None = None, max_iterations: int = 50) -> DataFrame:
+                          max_candidates: int | None = None, max_iterations: int = 50,
+                          one_task_hashes: int = ONE_TASK_HASHES) -> DataFrame:
     """``(image_id, near_duplicate_of)`` for every member of a near-duplicate group of two or more rows
     that is not the group's representative; ``near_duplicate_of`` is the representative's image_id.
 
@@ -352,26 +483,42 @@ def near_duplicate_groups(spark: SparkSession, rows: DataFrame, distance: int, s
     the smallest ``path`` (string order; ties by image_id), like the original of exact duplicates.
     Representatives and rows of no group have no output row.
 
-    The pair search and the components run here (Spark jobs; the driver gets counts); the result is a
-    lazy frame over their materialized parts: local checkpoints, or with ``scratch`` (a URL) Parquet
-    datasets under it, which must outlive the result's use. ``max_candidates``: see ``candidate_pairs``;
-    ``max_iterations``: see ``connected_components``.
+    Up to ``one_task_hashes`` distinct hashes (the hash table's row count tells), the search after the hash
+    table runs in one task (``_search_task``: the same band join, exact check and components in numpy);
+    above, on Spark (``candidate_pairs``' band join, ``connected_components``, the joins back). Either way
+    the result is a per-hash map (``phash``, representative id) of the grouped hashes, materialized, and
+    the lazy join of the rows with it (broadcast up to ``BROADCAST_ROWS`` rows). The driver gets counts;
+    the materialized parts are local checkpoints, or with ``scratch`` (a URL) Parquet datasets under it,
+    which must outlive the result's use. ``max_candidates``: see ``candidate_pairs``; ``max_iterations``:
+    see ``connected_components``.
     """
     from pyspark.sql import functions as F
 
     band_layout(distance)
     tag = uuid.uuid4().hex[:12]
     valid = _valid(rows, "image_id", "path", "phash")
-    table = materialize(_hash_table(valid, with_first=True), scratch, f"hashes-{tag}")
-    comps = connected_components(spark, _near_edges(table, distance, max_candidates), max_iterations, scratch=scratch)
-    per_hash = table.join(comps, F.col("rep") == F.col("id"), "left").select(
-        "phash", "first", "n", F.coalesce("component", "rep").alias("group"))
-    groups = per_hash.groupBy("group").agg(F.sum("n").alias("size"), F.min("first").alias("rep_first")).filter(
-        F.col("size") >= 2)
-    tagged = per_hash.select("phash", "group").join(groups.select("group", "rep_first"), "group")
-    same = F.col("path").eqNullSafe(F.col("rep_first.path")) & F.col("image_id").eqNullSafe(F.col("rep_first.image_id"))
-    return valid.join(tagged.select("phash", "rep_first"), "phash").filter(~same).select(
-        "image_id", F.col("rep_first.image_id").alias("near_duplicate_of"))
+    table, n_hashes = _materialize_counted(_hash_table(valid, with_first=True), scratch, f"hashes-{tag}")
+    if n_hashes <= one_task_hashes:
+        if max_candidates is not None and distance > 0:
+            _check_candidates(band_key_rows(table.select("phash"), distance), distance, max_candidates)
+        log.info("near duplicates: %d distinct hashes, searched in one task", n_hashes)
+        per_hash = table.select("phash", "n", "first").coalesce(1).mapInArrow(_search_task(distance),
+                                                                              "phash long, rep_id string")
+    else:
+        comps = connected_components(spark, _near_edges(table, distance, max_candidates), max_iterations,
+                                     scratch=scratch)
+        hashes = table.join(comps, F.col("rep") == F.col("id"), "left").select(
+            "phash", "first", "n", F.coalesce("component", "rep").alias("group"))
+        groups = hashes.groupBy("group").agg(F.sum("n").alias("size"), F.min("first").alias("rep_first")).filter(
+            F.col("size") >= 2)
+        per_hash = hashes.select("phash", "group").join(
+            groups.select("group", F.col("rep_first.image_id").alias("rep_id")), "group").select("phash", "rep_id")
+    tagged, n_tagged = _materialize_counted(per_hash, scratch, f"tagged-{tag}")
+    if n_tagged <= BROADCAST_ROWS:
+        tagged = F.broadcast(tagged)
+    # image_id is unique and not null (``_valid``): the representative's own row is the one with its id.
+    return valid.join(tagged, "phash").filter(F.col("image_id") != F.col("rep_id")).select(
+        "image_id", F.col("rep_id").alias("near_duplicate_of"))
 
 
 def near_duplicate_counts(groups: DataFrame) -> dict[str, int]:

@@ -9,7 +9,7 @@ The pieces the Spark job (:mod:`.job`) puts together, each testable on its own:
 * :func:`nearest_cells` / :func:`probe_cells`: a vector's primary cell and the cells a query probes
   (its ``nprobe`` nearest, more when those hold too few vectors to fill ``k`` neighbours);
 * :func:`blocks_for` / :func:`block_of`: a cell holding more base vectors than ``block_rows`` is split
-  into blocks by a hash of the id, so no search task ever holds more than about ``block_rows`` base rows;
+  into blocks by a hash of the vector's number, so no search task ever holds more than about ``block_rows`` base rows;
 * :func:`search`: exact top-k by cosine of queries against base rows, in blocks of
   ``Q_BLOCK x B_BLOCK`` products (bounded memory whatever the sizes), a query's own row left out;
 * :func:`recall_at_k`: the measure the tests and the benchmark use.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -169,11 +168,16 @@ def blocks_for(base_rows: int, block_rows: int) -> int:
     return int(math.ceil(base_rows / max(1.0, SPLIT_SLACK * block_rows)))
 
 
-def block_of(ids: Sequence[str], blocks: int) -> np.ndarray:
-    """The block of each id within a cell split into ``blocks`` (CRC-32 of the id: stable across runs and machines)."""
-    if blocks <= 1:
-        return np.zeros(len(ids), dtype=np.int32)
-    return np.fromiter((zlib.crc32(i.encode()) % blocks for i in ids), dtype=np.int32, count=len(ids))
+def block_of(vids: np.ndarray, blocks: np.ndarray | int) -> np.ndarray:
+    """The block of each vector (by its 64-bit ``vid``) within a cell split into ``blocks`` (per row or one
+    number): a SplitMix64 hash of the vid modulo the blocks, the same on every run and machine."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(vids, dtype=np.int64).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    n = np.maximum(np.broadcast_to(np.asarray(blocks, dtype=np.int64), z.shape), 1).astype(np.uint64)
+    return (z % n).astype(np.int64)
 
 
 def search(queries: np.ndarray, base: np.ndarray, k: int, self_pos: np.ndarray | None = None,
@@ -225,7 +229,7 @@ def brute_force(x: np.ndarray, k: int, queries: np.ndarray | None = None) -> tup
 
 
 def recall_at_k(found: Sequence[Sequence[object]], exact: Sequence[Sequence[object]]) -> float:
-    """Mean over queries of |found ∩ exact| / |exact| (queries whose exact list is empty are left out)."""
+    """The share of the exact neighbours (None or negative: none) that were found, over all queries."""
     hits, total = 0, 0
     for f, e in zip(found, exact):
         e_set = {v for v in e if v is not None and not (isinstance(v, (int, np.integer)) and v < 0)}

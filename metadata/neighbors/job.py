@@ -15,14 +15,15 @@ the driver except the codebook sample (at most ``sample_rows`` rows, and never m
 4. *Expand and shuffle*: each vector becomes a query of its ``nprobe`` nearest cells (more when those
    hold fewer than k + 1 vectors) and the base of its primary cell only, so each (query, base) pair is
    compared at most once and only the queries are replicated (``nprobe`` rows each), as in a classic IVF
-   index. A cell with more than ``block_rows`` base vectors is split into blocks by a hash of the id
+   index. A cell with more than ``block_rows`` base vectors is split into blocks by a hash of the vid
    (queries go to every block of the cell). Rows are repartitioned by (cell, block) and sorted base
    first within their partitions.
 5. *Search* (:func:`~.tasks.search_task`): a task holds one (cell, block)'s base rows (at most about
    ``block_rows x d`` float32), streams that unit's queries against them in product blocks of
    :func:`~.ivf.search` and emits each query's top k there.
-6. *Merge*: a Spark window (``row_number`` over ``image_id`` by cosine desc, neighbour id asc) keeps each
-   query's best k of all its units; written with ``write_parquet_dataset`` into a staging folder and
+6. *Merge*: a Spark window (``row_number`` over the query by cosine desc, neighbour vid asc) keeps each
+   query's best k of all its units (vectors are numbered by a 64-bit ``vid`` in the search, see
+   :mod:`.tasks`: the ids are joined back to these k rows only); written with ``write_parquet_dataset`` into a staging folder and
    published as ``NB/neighbors/`` only when complete.
 7. *Report* (:func:`report`): counts by Spark aggregation over the written dataset, and the pairs above
    ``min_cosine`` joined to the manifest (near duplicates, pairs across splits, pairs across labels); only
@@ -66,7 +67,7 @@ from imgfeat.metadata.neighbors.tasks import (
     shard_vectors_task,
 )
 from imgfeat.metadata.pca.shard_io import Markers, ids_pass, read_markers
-from imgfeat.metadata.spark.parquet import dataset_files, files_frame, read_parquet_dataset, write_parquet_dataset
+from imgfeat.metadata.spark.parquet import dataset_files, read_parquet_dataset, write_parquet_dataset
 from imgfeat.metadata.storage import SUCCESS_FILE
 
 if TYPE_CHECKING:
@@ -168,7 +169,8 @@ def read_vectors(spark: SparkSession, source: Source, partitions: int) -> tuple[
         feat = (ids.filter("kind = 'feature'").select("image_id", "shard_idx", "row")
                 .repartition(parts, "shard_idx").sortWithinPartitions("shard_idx", "row"))
         return feat.mapInArrow(shard_vectors_task(source.url, markers), VECTORS_DDL), ids
-    frame = files_frame(spark, source.files, partitions)
+    n = max(1, min(len(source.files), partitions))
+    frame = spark.sparkContext.parallelize(list(enumerate(source.files)), n).toDF("file_idx int, file string")
     return frame.mapInArrow(parquet_vectors_task(REDUCED_VECTOR, source.dim), VECTORS_DDL), None
 
 
@@ -269,8 +271,12 @@ def run_neighbors(cfg: Config, manifest: str, features: str, out: str, params: N
             expand_task(centroids_bc, source.dim, base_counts, blocks, params.nprobe, expect + 1), EXPANDED_DDL)
         ordered = expanded.repartition(parts, "cell", "block").sortWithinPartitions("cell", "block", F.desc("is_base"))
         candidates = ordered.mapInArrow(search_task(source.dim, params.k), CANDIDATES_DDL)
-        best = Window.partitionBy("image_id").orderBy(F.desc("cosine"), F.asc("neighbor_id"))
+        best = Window.partitionBy("qvid").orderBy(F.desc("cosine"), F.asc("nvid"))
         ranked = candidates.withColumn("rank", F.row_number().over(best)).filter(F.col("rank") <= params.k)
+        names = assigned.select("vid", "image_id")
+        ranked = (ranked.join(names.withColumnRenamed("vid", "qvid"), "qvid")
+                  .join(names.select(F.col("vid").alias("nvid"), F.col("image_id").alias("neighbor_id")), "nvid")
+                  .select("image_id", "neighbor_id", "cosine", "rank"))
         url = storage.join(out, NEIGHBORS_DIR)
         staging = storage.join(out, f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
         written = write_parquet_dataset(ranked, staging, NEIGHBORS_SCHEMA)
