@@ -28,6 +28,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "manifest.validation": ("header", "full"),
     "manifest.label_from": ("parent", "regex", "csv"),
     "manifest.near_duplicates": ("flag", "drop", "off"),
+    "manifest.table_format": ("parquet", "delta"),
     "preprocess.resize_policy": RESIZE_POLICIES,
     "preprocess.interpolation": INTERPOLATIONS,
     "preprocess.alpha": ("composite", "drop"),
@@ -139,6 +140,10 @@ class ManifestConfig:
     """Seed of the hash order for splits (change it to draw other splits)."""
     rows_per_shard: int = 1000
     """Ok rows per featurize shard (shards differ by at most one row)."""
+    table_format: str = "parquet"
+    """``parquet``: OUT/manifest is a Parquet folder (an incremental run keeps the previous one under
+    OUT/manifest_history/); ``delta``: a Delta table (the ``deltalake`` package), every run one version
+    of it, with time travel and history from the table itself (local folders)."""
     near_duplicates: str = "off"
     """``flag``: every ok image gets a perceptual hash and quality signals from the check's decode (also with
     ``header`` validation); near-duplicate groups are found, each group kept in one split (column

@@ -144,6 +144,18 @@ def move_folder(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
     fs.invalidate_cache()
 
 
+def move_file(src: str, dst: str) -> None:
+    """Move one file (locally a rename, on object stores a copy then a delete), creating ``dst``'s folder."""
+    fs, src_path = fsspec.core.url_to_fs(src)
+    dst_path = fsspec.core.url_to_fs(dst)[1]
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+        os.replace(src_path, dst_path)
+        return
+    fs.copy(src_path, dst_path)
+    fs.rm(src_path)
+
+
 def remove_folder(url: str, attempts: int = 5) -> None:
     """Remove the folder at ``url`` and everything in it, if it exists.
 

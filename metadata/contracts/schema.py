@@ -140,10 +140,14 @@ def read_manifest(out: str, columns: list[str] | None = None, filters: Any = Non
     import fsspec
     import pyarrow.dataset as ds
 
+    from imgfeat.metadata.contracts import delta
+
     path = manifest_path(out)
     fs, root = fsspec.core.url_to_fs(path)
     if not fs.exists(root):
         raise ValueError(f"--manifest {out}: no manifest at {path}; run `imgfeat manifest` first")
+    if delta.is_delta(path):
+        return delta.open_dataset(path).to_table(columns=columns, filter=filters)
     dataset = ds.dataset(root, filesystem=fs, format="parquet", exclude_invalid_files=True,
                          ignore_prefixes=["_", "."])
     return dataset.to_table(columns=columns, filter=filters)

@@ -28,6 +28,7 @@ import fsspec
 import pyarrow as pa
 
 from imgfeat.metadata import storage
+from imgfeat.metadata.contracts import delta
 from imgfeat.metadata.contracts.schema import STATUS_OK, manifest_path
 
 if TYPE_CHECKING:
@@ -52,11 +53,14 @@ def dataset_data_files(dataset: str) -> dict[str, int]:
     """The data files of the Parquet dataset folder ``dataset`` as relative name -> size in bytes.
 
     The files a pyarrow reader of the folder sees: every file whose path has no part starting with ``_``
-    or ``.`` (``read_manifest``'s ``ignore_prefixes``). One listing; no file is opened."""
+    or ``.`` (``read_manifest``'s ``ignore_prefixes``); of a Delta table, its current version's (from the
+    log). One listing; no data file is opened."""
     fs, root = fsspec.core.url_to_fs(dataset)
     fs.invalidate_cache(root)
     if not fs.exists(root):
         return {}
+    if delta.is_delta(dataset):
+        return delta.data_file_sizes(dataset)
     base = root.rstrip("/") + "/"
     out: dict[str, int] = {}
     for path, info in fs.find(root, detail=True).items():

@@ -29,7 +29,7 @@ def manifest_command(args: argparse.Namespace) -> int:
     """Run the manifest job (or show a summary); returns the exit code."""
     if args.show:
         summary = read_summary(args.show)
-        print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+        print(json.dumps(summary, indent=1) if args.json else format_summary(summary) + _delta_lines(args.show))
         return 0
     if not args.out:
         raise ValueError("--out is required (the folder the manifest is written to)")
@@ -68,6 +68,22 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append("")
         lines.append("timings: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in t.items()) +
                      (f"  ({s['files_per_s']:.0f} files/s)" if s.get("files_per_s") else ""))
+    return "\n".join(lines)
+
+
+def _delta_lines(out: str) -> str:
+    """The Delta table's versions, newest first, when the manifest at ``out`` is one (else nothing)."""
+    from imgfeat.metadata.contracts import delta
+    from imgfeat.metadata.contracts.schema import manifest_path
+
+    table = manifest_path(out)
+    if not delta.is_delta(table):
+        return ""
+    lines = ["", f"Delta table {table}: version {delta.table_version(table)}"]
+    for h in delta.history(table)[:10]:
+        note = json.loads(h["imgfeat"]) if h.get("imgfeat") else {}
+        lines.append(f"  v{h['version']:<5}{h['operation'] or '':<14}rows {note.get('total', '?')}  "
+                     f"changes {note.get('incremental', {})}")
     return "\n".join(lines)
 
 

@@ -63,7 +63,7 @@ from imgfeat.metadata.manifest.store import (
 )
 from imgfeat.metadata.spark.parquet import dataset_files, files_frame, read_parquet_dataset, write_parquet_dataset
 from imgfeat.metadata.spark.session import get_spark, num_tasks
-from imgfeat.metadata.storage import join, read_json, read_json_required, remove_folder, staged_file, write_bytes_atomic, write_json_atomic
+from imgfeat.metadata.storage import is_local, join, read_json, read_json_required, remove_folder, staged_file, write_bytes_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -278,6 +278,9 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
                 raise ValueError(f"SRC {a!r} is inside SRC {b!r}: give each folder once")
     if cfg.manifest.label_from == "csv":
         _check_labels_csv(cfg.manifest.labels_csv)
+    if cfg.manifest.table_format == "delta" and not is_local(out):
+        raise ValueError(f"manifest.table_format = 'delta': --out {out} is not a local folder (Delta manifests are "
+                         "written to local folders in this release; use table_format = 'parquet' on object stores)")
     labels_sha = labels_digest(cfg.manifest.labels_csv) if cfg.manifest.label_from == "csv" else None
     # Before the check job: a file changed while it runs changes the next listing.
     small = walk_small_local(roots)
@@ -344,7 +347,8 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
                 write_shard_index(index_url(staging), rows.append_column("files", names), data)
             else:
                 build_shard_index(spark, staging, slices)
-            version = publish_manifest(out, staging, keep_history=incremental)
+            version = publish_manifest(out, staging, keep_history=incremental, table_format=cfg.manifest.table_format,
+                                       note={"total": counts["total"], "incremental": counts["incremental"]})
         else:  # a new version would only make the later stages redo their work on the same rows
             version = current_version(out)
             log.info("manifest: no file added, changed or removed; version %d kept", version)
@@ -374,6 +378,7 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
         "near_duplicates": dict(near, **counts["leakage"]) if near else None,
         "label_conflicts": counts["label_conflicts"],
         "listing_digest": listing,
+        "table_format": cfg.manifest.table_format,
         "master": spark.sparkContext.master,
     }
     write_json_atomic(join(out, SUMMARY_FILE), summary)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import fsspec
 
-from imgfeat.metadata.contracts.schema import HISTORY_DIR, MANIFEST_DIR, SUMMARY_FILE
+from imgfeat.metadata.contracts.schema import HISTORY_DIR, MANIFEST_DIR, MANIFEST_SCHEMA, SUMMARY_FILE
 from imgfeat.metadata.manifest.listing import Entry, Unit, list_unit
 from imgfeat.metadata.storage import file_sha256, join, publish_folder, read_json
 
@@ -29,18 +29,45 @@ def staging_url(out: str, kind: str = "staging") -> str:
     return f"{out.rstrip('/')}/.manifest-{kind}-{uuid.uuid4().hex[:8]}"
 
 
-def publish_manifest(out: str, staging: str, keep_history: bool) -> int:
+def publish_manifest(out: str, staging: str, keep_history: bool, table_format: str = "parquet",
+                     note: dict | None = None) -> int:
     """Make the complete dataset at ``staging`` the new ``OUT/manifest`` and return its version number.
 
-    Only a complete write gets here, so a failed run leaves the previous manifest as it was. The
+    Only a complete write gets here, so a failed run leaves the previous manifest as it was. Parquet: the
     previous manifest moves to ``OUT/manifest_history/vN`` when ``keep_history`` (incremental runs),
-    else it is removed.
+    else it is removed. Delta (``publish_delta``): one more version of the table, which keeps the history.
     """
     version = current_version(out) + 1
+    if table_format == "delta":
+        publish_delta(join(out, MANIFEST_DIR), staging, dict(note or {}, imgfeat_version=version))
+        return version
     keep = join(out, f"{HISTORY_DIR}/v{version - 1:04d}") if keep_history else None
     publish_folder(staging, join(out, MANIFEST_DIR), keep_previous_at=keep)
     if keep and fsspec.core.url_to_fs(keep)[0].exists(fsspec.core.url_to_fs(keep)[1]):
         log.info("previous manifest kept at %s", keep)
+    return version
+
+
+def publish_delta(table: str, staging: str, note: dict) -> int:
+    """Move the data files of the finished Parquet dataset ``staging`` into the Delta table folder ``table``
+    and commit them as its next version (``contracts.delta.commit_files``), then its shard index; returns the
+    Delta version. A Parquet-layout manifest already there (an earlier ``table_format``) is removed first.
+    Until the commit, the moved files are in no version, so readers see the previous one."""
+    from imgfeat.metadata.contracts import delta
+    from imgfeat.metadata.contracts.shard_index import SHARD_INDEX_FILE, dataset_data_files
+    from imgfeat.metadata.storage import move_file, remove_folder
+
+    fs, root = fsspec.core.url_to_fs(table)
+    if fs.exists(root) and not delta.is_delta(table):
+        remove_folder(table)
+    names = sorted(dataset_data_files(staging))
+    for name in names:
+        move_file(join(staging, name), join(table, name))
+    version = delta.commit_files(table, names, MANIFEST_SCHEMA, note)
+    index = join(staging, SHARD_INDEX_FILE)
+    if fsspec.core.url_to_fs(index)[0].exists(fsspec.core.url_to_fs(index)[1]):
+        move_file(index, join(table, SHARD_INDEX_FILE))
+    log.info("manifest: Delta table %s at version %d", table, version)
     return version
 
 

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgfeat.metadata import storage
+from imgfeat.metadata.contracts import delta
 from imgfeat.metadata.storage import SUCCESS_FILE
 
 if TYPE_CHECKING:
@@ -60,12 +61,15 @@ def conform_batch(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
 
 
 def dataset_files(url: str) -> list[str]:
-    """The committed data files of the Parquet dataset at ``url`` (full URLs, sorted)."""
+    """The committed data files of the Parquet dataset at ``url`` (full URLs, sorted; of a Delta table: its
+    current version's)."""
     fs, root = fsspec.core.url_to_fs(url)
     if not fs.exists(root):
         raise ValueError(f"{url}: no such Parquet dataset")
     if not fs.isdir(root):
         return [url]
+    if delta.is_delta(url):  # the folder holds every version's files: the log says which are current
+        return delta.current_files(url)
     base = root.rstrip("/") + "/"
     rels = sorted(p[len(base):] for p in fs.find(root) if p.startswith(base))
     return [storage.join(url, r) for r in rels
