@@ -29,6 +29,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "manifest.label_from": ("parent", "regex", "csv"),
     "manifest.near_duplicates": ("flag", "drop", "off"),
     "manifest.table_format": ("parquet", "delta"),
+    "pca.table_format": ("parquet", "delta"),
     "preprocess.resize_policy": RESIZE_POLICIES,
     "preprocess.interpolation": INTERPOLATIONS,
     "preprocess.alpha": ("composite", "drop"),
@@ -316,8 +317,11 @@ class PcaConfig:
     """Split to fit on; empty = all rows."""
     allow_extra: bool = False
     """Accept feature rows with no manifest row (counted) instead of failing."""
+    table_format: str = "parquet"
+    """``parquet`` or ``delta``: RED/reduced/ as a Parquet folder or as a Delta table (one version per run)."""
 
     def validate(self) -> None:
+        check_choices("pca", self)
         if self.k < 1:
             raise ValueError("pca.k must be >= 1")
         if not 0.0 <= self.variance <= 1.0:

@@ -65,7 +65,7 @@ def test_delta_on_an_object_store_is_refused_before_any_work(spark, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_on_a_delta_manifest_featurizes_reduces_and_verifies(spark, torch_home, tmp_path):
+def test_a_run_on_a_delta_manifest_featurizes_and_verifies_and_reduces_into_a_delta_table(spark, torch_home, tmp_path):
     from pathlib import Path
 
     from imgfeat.metadata.config import load_config
@@ -81,10 +81,12 @@ def test_a_run_on_a_delta_manifest_featurizes_reduces_and_verifies(spark, torch_
         "run": {"sources": [str(src)], "out": str(tmp_path / "run")},
         "manifest": {"rows_per_shard": 4, "table_format": "delta"},
         "preprocess": {"size": 64, "resize_shorter": 72, "batch_size": 4, "num_workers": 1},
-        "pca": {"k": 3},
+        "pca": {"k": 3, "table_format": "delta"},
     })
     report = run_pipeline(cfg)
     acc = report["accounting"]
     assert acc["reconciles"] and acc["manifest_rows"] == 11 and acc["feature_rows"] == 10
     v = verify_run(str(tmp_path / "run"), str(tmp_path / "run" / "features"))
     assert v.ok, v.problems
+    reduced = deltalake.DeltaTable(str(tmp_path / "run" / "pca" / "reduced")).to_pyarrow_table()
+    assert reduced.num_rows == 10 and len(reduced["features_pca"][0].as_py()) == 3

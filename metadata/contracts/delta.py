@@ -78,6 +78,28 @@ def history(url: str) -> list[dict[str, Any]]:
     return [{k: h.get(k) for k in ("version", "operation", "timestamp", "imgfeat")} for h in _table(url).history()]
 
 
+def publish_dataset(table: str, staging: str, schema: pa.Schema, note: dict[str, Any],
+                    extra_files: tuple[str, ...] = ()) -> int:
+    """Move the data files of the finished Parquet dataset folder ``staging`` into the Delta table folder
+    ``table`` and commit them as its next version (``commit_files``); then move ``extra_files`` (names in
+    ``staging``, e.g. the manifest's shard index) beside them. Returns the Delta version. A folder at
+    ``table`` that is not a Delta table (an earlier Parquet layout) is removed first. Until the commit the
+    moved files are in no version, so readers see the previous one."""
+    fs, root = fsspec.core.url_to_fs(table)
+    if fs.exists(root) and not is_delta(table):
+        storage.remove_folder(table)
+    sfs, sroot = fsspec.core.url_to_fs(staging)
+    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in sfs.ls(sroot, detail=False))
+    data = [n for n in names if n.endswith(".parquet") and not n.startswith(("_", "."))]
+    for name in data:
+        storage.move_file(storage.join(staging, name), storage.join(table, name))
+    version = commit_files(table, data, schema, note)
+    for name in extra_files:
+        if name in names:
+            storage.move_file(storage.join(staging, name), storage.join(table, name))
+    return version
+
+
 def commit_files(url: str, names: list[str], schema: pa.Schema, note: dict[str, Any]) -> int:
     """Make the Parquet files ``names`` (already in the folder ``url``) the table's next version and return
     it: the table is created at version 0 when ``url`` is not a Delta table yet, else one ``overwrite``

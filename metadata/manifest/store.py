@@ -49,24 +49,12 @@ def publish_manifest(out: str, staging: str, keep_history: bool, table_format: s
 
 
 def publish_delta(table: str, staging: str, note: dict) -> int:
-    """Move the data files of the finished Parquet dataset ``staging`` into the Delta table folder ``table``
-    and commit them as its next version (``contracts.delta.commit_files``), then its shard index; returns the
-    Delta version. A Parquet-layout manifest already there (an earlier ``table_format``) is removed first.
-    Until the commit, the moved files are in no version, so readers see the previous one."""
+    """The staged manifest as the next version of the Delta table ``table``, with its shard index
+    (``contracts.delta.publish_dataset``); returns the Delta version."""
     from imgfeat.metadata.contracts import delta
-    from imgfeat.metadata.contracts.shard_index import SHARD_INDEX_FILE, dataset_data_files
-    from imgfeat.metadata.storage import move_file, remove_folder
+    from imgfeat.metadata.contracts.shard_index import SHARD_INDEX_FILE
 
-    fs, root = fsspec.core.url_to_fs(table)
-    if fs.exists(root) and not delta.is_delta(table):
-        remove_folder(table)
-    names = sorted(dataset_data_files(staging))
-    for name in names:
-        move_file(join(staging, name), join(table, name))
-    version = delta.commit_files(table, names, MANIFEST_SCHEMA, note)
-    index = join(staging, SHARD_INDEX_FILE)
-    if fsspec.core.url_to_fs(index)[0].exists(fsspec.core.url_to_fs(index)[1]):
-        move_file(index, join(table, SHARD_INDEX_FILE))
+    version = delta.publish_dataset(table, staging, MANIFEST_SCHEMA, note, extra_files=(SHARD_INDEX_FILE,))
     log.info("manifest: Delta table %s at version %d", table, version)
     return version
 

@@ -74,6 +74,9 @@ def run_pca(cfg: Config, manifest: str, features: str, out: str, master: str | N
     from pyspark.sql import functions as F
 
     cfg.validate()
+    if cfg.pca.table_format == "delta" and not storage.is_local(out):
+        raise ValueError(f"pca.table_format = 'delta': --out {out} is not a local folder (Delta output is written "
+                         "to local folders in this release)")
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     if spark is None:
@@ -109,7 +112,7 @@ def run_pca(cfg: Config, manifest: str, features: str, out: str, master: str | N
         log.info("PCA %s: %d fit rows, d = %d, k = %d, explained variance %.4f (%.1f s)", model.method, model.n_fit, dim,
                  model.k, float(model.explained_variance_ratio.sum()), timings["fit"])
         t = time.perf_counter()
-        written = write_reduced(matched, features, markers, model, out, acc["with_features"])
+        written = write_reduced(matched, features, markers, model, out, acc["with_features"], cfg.pca.table_format)
         reduced_url = written["url"]
         timings["transform_write"] = time.perf_counter() - t
     finally:

@@ -74,9 +74,10 @@ def project_task(folder: str, markers: Markers, model: PcaModel,
 
 
 def write_reduced(matched: DataFrame, folder: str, markers: Markers, model: PcaModel, out: str,
-                  expect_rows: int) -> dict[str, Any]:
+                  expect_rows: int, table_format: str = "parquet") -> dict[str, Any]:
     """Project and write ``OUT/reduced/``: into a scratch folder first, moved into place only when complete,
-    so a failed run leaves the previous output as it was.
+    so a failed run leaves the previous output as it was (``table_format = "delta"``: committed as the next
+    version of a Delta table there).
 
     ``matched`` holds the join's matched rows sorted by (shard_idx, row) within its partitions, and
     ``expect_rows`` their number. Returns ``{"url", "files", "rows", "nonfinite_rows"}``.
@@ -93,5 +94,10 @@ def write_reduced(matched: DataFrame, folder: str, markers: Markers, model: PcaM
         raise RuntimeError(f"{url}: wrote {written['rows']} rows but {expect_rows} were matched")
     if left_out:
         log.warning("pca: %d rows with NaN or inf features left out of the fit and %s", left_out, url)
-    storage.publish_folder(staging, url)
+    if table_format == "delta":
+        from imgfeat.metadata.contracts import delta
+
+        delta.publish_dataset(url, staging, REDUCED_SCHEMA, {"rows": written["rows"], "k": int(model.k)})
+    else:
+        storage.publish_folder(staging, url)
     return {**written, "url": url, "nonfinite_rows": left_out}
