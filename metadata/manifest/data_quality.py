@@ -109,14 +109,14 @@ def near_duplicate_summary(spark: SparkSession, checked: DataFrame, distance: in
     # Read by several jobs below: computed once (Parquet under scratch).
     originals = materialize(ok.groupBy("content_hash").agg(F.min(F.struct("path", "image_id", "phash")).alias("f"))
                             .select("content_hash", "f.*"), scratch, "originals")
-    requested, pairs = distance, None
+    requested, candidates = distance, None
     if max_pairs is not None:
         hashes = originals.where(F.col("phash").isNotNull()).select("phash").distinct()
-        distance, pairs = fitting_distance(hashes, requested, max_pairs)
+        distance, candidates = fitting_distance(hashes, requested, max_pairs)
         if distance < requested:
             log.warning("near duplicates: distance %d would make more than %d candidate pairs "
                         "(manifest.near_duplicate_max_pairs); searched at distance %d (%d pairs)",
-                        requested, max_pairs, distance, pairs)
+                        requested, max_pairs, distance, candidates)
     groups = materialize(near_duplicate_groups(spark, originals.select("image_id", "path", "phash"), distance, scratch),
                          scratch, "groups")
     counts = near_duplicate_counts(groups)
@@ -127,5 +127,5 @@ def near_duplicate_summary(spark: SparkSession, checked: DataFrame, distance: in
     write_parquet_dataset(pairs.select("content_hash", "rep_hash", F.col("near_duplicate_of").alias("rep_id"), "rep_path"),
                           url, schema=NEAR_SCHEMA)
     examples = [(r["path"], r["rep_path"]) for r in pairs.orderBy("path").select("path", "rep_path").limit(EXAMPLES).collect()]
-    return {"distance": distance, "requested_distance": requested, "candidate_pairs": pairs, **counts,
+    return {"distance": distance, "requested_distance": requested, "candidate_pairs": candidates, **counts,
             "examples": [{"path": p, "near_duplicate_of": q} for p, q in examples]}, url

@@ -63,7 +63,16 @@ from imgfeat.metadata.manifest.store import (
 )
 from imgfeat.metadata.spark.parquet import dataset_files, files_frame, read_parquet_dataset, write_parquet_dataset
 from imgfeat.metadata.spark.session import get_spark, num_tasks
-from imgfeat.metadata.storage import is_local, join, read_json, read_json_required, remove_folder, staged_file, write_bytes_atomic, write_json_atomic
+from imgfeat.metadata.storage import (
+    is_local,
+    join,
+    read_json,
+    read_json_required,
+    remove_folder,
+    staged_file,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
