@@ -121,7 +121,7 @@ def test_label_conflicts_cover_exact_and_near_families_and_crossing_folder_split
     t = checked(60, dup_every=30)  # row 30 repeats row 0's bytes, under label "a" like row 0
     labels = t["label"].to_pylist()
     labels[30] = "b"  # the same bytes under two labels: an exact-duplicate conflict
-    folder = [None] * 60
+    folder: list[str | None] = [None] * 60
     folder[9], folder[12] = "test", "train"
     t = t.set_column(t.schema.get_field_index("label"), "label", pa.array(labels))
     t = t.set_column(t.schema.get_field_index("folder_split"), "folder_split", pa.array(folder, pa.string()))

@@ -7,7 +7,7 @@ the driver except the codebook sample (at most ``sample_rows`` rows, and never m
    shards (ids pass and shard reads on executors, :mod:`imgfeat.metadata.pca.shard_io`) or a pca output
    folder (its ``reduced/`` Parquet dataset, read by tasks). Tasks L2-normalise the vectors; rows with
    NaN, inf or zero norm are counted and left out, and an id in more than one row is refused. The
-   ``(image_id, vec)`` rows are persisted on the executors.
+   ``(vid, image_id, vec)`` rows are persisted on the executors.
 2. *Codebook*: a seeded sample is collected and a spherical k-means (:func:`~.ivf.kmeans`) gives ``C``
    cells (default about sqrt(n), at most sample / 10 and 4096). Only the ``C x d`` centroids go back out
    (a broadcast).
@@ -23,8 +23,8 @@ the driver except the codebook sample (at most ``sample_rows`` rows, and never m
    :func:`~.ivf.search` and emits each query's top k there.
 6. *Merge*: a Spark window (``row_number`` over the query by cosine desc, neighbour vid asc) keeps each
    query's best k of all its units (vectors are numbered by a 64-bit ``vid`` in the search, see
-   :mod:`.tasks`: the ids are joined back to these k rows only); written with ``write_parquet_dataset`` into a staging folder and
-   published as ``NB/neighbors/`` only when complete.
+   :mod:`.tasks`: the ids are joined back to these k rows only); written with ``write_parquet_dataset``
+   into a staging folder and published as ``NB/neighbors/`` only when complete.
 7. *Report* (:func:`report`): counts by Spark aggregation over the written dataset, and the pairs above
    ``min_cosine`` joined to the manifest (near duplicates, pairs across splits, pairs across labels); only
    counts and at most 10 examples each reach the driver.
@@ -185,8 +185,9 @@ def _sample(good: DataFrame, n: int, bound: int, seed: int, dim: int) -> np.ndar
 
 
 def _search_partitions(spark: SparkSession, cfg: Config, units: int) -> int:
-    """Tasks of the search: four per core (units differ in cost), at most one per unit."""
-    return max(1, min(units, max(4 * spark.sparkContext.defaultParallelism, cfg.spark.partitions)))
+    """Tasks of the search: two per core (units differ in cost; each Python task also costs about 0.1 s to start),
+    at most one per unit; ``spark.partitions`` when it asks for more."""
+    return max(1, min(units, max(2 * spark.sparkContext.defaultParallelism, cfg.spark.partitions)))
 
 
 def _drop_staging(out: str) -> None:
