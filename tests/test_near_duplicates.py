@@ -1,8 +1,10 @@
 """Near-duplicate groups by perceptual hash (``manifest/near_duplicates.py``).
 
-Band keys (pure Python and numpy) against the pigeonhole property; on Spark, the band keys, the candidate
-pairs and the connected components against brute force (all O(n²) hash pairs, a union-find), and the
-groups' representative rule, null hashes and independence from the input's partitioning.
+Band keys (pure Python and numpy) against the pigeonhole property; the one-task search's numpy parts
+(``near_pairs``, ``components_of``) against brute force and a union-find; on Spark, the band keys, the
+candidate pairs and the connected components against brute force (all O(n²) hash pairs, a union-find), and
+the groups' representative rule, null hashes, carried columns and independence from the input's
+partitioning, for both the one-task search and the Spark one.
 """
 from __future__ import annotations
 
@@ -427,3 +429,36 @@ def test_components_of_long_chains() -> None:
     for ids in (list(range(3000)), list(range(3000))[::-1], rng.sample(range(3000), 3000)):
         a, b = np.array(ids[:-1]), np.array(ids[1:])
         assert (components_of(3000, a, b) == 0).all()
+
+
+@pytest.mark.spark
+def test_near_duplicate_groups_carry_columns(spark) -> None:
+    rng = random.Random(12)
+    d = 3
+    hs: list[int | None] = list(random_hashes(rng, 120, d)) + [None] * 3
+    rows = [(f"{rng.getrandbits(40):010x}", f"/img/{rng.getrandbits(24):06x}-{k}.jpg", h, f"c{k:04d}", k)
+            for k, h in enumerate(hs)]
+    by_id = {r[0]: r for r in rows}
+    want = expected_groups([r[:3] for r in rows], d)
+    df = spark.createDataFrame(rows, "image_id string, path string, phash long, content_hash string, k long")
+    for one_task in (nd.ONE_TASK_HASHES, 0):
+        got = near_duplicate_groups(spark, df, d, one_task_hashes=one_task, carry=("path", "content_hash", "k"))
+        assert got.columns == ["image_id", "near_duplicate_of", "path", "content_hash", "k", "rep_path",
+                               "rep_content_hash", "rep_k"]
+        out = got.collect()
+        assert {r["image_id"]: r["near_duplicate_of"] for r in out} == want, one_task
+        for r in out:
+            member, rep = by_id[r["image_id"]], by_id[r["near_duplicate_of"]]
+            assert (r["path"], r["content_hash"], r["k"]) == (member[1], member[3], member[4])
+            assert (r["rep_path"], r["rep_content_hash"], r["rep_k"]) == (rep[1], rep[3], rep[4])
+
+
+@pytest.mark.spark
+def test_near_duplicate_groups_without_the_broadcast(spark, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A per-hash map over ``BROADCAST_ROWS`` is joined with a shuffle: the same groups."""
+    rng = random.Random(13)
+    rows = [(f"{rng.getrandbits(40):010x}", f"/img/{k:04d}.jpg", h) for k, h in enumerate(random_hashes(rng, 80, 2))]
+    df = spark.createDataFrame(rows, "image_id string, path string, phash long")
+    monkeypatch.setattr(nd, "BROADCAST_ROWS", 0)
+    got = {r["image_id"]: r["near_duplicate_of"] for r in near_duplicate_groups(spark, df, 2).collect()}
+    assert got == expected_groups(rows, 2) and got

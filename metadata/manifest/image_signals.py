@@ -1,20 +1,29 @@
 """Per-image signals for data quality: a 64-bit perceptual hash and four quality numbers, from one grey image.
 
 Meant for the manifest check, from the decode it does anyway (a reduced-size greyscale JPEG decode, see
-``reduced_gray_flag``; other formats as ``cv2.IMREAD_UNCHANGED`` turned grey by ``gray_of``): hash and
-signals together cost 0.34 ms of CPU on the 375x500 grey frame that a 1/8 decode of a 3000x4000 JPEG
-gives, 0.29 ms at 128x171 (a loaded 2-core machine; bench/RESULTS-near-duplicates.md). Pure numpy +
-cv2 (imported through ``contracts.cv2_env``); no Spark, no torch.
+``reduced_gray_flag``; other formats as ``cv2.IMREAD_UNCHANGED`` turned grey by ``gray_of``). Hash and
+signals together cost, per image of real photo content (CPU, one thread, a 2-core machine shared with
+other work; the fastest / the median 25-image chunk of 40, alternating with the implementation before,
+"was"): 0.14 / 0.24 ms at 100x100 (a 100 px JPEG's full grey decode; was 0.24 /
+0.41), 0.20 / 0.33 ms at 170x128 (1/8 of 1360x1020; was 0.29 / 0.52), 0.20 / 0.31 ms at 250x188 (1/2 of
+500x375; was 0.31 / 0.47) and 0.25 / 0.29 ms at 500x375 (1/8 of 4000x3000; was 0.36 / 0.41). About 40
+numpy and cv2 calls per image, whose fixed cost (1-3 µs each here) and cache misses, not the arithmetic,
+are most of it: hence one integral image, one gather for both box grids (``_grid_sums``), reused scratch
+memory (``_Workspace``) and float64 arithmetic that stays exact. In the manifest job the decode costs as
+much again (bench/RESULTS-quality-cost.md). Pure numpy + cv2 (imported through ``contracts.cv2_env``);
+no Spark, no torch.
 
 Perceptual hash (``perceptual_hash``; DCT pHash)
     1. The grey image is box-averaged to 32x32 (exactly what ``cv2.INTER_AREA`` computes, including
        fractional pixel weights; an axis shorter than 32 px is upsampled as ``cv2.INTER_LINEAR`` with
        half-pixel centres), in exact integer arithmetic from an integral image, and kept at 1/256 grey
-       level instead of being rounded to uint8.
+       level instead of being rounded to uint8 (float64 holding integers below 2**53 up to ~1.3e8
+       pixels, ``_float_exact``; int64 above).
     2. The 2-D DCT-II of that 32x32 block (orthonormal scaling, as ``cv2.dct``: row/column 0 weighted
        1/sqrt(2) against the others), only its top-left 8x8 low frequencies, computed with an integer
        cosine table (cos * 4096, rounded; every entry is >= 0.0016 away from a rounding tie, so any
-       libm gives the same table) in exact int64 arithmetic.
+       libm gives the same table) in exact arithmetic (float64 products and sums of integers below 2**53;
+       ``_hash_from_block`` says why the block's mean need not be removed first).
     3. Bit ``i = 8*u + v`` (``u`` = vertical frequency = row of the 8x8 block, ``v`` = horizontal
        frequency = column; bit 0 is the least significant bit of the 64-bit value) is 1 when
        coefficient (u, v) is strictly greater than the median of the 63 AC coefficients. The DC
@@ -221,18 +230,24 @@ def _box_sums(integral: np.ndarray, oh: int, ow: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=32)
-def _grid_plan(h: int, w: int, oh: int, ow: int) -> tuple[np.ndarray, np.ndarray]:
-    """For ``_grid_sums``: the flat indices into an (h+1) x (w+1) integral image of the
-    2(oh+1) x 2(ow+1) values that ``_box_sums`` reads (rows q then q + 1, columns likewise, as
-    ``_axis_plan``) and the weight of each (the product of its row's and its column's weight), float64.
-    Cached per (h, w, oh, ow): a batch of photos mostly repeats a few sizes."""
-    iy, wy0, wy1 = _axis_plan(h, oh)
-    ix, wx0, wx1 = _axis_plan(w, ow)
-    flat = (iy[:, None] * (w + 1) + ix[None, :]).astype(np.intp)
-    weights = np.outer(np.concatenate([wy0, wy1]), np.concatenate([wx0, wx1])).astype(np.float64)
-    for arr in (flat, weights):
+def _grid_plan(h: int, w: int, grids: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """For ``_grid_sums``: per (oh, ow) of ``grids``, the flat indices into an (h+1) x (w+1) integral image of
+    the 2(oh+1) x 2(ow+1) values that ``_box_sums`` reads (rows q then q + 1, columns likewise, as
+    ``_axis_plan``) and the weight of each (its row's weight times its column's), float64; all grids'
+    concatenated, with each grid's start offset. Cached per (h, w, grids): photos mostly repeat a few sizes."""
+    flats, weights, offsets, at = [], [], [], 0
+    for oh, ow in grids:
+        iy, wy0, wy1 = _axis_plan(h, oh)
+        ix, wx0, wx1 = _axis_plan(w, ow)
+        flats.append((iy[:, None] * (w + 1) + ix[None, :]).ravel())
+        weights.append(np.outer(np.concatenate([wy0, wy1]), np.concatenate([wx0, wx1])).ravel())
+        offsets.append(at)
+        at += flats[-1].shape[0]
+    flat = np.concatenate(flats).astype(np.intp)
+    weight = np.concatenate(weights).astype(np.float64)
+    for arr in (flat, weight):
         arr.setflags(write=False)
-    return flat, weights
+    return flat, weight, tuple(offsets)
 
 
 class _Workspace(threading.local):
@@ -258,11 +273,11 @@ _WORK = _Workspace()
 
 def _grid_sums(gray: np.ndarray, grids: tuple[tuple[int, int], ...]) -> tuple[float, list[np.ndarray]]:
     """The pixel sum of ``gray`` and ``_box_sums`` of every (oh, ow) of ``grids`` (each needs h >= oh and
-    w >= ow), as float64, from one integral image: per grid one gather of the values ``_box_sums``
-    reads, one multiplication by their weights, three additions and a 2-D difference (at these sizes the
-    per-call overhead of numpy, not the arithmetic, is what costs). The equal of ``_box_sums`` value for
-    value when ``_float_exact`` holds: every intermediate is an integer below 2**53, and float64 adds and
-    multiplies such integers exactly, in any order. The integral image and the gathers live in the
+    w >= ow), as float64, from one integral image: one gather of the values ``_box_sums`` reads for all
+    grids, one multiplication by their weights, then per grid three additions and a 2-D difference (at
+    these sizes the per-call overhead of numpy, not the arithmetic, is what costs). The equal of
+    ``_box_sums`` value for value when ``_float_exact`` holds: every intermediate is an integer below 2**53,
+    and float64 adds and multiplies such integers exactly, in any order. The integral image and the gathers live in the
     thread's ``_Workspace``; the returned grids are fresh arrays."""
     cv2 = _cv2()
     h, w = gray.shape
@@ -271,18 +286,19 @@ def _grid_sums(gray: np.ndarray, grids: tuple[tuple[int, int], ...]) -> tuple[fl
     integral = _WORK.view(0, (h + 1, w + 1), np.int32 if small else np.float64)
     cv2.integral(gray, sum=integral, sdepth=cv2.CV_32S if small else cv2.CV_64F)  # exact either way
     values = integral.reshape(-1)
+    flat, weight, offsets = _grid_plan(h, w, grids)
+    p = _WORK.view(1, flat.shape)
+    if small:  # gather as int32, convert, multiply: cheaper than a mixed-type multiplication
+        np.copyto(p, np.take(values, flat, out=_WORK.view(2, flat.shape, np.int32), mode="clip"))
+    else:
+        np.take(values, flat, out=p, mode="clip")  # mode clip: unbuffered; every index is in range
+    p *= weight
     out = []
-    for (oh, ow) in grids:
-        flat, weights = _grid_plan(h, w, oh, ow)
-        p = _WORK.view(1, flat.shape)
-        if small:  # gather as int32, convert, multiply: cheaper than a mixed-type multiplication
-            np.copyto(p, np.take(values, flat, out=_WORK.view(2, flat.shape, np.int32), mode="clip"))
-        else:
-            np.take(values, flat, out=p, mode="clip")  # mode clip: unbuffered; every index is in range
-        p *= weights
-        grid = p[: oh + 1, : ow + 1] + p[oh + 1 :, : ow + 1]
-        grid += p[: oh + 1, ow + 1 :]
-        grid += p[oh + 1 :, ow + 1 :]
+    for (oh, ow), at in zip(grids, offsets):
+        g = p[at : at + 4 * (oh + 1) * (ow + 1)].reshape(2 * (oh + 1), 2 * (ow + 1))
+        grid = g[: oh + 1, : ow + 1] + g[oh + 1 :, : ow + 1]
+        grid += g[: oh + 1, ow + 1 :]
+        grid += g[oh + 1 :, ow + 1 :]
         d = grid[1:] - grid[:-1]
         out.append(d[:, 1:] - d[:, :-1])
     return float(integral[h, w]), out
@@ -400,33 +416,16 @@ def _signal_copy(gray: np.ndarray, integral: np.ndarray, side: int) -> np.ndarra
     return cv2.resize(gray, (ow, oh), interpolation=cv2.INTER_LINEAR).astype(np.float64)
 
 
-@functools.lru_cache(maxsize=1)
-def _count_log2_count(n: int) -> np.ndarray:
-    """``c * log2(c)`` for c = 0..n (0 for c = 0), float64: the entropy's per-bin term, looked up."""
-    c = np.arange(n + 1, dtype=np.float64)
-    out = np.zeros(n + 1)
-    np.multiply(c[1:], np.log2(c[1:]), out=out[1:])
-    out.setflags(write=False)
-    return out
-
-
 def _quality(copy: np.ndarray) -> tuple[float, float, float]:
-    """(blur, contrast, entropy) of a float64 grey copy.
-
-    The entropy is ``(N log2 N - sum_c c log2 c) / N`` over the histogram's counts c (N pixels) with
-    ``c log2 c`` looked up, which is ``-sum p log2 p`` up to float rounding (~1e-15 bits); a flat copy
-    gets exactly 0."""
+    """(blur, contrast, entropy) of a float64 grey copy."""
     cv2 = _cv2()
     lap = cv2.Laplacian(copy, cv2.CV_64F, ksize=1)[1:-1, 1:-1]  # 4-neighbour kernel; interior only
     blur = float(cv2.meanStdDev(lap)[1][0, 0] ** 2) if lap.size else 0.0
     contrast = float(cv2.meanStdDev(copy)[1][0, 0])
     hist = np.bincount((copy + 0.5).astype(np.uint8).ravel(), minlength=256)  # copy is within 0..255
-    n = copy.size
-    table = _count_log2_count(_MAX_SIGNAL_CELLS)
-    if n >= table.shape[0]:  # not for a copy of signal_size: a caller's own larger side
-        table = _count_log2_count.__wrapped__(n)
-    entropy = (table[n] - float(table[hist].sum())) / n
-    return blur, contrast, max(entropy, 0.0) + 0.0  # no -0.0 (nor -1e-16) for a flat image
+    p = hist[hist > 0] / copy.size
+    entropy = float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0: no -0.0 for a flat image
+    return blur, contrast, entropy
 
 
 def image_signals(gray: np.ndarray, side: int = SIGNAL_SIDE) -> ImageSignals:

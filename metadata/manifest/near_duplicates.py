@@ -39,15 +39,28 @@ The steps and what each costs as the data grows (``N`` rows with a hash, ``U`` d
    1,000 nodes 8 or 10, random graphs and trees of 2,000 nodes 4 to 6, a star 0 or 1.
 5. the answer (``near_duplicate_groups``): the components joined to the ``U``-row hash table, a
    ``groupBy`` per component with ``min(struct(path, image_id))`` (the representative) and ``sum(n)``
-   (the size), that joined back per hash (``U`` rows), then one join of the ``N`` rows with it on
-   ``phash``.
+   (the size), that joined back per hash: a per-hash map (``phash``, the representative's id), one row
+   per grouped hash, materialized (its row count comes with it), then one join of the ``N`` rows with it
+   on ``phash``, a broadcast join up to ``BROADCAST_ROWS`` rows of the map (no shuffle of the rows).
 
-The driver sees counts only: the optional candidate estimate, one count per round of step 4 and, from
-``near_duplicate_counts``, three numbers. Materialized intermediates (the hash table, each round's edges)
-are local checkpoints (``DataFrame.localCheckpoint``), or with ``scratch`` Parquet datasets written and
-read by the tasks through fsspec (``metadata/spark/parquet.py``): local checkpoints live on the executors
-(a lost executor fails the job; Spark's cleaner frees them), Parquet survives that, and the caller removes
-``scratch`` once it has consumed the result.
+Small inputs, one task (``near_duplicate_groups`` up to ``ONE_TASK_HASHES`` distinct hashes: the hash
+table's row count decides): steps 2-5 are the same algorithm in numpy in one task (``_search_task``:
+``near_pairs`` for the band join, exact check and lowest-band rule; ``components_of`` for the components;
+a sort for the representatives), reading the materialized hash table once and writing the per-hash map.
+Spark's per-job and per-stage costs, not the arithmetic, were what the Spark plan spent at this size:
+on the Fruits-360 hashes x8 (59,392 rows, 4,450 distinct hashes, 396,287 candidate pairs at distance 4,
+195 groups) the search took 9 Spark jobs and its lazy answer 10 more to materialize; now 3 and 2
+(bench/RESULTS-quality-cost.md). The Spark plan stays for larger inputs, and the tests
+hold both to the same brute force.
+
+The driver sees counts only: the optional candidate estimate, the hash table's and the map's row counts,
+one count per round of step 4 and, from ``near_duplicate_counts``, three numbers (and a broadcast map of
+at most ``BROADCAST_ROWS`` rows goes through it, as Spark's own broadcast joins do). Materialized
+intermediates (the hash table, each round's edges, the per-hash map) are local checkpoints
+(``DataFrame.localCheckpoint``), or with ``scratch`` Parquet datasets written and read by the tasks
+through fsspec (``metadata/spark/parquet.py``): local checkpoints live on the executors (a lost executor
+fails the job; Spark's cleaner frees them), Parquet survives that, and the caller removes ``scratch`` once
+it has consumed the result.
 """
 from __future__ import annotations
 
@@ -156,15 +169,21 @@ def _lowest_equal_band(xor: Column, distance: int) -> Column:
     return F.coalesce(*[F.when(_band_value(xor, s, w) == 0, F.lit(i)) for i, (s, w) in enumerate(band_layout(distance))])
 
 
-def _hash_table(rows: DataFrame, with_first: bool = False) -> DataFrame:
+def _hash_table(rows: DataFrame, with_first: bool = False, carry: tuple[str, ...] = ()) -> DataFrame:
     """One row per distinct hash of ``rows`` (nulls dropped): ``phash``, ``rep`` (its smallest image_id),
-    ``n`` (its rows) and with ``with_first`` ``first``, the struct ``(path, image_id)`` of its smallest path."""
+    ``n`` (its rows) and with ``with_first`` ``first``, the struct ``(path, image_id, *carry)`` of its
+    smallest path (``carry``: more columns of that row; image_id is unique, so they never decide the order)."""
     from pyspark.sql import functions as F
 
     aggs = [F.min("image_id").alias("rep"), F.count(F.lit(1)).alias("n")]
     if with_first:
-        aggs.append(F.min(F.struct("path", "image_id")).alias("first"))
+        aggs.append(F.min(F.struct("path", "image_id", *_extra(carry))).alias("first"))
     return rows.groupBy("phash").agg(*aggs)
+
+
+def _extra(carry: tuple[str, ...]) -> list[str]:
+    """The ``carry`` columns that ``first`` holds besides path and image_id."""
+    return [c for c in dict.fromkeys(carry) if c not in ("path", "image_id")]
 
 
 def _valid(rows: DataFrame, *columns: str) -> DataFrame:
@@ -438,11 +457,11 @@ def components_of(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return parent
 
 
-def _search_task(distance: int):
+def _search_task(distance: int, carry: tuple[str, ...] = ()):
     """The one-task search (``ONE_TASK_HASHES``): the hash table's rows (``phash``, ``n``, ``first``) in,
-    ``(phash, rep_id)`` out for every hash in a group of two or more rows, ``rep_id`` being the image_id of
-    the group's representative (the smallest ``first``: path, then image_id; null paths first, as Spark
-    orders structs)."""
+    ``(phash, rep_id, rep_<c> for c in carry)`` out for every hash in a group of two or more rows,
+    ``rep_id`` being the image_id of the group's representative (the smallest ``first``: path, then
+    image_id; null paths first, as Spark orders structs)."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import pyarrow.compute as pc
@@ -465,15 +484,17 @@ def _search_task(distance: int):
         np.minimum.at(best, comp, rank)
         keep = np.flatnonzero(members[comp] >= 2)
         rep = order[best[comp[keep]]]
-        yield pa.RecordBatch.from_arrays([pa.array(phash[keep], pa.int64()), ids.take(pa.array(rep))],
-                                         names=["phash", "rep_id"])
+        take = pa.array(rep)
+        yield pa.RecordBatch.from_arrays([pa.array(phash[keep], pa.int64()), ids.take(take)]
+                                         + [first.field(c).take(take) for c in dict.fromkeys(carry)],
+                                         names=["phash", "rep_id", *(f"rep_{c}" for c in dict.fromkeys(carry))])
 
     return run
 
 
 def near_duplicate_groups(spark: SparkSession, rows: DataFrame, distance: int, scratch: str | None = None, *,
                           max_candidates: int | None = None, max_iterations: int = 50,
-                          one_task_hashes: int = ONE_TASK_HASHES) -> DataFrame:
+                          one_task_hashes: int = ONE_TASK_HASHES, carry: tuple[str, ...] = ()) -> DataFrame:
     """``(image_id, near_duplicate_of)`` for every member of a near-duplicate group of two or more rows
     that is not the group's representative; ``near_duplicate_of`` is the representative's image_id.
 
@@ -481,29 +502,36 @@ def near_duplicate_groups(spark: SparkSession, rows: DataFrame, distance: int, s
     connected component of the rows whose hashes are within Hamming ``distance`` (equal hashes always
     are); rows with a null hash (or image_id) are never in a group. The representative is the member with
     the smallest ``path`` (string order; ties by image_id), like the original of exact duplicates.
-    Representatives and rows of no group have no output row.
+    Representatives and rows of no group have no output row. ``carry``: columns of ``rows`` to bring along,
+    the member's as ``c`` and its representative's as ``rep_c`` (e.g. ``("path", "content_hash")``: no join
+    back to the rows is needed for them).
 
     Up to ``one_task_hashes`` distinct hashes (the hash table's row count tells), the search after the hash
     table runs in one task (``_search_task``: the same band join, exact check and components in numpy);
     above, on Spark (``candidate_pairs``' band join, ``connected_components``, the joins back). Either way
-    the result is a per-hash map (``phash``, representative id) of the grouped hashes, materialized, and
-    the lazy join of the rows with it (broadcast up to ``BROADCAST_ROWS`` rows). The driver gets counts;
-    the materialized parts are local checkpoints, or with ``scratch`` (a URL) Parquet datasets under it,
-    which must outlive the result's use. ``max_candidates``: see ``candidate_pairs``; ``max_iterations``:
-    see ``connected_components``.
+    the result is a per-hash map (``phash``, the representative's id and ``carry``) of the grouped hashes,
+    materialized, and the lazy join of the rows with it (broadcast up to ``BROADCAST_ROWS`` rows: the rows
+    are not shuffled). The driver gets counts; the materialized parts are local checkpoints, or with
+    ``scratch`` (a URL) Parquet datasets under it, which must outlive the result's use. ``max_candidates``:
+    see ``candidate_pairs``; ``max_iterations``: see ``connected_components``.
     """
     from pyspark.sql import functions as F
+    from pyspark.sql.types import LongType, StringType, StructField, StructType
 
     band_layout(distance)
+    carry = tuple(dict.fromkeys(carry))
     tag = uuid.uuid4().hex[:12]
-    valid = _valid(rows, "image_id", "path", "phash")
-    table, n_hashes = _materialize_counted(_hash_table(valid, with_first=True), scratch, f"hashes-{tag}")
+    valid = _valid(rows, *dict.fromkeys(("image_id", "path", "phash", *carry)))
+    table, n_hashes = _materialize_counted(_hash_table(valid, with_first=True, carry=carry), scratch, f"hashes-{tag}")
+    rep_carry = [F.col(f"rep_first.{c}").alias(f"rep_{c}") for c in carry]
     if n_hashes <= one_task_hashes:
         if max_candidates is not None and distance > 0:
             _check_candidates(band_key_rows(table.select("phash"), distance), distance, max_candidates)
         log.info("near duplicates: %d distinct hashes, searched in one task", n_hashes)
-        per_hash = table.select("phash", "n", "first").coalesce(1).mapInArrow(_search_task(distance),
-                                                                              "phash long, rep_id string")
+        types = {f.name: f.dataType for f in valid.schema.fields}
+        schema = StructType([StructField("phash", LongType()), StructField("rep_id", StringType()),
+                             *(StructField(f"rep_{c}", types[c]) for c in carry)])
+        per_hash = table.select("phash", "n", "first").coalesce(1).mapInArrow(_search_task(distance, carry), schema)
     else:
         comps = connected_components(spark, _near_edges(table, distance, max_candidates), max_iterations,
                                      scratch=scratch)
@@ -512,13 +540,13 @@ def near_duplicate_groups(spark: SparkSession, rows: DataFrame, distance: int, s
         groups = hashes.groupBy("group").agg(F.sum("n").alias("size"), F.min("first").alias("rep_first")).filter(
             F.col("size") >= 2)
         per_hash = hashes.select("phash", "group").join(
-            groups.select("group", F.col("rep_first.image_id").alias("rep_id")), "group").select("phash", "rep_id")
+            groups.select("group", F.col("rep_first.image_id").alias("rep_id"), *rep_carry), "group").drop("group")
     tagged, n_tagged = _materialize_counted(per_hash, scratch, f"tagged-{tag}")
     if n_tagged <= BROADCAST_ROWS:
         tagged = F.broadcast(tagged)
     # image_id is unique and not null (``_valid``): the representative's own row is the one with its id.
     return valid.join(tagged, "phash").filter(F.col("image_id") != F.col("rep_id")).select(
-        "image_id", F.col("rep_id").alias("near_duplicate_of"))
+        "image_id", F.col("rep_id").alias("near_duplicate_of"), *carry, *(f"rep_{c}" for c in carry))
 
 
 def near_duplicate_counts(groups: DataFrame) -> dict[str, int]:
