@@ -457,7 +457,8 @@ def test_near_duplicate_groups_carry_columns(spark) -> None:
 def test_near_duplicate_groups_without_the_broadcast(spark, monkeypatch: pytest.MonkeyPatch) -> None:
     """A per-hash map over ``BROADCAST_ROWS`` is joined with a shuffle: the same groups."""
     rng = random.Random(13)
-    rows = [(f"{rng.getrandbits(40):010x}", f"/img/{k:04d}.jpg", h) for k, h in enumerate(random_hashes(rng, 80, 2))]
+    rows: list[tuple[str, str, int | None]] = [
+        (f"{rng.getrandbits(40):010x}", f"/img/{k:04d}.jpg", h) for k, h in enumerate(random_hashes(rng, 80, 2))]
     df = spark.createDataFrame(rows, "image_id string, path string, phash long")
     monkeypatch.setattr(nd, "BROADCAST_ROWS", 0)
     got = {r["image_id"]: r["near_duplicate_of"] for r in near_duplicate_groups(spark, df, 2).collect()}

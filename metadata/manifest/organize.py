@@ -222,11 +222,8 @@ def organize(parts: list[pa.Table], ratios: dict[str, float], seed: str, rows_pe
     summary = _summary(t, kept, splits[dealt], shards[dealt], int(is_dup.sum()), last_paths, previous_rows)
     if dropped.any():
         by_status, examples = summary["by_status"], summary["example_by_status"]
-        by_status["ok"] -= int(dropped.sum())
-        if not by_status["ok"]:
-            del by_status["ok"]
-        by_status["near_duplicate"] = int(dropped.sum())
-        examples["near_duplicate"] = min(originals["path"].take(pa.array(np.flatnonzero(dropped))).to_pylist())
+        count_as(by_status, examples, "near_duplicate", int(dropped.sum()),
+                 min(originals["path"].take(pa.array(np.flatnonzero(dropped))).to_pylist()))
         summary["by_status"], summary["example_by_status"] = dict(sorted(by_status.items())), dict(sorted(examples.items()))
     crossing = mem[splits[mem] != splits[rep[mem]]]
     cross = sorted(zip(originals["path"].take(pa.array(crossing, pa.int64())).to_pylist(), splits[crossing],
@@ -246,6 +243,15 @@ def organize(parts: list[pa.Table], ratios: dict[str, float], seed: str, rows_pe
     return plans, summary
 
 
+def count_as(by_status: dict[str, int], examples: dict[str, str], status: str, n: int, example: str) -> None:
+    """Count ``n`` of the ``ok`` rows as ``status`` instead (duplicates, dropped near-duplicates), with an example."""
+    by_status["ok"] -= n
+    if not by_status["ok"]:
+        del by_status["ok"]
+    by_status[status] = n
+    examples[status] = example
+
+
 def _is_none(values: np.ndarray) -> np.ndarray:
     """Elementwise ``is None`` of an object array."""
     return np.fromiter((v is None for v in values), bool, len(values))
@@ -260,11 +266,7 @@ def _summary(t: pa.Table, originals: pa.Table, splits: np.ndarray, shards: np.nd
         if r["status"] != "ok":
             examples[r["status"]] = r["path_min"]
     if dups:
-        by_status["ok"] -= dups
-        if not by_status["ok"]:
-            del by_status["ok"]
-        by_status["duplicate"] = dups
-        examples["duplicate"] = pc.min(dup_last_paths).as_py()
+        count_as(by_status, examples, "duplicate", dups, pc.min(dup_last_paths).as_py())
     labelled = pc.and_(pc.is_valid(t["label"]), pc.not_equal(t["status"], "bad_label"))
     names = sorted(pc.unique(t["label"].filter(labelled)).to_pylist())
     pairs = Counter(zip((str(x) for x in originals["label"].to_pylist()), (str(s) for s in splits)))

@@ -315,20 +315,10 @@ def _summary(per_status: list[Any], by_pair: list[Any], by_shard: list[Any], pre
     for status, path in firsts.items():
         if status != "ok":
             examples[status] = path
-    dups = total_row["dups"] or 0
-    if dups:
-        by_status["ok"] -= dups
-        if not by_status["ok"]:
-            del by_status["ok"]
-        by_status["duplicate"] = dups
-        examples["duplicate"] = total_row["dup_example"]
-    dropped = total_row["dropped"] or 0
-    if dropped:
-        by_status["ok"] -= dropped
-        if not by_status["ok"]:
-            del by_status["ok"]
-        by_status["near_duplicate"] = dropped
-        examples["near_duplicate"] = total_row["drop_example"]
+    if total_row["dups"]:
+        org.count_as(by_status, examples, "duplicate", total_row["dups"], total_row["dup_example"])
+    if total_row["dropped"]:
+        org.count_as(by_status, examples, "near_duplicate", total_row["dropped"], total_row["drop_example"])
     pairs: Counter = Counter()
     for r in by_pair:
         pairs[(str(r["label"]), str(r["split"]))] += r["n"]
