@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_quality_cost.py [--data fruits,realsize[,camera]] [--copies 8] [--repeats 2]
         [--modes full,header] [--master local[2]] [--size 500x375] [--camera-size 1360x1020] [--quality 90]
-        [--work DIR] [--results PATH]
+        [--work DIR] [--skip-cpu] [--results PATH]
 
 Data sets, each ``--copies`` files per photo of the Fruits-360 folder of ../shared (7,424 photos: 59,392
 files at 8 copies):
@@ -179,6 +179,7 @@ def main() -> None:
     ap.add_argument("--camera-size", default="1360x1020", help="camera: width x height (4:3)")
     ap.add_argument("--quality", type=int, default=90)
     ap.add_argument("--work", default=None, help="folder for the generated data (default: a temporary one, removed)")
+    ap.add_argument("--skip-cpu", action="store_true", help="leave out the CPU-per-file table")
     ap.add_argument("--results", default=str(REPO / "bench" / "RESULTS-quality-cost.md"))
     args = ap.parse_args()
     if not FRUITS.exists():
@@ -264,7 +265,7 @@ def main() -> None:
                 breakdown.append(f"| {mode} | flag - off | {extra:.1f} | "
                                  + " | ".join(f"{v:.1f} ({100 * v / extra:.0f} %)" if extra > 0 else f"{v:.1f}"
                                               for v in deltas) + " |")
-            cpu = cpu_per_file(src)
+            cpu = {} if args.skip_cpu else cpu_per_file(src)
             sections += [
                 f"### {name}: {n:,} files, {size_mb:,.0f} MB",
                 "",
@@ -289,12 +290,12 @@ def main() -> None:
                 "|---|---|---:|---:|---:|---:|---:|---:|---:|",
                 *breakdown,
                 "",
-                "CPU per file of the check's parts outside Spark (one process, warm cache, median of 5):",
-                "",
-                "| part | µs per file |",
-                "|---|---:|",
-                *[f"| {k} | {v:.0f} |" for k, v in cpu.items()],
-                "",
+                *(["CPU per file of the check's parts outside Spark (one process, warm cache, median of 5):",
+                   "",
+                   "| part | µs per file |",
+                   "|---|---:|",
+                   *[f"| {k} | {v:.0f} |" for k, v in cpu.items()],
+                   ""] if cpu else []),
             ]
     finally:
         if not keep:

@@ -504,17 +504,18 @@ def test_hash_from_block_equals_the_mean_free_int64_dct():
 
 def test_the_int64_fallback_gives_the_same_values(monkeypatch):
     images = list(_random_images(7, 20))
-    fast = [sig.image_signals(g) for g in images]
-    monkeypatch.setattr(sig, "_float_exact", lambda h, w: False)
-    slow = [sig.image_signals(g) for g in images]
-    for g, a, b in zip(images, fast, slow):
-        assert (a.phash, a.blur, a.brightness, a.contrast) == (b.phash, b.blur, b.brightness, b.contrast), g.shape
+    fast = [sig.image_signals(g, side) for g in images for side in (64, 96)]
+    monkeypatch.setattr(sig, "_float_exact", lambda *args: False)
+    slow = [sig.image_signals(g, side) for g in images for side in (64, 96)]
+    assert fast == slow
+    for g, a in zip(images, fast[::2]):
         assert sig.perceptual_hash(g) == a.phash
 
 
 def test_float_exact_bound():
     assert sig._float_exact(10_000, 10_000)  # the default decode.max_pixels (1e8)
     assert not sig._float_exact(20_000, 20_000)
+    assert not sig._float_exact(4_000, 3_000, 512 * 8192)  # a bigger signal copy (side=512) lowers the bound
     # The bound: 255 * pixels * 2**18 (the hash block in 1/256 units) must stay below 2**53.
     assert 255 * 10_000 * 10_000 * 2**18 < 2**53 <= 255 * 20_000 * 20_000 * 2**18
 

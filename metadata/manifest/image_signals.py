@@ -180,11 +180,12 @@ def _check_gray(gray: np.ndarray) -> np.ndarray:
     return gray if gray.flags.c_contiguous else np.ascontiguousarray(gray)
 
 
-def _float_exact(h: int, w: int) -> bool:
+def _float_exact(h: int, w: int, cells: int = _MAX_SIGNAL_CELLS) -> bool:
     """Whether every value of the float64 path (``_grid_sums``, the hash block in 1/256 units) of an h x w
-    image is an integer below 2**53: 255 * h * w times the largest cell count (the signal copy's, at most
-    64 x 1024) or times 256 * 32 * 32 (the hash block's scaling). True up to about 1.3e8 pixels."""
-    return 255.0 * h * w * max(_MAX_SIGNAL_CELLS, _CELL_BOUND) < _EXACT
+    image is an integer below 2**53: 255 * h * w times the signal copy's cell count (``cells``; at most
+    64 x 1024 with the default side) or times 256 * 32 * 32 (the hash block's scaling), whichever is more.
+    True up to about 1.3e8 pixels."""
+    return 255.0 * h * w * max(cells, _CELL_BOUND) < _EXACT
 
 
 def _integral(gray: np.ndarray) -> np.ndarray:
@@ -277,8 +278,8 @@ def _grid_sums(gray: np.ndarray, grids: tuple[tuple[int, int], ...]) -> tuple[fl
     grids, one multiplication by their weights, then per grid three additions and a 2-D difference (at
     these sizes the per-call overhead of numpy, not the arithmetic, is what costs). The equal of
     ``_box_sums`` value for value when ``_float_exact`` holds: every intermediate is an integer below 2**53,
-    and float64 adds and multiplies such integers exactly, in any order. The integral image and the gathers live in the
-    thread's ``_Workspace``; the returned grids are fresh arrays."""
+    and float64 adds and multiplies such integers exactly, in any order. The integral image and the
+    gathers live in the thread's ``_Workspace``; the returned grids are fresh arrays."""
     cv2 = _cv2()
     h, w = gray.shape
     # int32 where no sum can overflow it (~8.4 million pixels): half the integral's cost of float64 there.
@@ -442,7 +443,7 @@ def image_signals(gray: np.ndarray, side: int = SIGNAL_SIDE) -> ImageSignals:
     gray = _check_gray(gray)
     h, w = gray.shape
     oh, ow = signal_size(h, w, side)
-    if h >= oh and w >= ow and h >= HASH_SIDE and w >= HASH_SIDE and _float_exact(h, w):
+    if h >= oh and w >= ow and h >= HASH_SIDE and w >= HASH_SIDE and _float_exact(h, w, oh * ow):
         if oh % HASH_SIDE == 0 and ow % HASH_SIDE == 0:  # the hash's grid is part of the copy's: add its cells up
             total, (cells,) = _grid_sums(gray, ((oh, ow),))
             sums = _cell_sums(cells, oh // HASH_SIDE, ow // HASH_SIDE)
