@@ -25,11 +25,16 @@ import pyarrow.dataset as ds
 from imgfeat.metadata import storage
 from imgfeat.metadata.contracts import shards
 from imgfeat.metadata.contracts.schema import STATUS_OK, manifest_path, read_manifest
-from imgfeat.metadata.contracts.shard_index import read_shard_index
+from imgfeat.metadata.contracts.shard_index import read_dataset_shard_index
+from imgfeat.metadata.contracts.tiles import TILE_SCHEMA, tiles_path
 
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ["image_id", "path", "label", "label_index", "split", "format", "width", "height", "status", "shard"]
+TILE_KEY = "tile_id"
+TILE_OF = "tile_of"
+"""Tile rows as featurize reads them: ``tile_id`` renamed ``image_id`` (the key of every feature shard) and
+the tile's own ``image_id`` renamed ``tile_of``; the box columns (``level, x, y, width, height``) stay."""
 
 _fallback_logged = False
 
@@ -95,10 +100,22 @@ def catalog_from_index(index: pa.Table) -> dict[int, ShardEntry]:
     return {int(s): ShardEntry(int(s), int(n), str(m), tuple(f or ())) for s, n, m, f in zip(*cols)}
 
 
-def catalog_from_rows(manifest: str, split: str | None = None) -> dict[int, ShardEntry]:
-    """The catalog computed from the manifest's ``shard`` and ``image_id`` columns (O(rows): manifests
+def _key(tiles: bool) -> str:
+    return TILE_KEY if tiles else "image_id"
+
+
+def _read_rows(manifest: str, columns: list[str], expr: pc.Expression, tiles: bool) -> pa.Table:
+    """Rows of the manifest (a Delta one through its log) or of its tile table ``OUT/tiles/``."""
+    if not tiles:
+        return read_manifest(manifest, columns=columns, filters=expr)
+    return _dataset(manifest, None, tiles).to_table(columns=columns, filter=expr)
+
+
+def catalog_from_rows(manifest: str, split: str | None = None, tiles: bool = False) -> dict[int, ShardEntry]:
+    """The catalog computed from the manifest's (or tile table's) ``shard`` and id columns (O(rows): tables
     without a shard index, and ``--split``)."""
-    table = read_manifest(manifest, columns=["shard", "image_id"], filters=_usable(split))
+    key = _key(tiles)
+    table = _read_rows(manifest, ["shard", key], _usable(split), tiles).rename_columns(["shard", "image_id"])
     if table.num_rows == 0:
         raise ValueError(f"--manifest {manifest}: no usable rows (status ok with a shard)")
     table = table.sort_by([("shard", "ascending"), ("image_id", "ascending")])
@@ -108,11 +125,11 @@ def catalog_from_rows(manifest: str, split: str | None = None) -> dict[int, Shar
     return out
 
 
-def shard_catalog(manifest: str, split: str | None = None) -> dict[int, ShardEntry]:
-    """Every usable shard of the manifest at ``manifest``: from its shard index when it has a valid one
-    (O(shards)), else from its ``shard`` and ``image_id`` columns (said once in the log)."""
+def shard_catalog(manifest: str, split: str | None = None, tiles: bool = False) -> dict[int, ShardEntry]:
+    """Every usable shard of the manifest at ``manifest`` (``tiles``: of its tile table): from its shard index
+    when it has a valid one (O(shards)), else from its ``shard`` and id columns (said once in the log)."""
     global _fallback_logged
-    index = read_shard_index(manifest) if split is None else None
+    index = read_dataset_shard_index(_root(manifest, tiles)) if split is None else None
     if index is not None:
         catalog = catalog_from_index(index)
         if not catalog:
@@ -122,7 +139,7 @@ def shard_catalog(manifest: str, split: str | None = None) -> dict[int, ShardEnt
         _fallback_logged = True
         why = f"--split {split} (the index covers every split)" if split else "the manifest has no valid shard index"
         log.info("%s: listing shards from the manifest's shard and image_id columns (every row, on rank 0)", why)
-    return catalog_from_rows(manifest, split)
+    return catalog_from_rows(manifest, split, tiles)
 
 
 def _groups(table: pa.Table) -> list[tuple[int, pa.Table]]:
@@ -158,20 +175,26 @@ def shard_filter(wanted: Sequence[int]) -> pc.Expression:
     return field.isin(ordered) & any_range
 
 
-def _manifest_dataset(manifest: str, files: Sequence[str] | None) -> ds.Dataset:
-    """The manifest dataset, or only its data ``files`` (relative to the manifest folder)."""
-    root = manifest_path(manifest)
+def _root(manifest: str, tiles: bool) -> str:
+    return tiles_path(manifest) if tiles else manifest_path(manifest)
+
+
+def _dataset(manifest: str, files: Sequence[str] | None, tiles: bool = False) -> ds.Dataset:
+    """The manifest dataset (``tiles``: the tile table), or only its data ``files`` (relative to its folder)."""
+    root = _root(manifest, tiles)
     fs, path = fsspec.core.url_to_fs(root)
     if files is None:
         if not fs.exists(path):
-            raise ValueError(f"--manifest {manifest}: no manifest at {root}; run `imgfeat manifest` first")
+            what = "tile table" if tiles else "manifest"
+            hint = "run `imgfeat manifest` with [tiles] enabled = true" if tiles else "run `imgfeat manifest` first"
+            raise ValueError(f"--manifest {manifest}: no {what} at {root}; {hint}")
         return ds.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True, ignore_prefixes=["_", "."])
     paths = [fsspec.core.url_to_fs(storage.join(root, f))[1] for f in files]
     return ds.dataset(paths, filesystem=fs, format="parquet")
 
 
 def read_shard_rows(manifest: str, wanted: Sequence[int], split: str | None = None,
-                    catalog: ShardCatalog | None = None) -> dict[int, ShardWork]:
+                    catalog: ShardCatalog | None = None, tiles: bool = False) -> dict[int, ShardWork]:
     """The usable rows of the shards ``wanted`` only, grouped by shard, each sorted by image_id.
 
     A pyarrow scan filtered by :func:`shard_filter` (Parquet row-group statistics skip the rest on a manifest
@@ -184,9 +207,13 @@ def read_shard_rows(manifest: str, wanted: Sequence[int], split: str | None = No
     files: list[str] | None = None
     if catalog is not None and all(s in catalog and catalog[s].files for s in wanted):
         files = sorted({f for s in wanted for f in catalog[s].files})
-    dataset = _manifest_dataset(manifest, files)
-    columns = [c for c in MANIFEST_COLUMNS if c in dataset.schema.names]
+    dataset = _dataset(manifest, files, tiles)
+    wanted_columns = TILE_SCHEMA.names if tiles else MANIFEST_COLUMNS
+    columns = [c for c in wanted_columns if c in dataset.schema.names]
     table = dataset.to_table(columns=columns, filter=shard_filter(wanted) & _usable(split))
+    if tiles:
+        renamed = {"image_id": TILE_OF, TILE_KEY: "image_id"}
+        table = table.rename_columns([renamed.get(c, c) for c in table.column_names])
     table = table.sort_by([("shard", "ascending"), ("image_id", "ascending")])
     out = {s: ShardWork(s, part) for s, part in _groups(table)}
     missing = [s for s in wanted if s not in out]
@@ -205,10 +232,10 @@ def read_shard_rows(manifest: str, wanted: Sequence[int], split: str | None = No
     return out
 
 
-def manifest_shards(manifest: str, split: str | None = None) -> dict[int, ShardWork]:
-    """Every usable shard's rows (the whole manifest: small manifests, tools and tests)."""
-    catalog = shard_catalog(manifest, split)
-    return read_shard_rows(manifest, list(catalog), split, catalog)
+def manifest_shards(manifest: str, split: str | None = None, tiles: bool = False) -> dict[int, ShardWork]:
+    """Every usable shard's rows (the whole manifest or tile table: small ones, tools and tests)."""
+    catalog = shard_catalog(manifest, split, tiles)
+    return read_shard_rows(manifest, list(catalog), split, catalog, tiles)
 
 
 def shard_is_done(folder: str, entry: ShardEntry, fingerprint: str, marker: Mapping[str, Any] | None,

@@ -34,6 +34,7 @@ from imgfeat.metadata.config import Config
 from imgfeat.metadata.contracts import feature_store, hooks, shards
 from imgfeat.preprocess.dataset import Batch, ManifestDataset
 from imgfeat.preprocess.loader import iter_batches_contained
+from imgfeat.preprocess.tile_dataset import TileDataset
 from imgfeat.preprocess.transforms import BatchNormalizer
 
 # The shard loop's messages keep the logger name they had before it moved out of ``runner``.
@@ -308,6 +309,8 @@ class ShardComputer:
 
     def make_dataset(self, rows: pa.Table, decode: str | None = None) -> ManifestDataset:
         """The dataset over ``rows`` for ``decode`` (default this computer's): ``RawBytesDataset`` for ``gpu``."""
+        if "tile_of" in rows.column_names:  # tile rows: boxes read from their images, always on the CPU
+            return TileDataset(rows, self.cfg.preprocess, limits=self.cfg.decode)
         if (decode or self.decode) == "gpu":
             return RawBytesDataset(rows, self.cfg.preprocess, limits=self.cfg.decode)
         return ManifestDataset(rows, self.cfg.preprocess, limits=self.cfg.decode)

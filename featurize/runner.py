@@ -72,8 +72,10 @@ def probe_batch(cfg: Config, model: torch.nn.Module, device: torch.device, ctx: 
         torch._dynamo.reset()
 
 
-def run_featurize(cfg: Config, manifest: str, out: str, split: str | None = None) -> dict[str, Any] | None:
-    """Featurize the manifest at ``manifest`` into ``out`` on this rank; returns the summary on rank 0."""
+def run_featurize(cfg: Config, manifest: str, out: str, split: str | None = None,
+                  tiles: bool = False) -> dict[str, Any] | None:
+    """Featurize the manifest at ``manifest`` (``tiles``: its tile table, one feature row per tile, keyed by
+    ``tile_id``) into ``out`` on this rank; returns the summary on rank 0."""
     t_start = time.perf_counter()
     ctx = init_distributed()
     hooks.install_from_env(ctx.rank)  # the test hook (IMGFEAT_HOOK); nothing without it
@@ -83,12 +85,13 @@ def run_featurize(cfg: Config, manifest: str, out: str, split: str | None = None
             torch.cuda.set_device(device)
         threads = set_threads(ctx, device)
         stats = RankStats(rank=ctx.rank, threads=threads, device=str(device))
-        decode = resolve_decode_device(cfg.featurize.decode_device, device, cfg.preprocess)
+        # Tiles are boxes read from their images on the CPU (region reads), never whole files on the GPU.
+        decode = "cpu" if tiles else resolve_decode_device(cfg.featurize.decode_device, device, cfg.preprocess)
         catalog: dict[int, assign_mod.ShardEntry] | None = None
         catalog_error = ""
         if ctx.is_main:
             try:
-                catalog = assign_mod.shard_catalog(manifest, split=split)
+                catalog = assign_mod.shard_catalog(manifest, split=split, tiles=tiles)
             except ValueError as exc:
                 if ctx.world_size == 1:
                     raise
@@ -97,6 +100,8 @@ def run_featurize(cfg: Config, manifest: str, out: str, split: str | None = None
         if cfg.featurize.batch_probe:
             probe_batch(cfg, model, device, ctx, stats)
         fields = fp_mod.run_fingerprint(cfg, info)
+        if tiles:  # a folder of tile features is never taken for one of image features, nor the reverse
+            fields["rows"] = "tiles"
         digest = fp_mod.digest(fields)
         digests = ctx.all_gather(digest)
         if len(set(digests)) > 1:
@@ -118,7 +123,7 @@ def run_featurize(cfg: Config, manifest: str, out: str, split: str | None = None
             raise ValueError(error)
         pending = claimed
         mine = assign_mod.assign(pending, ctx.rank, ctx.world_size)
-        work = assign_mod.read_shard_rows(manifest, mine, split=split, catalog=catalog)
+        work = assign_mod.read_shard_rows(manifest, mine, split=split, catalog=catalog, tiles=tiles)
         log.info("rank %d: %d of %d pending shards (%d in the manifest), %d threads, %s",
                  ctx.rank, len(mine), len(pending), len(catalog), threads, device)
         progress: Progress | None = None

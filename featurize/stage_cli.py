@@ -39,6 +39,9 @@ def add_featurize_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", required=True, metavar="OUT", help="the manifest folder (imgfeat manifest --out)")
     parser.add_argument("--out", required=True, metavar="FEAT", help="feature folder (local path or s3://...)")
     parser.add_argument("--split", default=None, help="featurize only this split (default: every row)")
+    parser.add_argument("--tiles", action="store_true",
+                        help="featurize the tile table OUT/tiles/ (one row per tile, keyed by tile_id) instead of "
+                             "the whole images")
     add_config_flags(parser.add_argument_group("model"), MODEL_FLAGS)
     g = parser.add_argument_group("speed")
     add_config_flags(g, SPEED_FLAGS)
@@ -68,8 +71,11 @@ def run(args: argparse.Namespace) -> int:
     from imgfeat.metadata.contracts.schema import read_summary
 
     cfg = config_from_args(args)
-    read_summary(args.manifest)  # a clear error before the model loads when there is no manifest
-    run_featurize(cfg, args.manifest, args.out, split=args.split)
+    summary = read_summary(args.manifest)  # a clear error before the model loads when there is no manifest
+    if args.tiles and not (summary.get("tiles") or {}).get("tiles"):
+        raise ValueError(f"--tiles: the manifest at {args.manifest} has no tiles (run `imgfeat manifest` with "
+                         "[tiles] enabled = true on images with a side >= tiles.min_side)")
+    run_featurize(cfg, args.manifest, args.out, split=args.split, tiles=args.tiles)
     return 0
 
 

@@ -1,7 +1,8 @@
 """The run report: ``RUN/report.json`` (machine-readable) and ``RUN/report.html`` (static, no server).
 
-Built from what the stages left in the run folder: ``run.json``, the manifest, featurize and pca
-summaries, the PCA plots, and thumbnails of flagged files (embedded, so the page is one file).
+Built from what the stages left in the run folder: ``run.json``, the manifest, featurize, pca and
+neighbours summaries, the PCA plots, and thumbnails of flagged files and example pairs (embedded, so the
+page is one file).
 """
 from __future__ import annotations
 
@@ -21,11 +22,14 @@ from imgfeat.metadata.config import Config
 from imgfeat.metadata.contracts.pca_files import PCA_SUMMARY
 from imgfeat.metadata.contracts.schema import STATUS_CODES, SUMMARY_FILE, read_manifest
 from imgfeat.metadata.contracts.shards import FEATURES_SUMMARY
+from imgfeat.metadata.neighbors.files import NEIGHBORS_SUMMARY
 from imgfeat.metadata.storage import join, read_json, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 THUMBS = 24
+NEIGHBOUR_PAIRS_PER_KIND = 2
+"""Example pairs with thumbnails in the Neighbours section, per kind (across splits, across labels, near duplicates)."""
 _PACKAGES = ("imgfeat", "torch", "torchvision", "pyspark", "opencv-python-headless", "numpy", "pyarrow", "h5py")
 
 
@@ -112,12 +116,27 @@ def _quality_tiles(manifest: dict | None) -> dict[str, list[dict[str, Any]]]:
     return {k: v for k, v in tiles.items() if v}
 
 
+def _neighbour_pairs(nb: dict[str, Any] | None, per_kind: int = NEIGHBOUR_PAIRS_PER_KIND) -> list[dict[str, Any]]:
+    """Thumbnails of a few of the neighbours summary's example pairs: ``per_kind`` each of the pairs across
+    splits, across labels and the other near duplicates, each pair once, both images with a manifest row."""
+    picked: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+    for kind in ("cross_split", "cross_label", "near_duplicates"):
+        fresh = [x for x in ((nb or {}).get(kind) or {}).get("examples", [])
+                 if x.get("path") and x.get("neighbor_path") and (x["image_id"], x["neighbor_id"]) not in seen]
+        for x in fresh[:per_kind]:
+            seen.add((x["image_id"], x["neighbor_id"]))
+            picked.append(dict(x, kind=kind, thumb=thumbnail(x["path"]), neighbor_thumb=thumbnail(x["neighbor_path"])))
+    return picked
+
+
 def build_report(run: str, cfg: Config | None = None) -> dict[str, Any]:
     """Collect everything the report shows into one JSON-able dict."""
     state = read_json(join(run, RUN_STATE)) or {}
     manifest = read_json(join(run, SUMMARY_FILE))
     feats = read_json(join(run_paths(run)["features"], FEATURES_SUMMARY))
     pca = read_json(join(run_paths(run)["pca"], PCA_SUMMARY))
+    neighbors = read_json(join(run_paths(run)["neighbors"], NEIGHBORS_SUMMARY))
     stage_s = {k: v.get("seconds") for k, v in state.get("stages", {}).items()}
     report: dict[str, Any] = {
         "run": run,
@@ -135,6 +154,7 @@ def build_report(run: str, cfg: Config | None = None) -> dict[str, Any]:
         "manifest": manifest,
         "featurize": feats,
         "pca": pca,
+        "neighbors": neighbors,
     }
     if feats:
         t = feats.get("this_run", {})
@@ -213,7 +233,8 @@ def write_report(run: str, cfg: Config | None = None) -> dict[str, Any]:
             plots[url.rsplit("/", 1)[-1]] = base64.b64encode(_read_bytes(url)).decode()
         except OSError:
             log.warning("report: plot %s is missing", url)
-    write_bytes_atomic(join(run, REPORT_HTML), render_html(report, flagged, plots, _quality_tiles(report["manifest"])).encode())
+    page = render_html(report, flagged, plots, _quality_tiles(report["manifest"]), _neighbour_pairs(report["neighbors"]))
+    write_bytes_atomic(join(run, REPORT_HTML), page.encode())
     log.info("report: %s", join(run, REPORT_HTML))
     return report
 
@@ -226,6 +247,7 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}.bar{background:#4a7bd0;
 .ok{color:#1a7f37}.bad{color:#b42318}.thumbs{display:flex;flex-wrap:wrap;gap:.8rem}
 .thumb{width:150px;font-size:.75rem;word-break:break-all}.thumb img{width:96px;height:96px;object-fit:contain;background:#eee}
 .plots img{max-width:48%;margin-right:1%}code{background:#f4f4f4;padding:0 .2rem}.muted{color:#666}
+.pair{display:flex;gap:.3rem;border:1px solid #ddd;padding:.3rem}
 """
 
 
@@ -246,6 +268,11 @@ def _tile(thumb: str, caption: str, muted: str) -> str:
             f"<div>{caption}</div><div class='muted'>{_e(muted)}</div></div>")
 
 
+def _pair(left: tuple[str, str, str], right: tuple[str, str, str]) -> str:
+    """Two images side by side in one box: (thumbnail, caption HTML, path) each."""
+    return f"<div class='pair'>{_tile(*left)}{_tile(*right)}</div>"
+
+
 def _quality_section(m: dict[str, Any], tiles: dict[str, list[dict[str, Any]]]) -> str:
     """Near-duplicates, leaks across splits, label conflicts and quality outliers, with thumbnails."""
     near, conflicts, quality = m.get("near_duplicates"), m.get("label_conflicts") or {}, m.get("quality")
@@ -259,8 +286,8 @@ def _quality_section(m: dict[str, Any], tiles: dict[str, list[dict[str, Any]]]) 
                    "representative's (a leak in the folder splits).</p>")
         for key, title in (("leaks", "Leaks across splits"), ("pairs", "Near-duplicate pairs (examples)")):
             pairs = "".join(
-                _tile(x["thumb"], f"<b>{_e(x.get('split', 'member'))}</b>", x["path"])
-                + _tile(x["rep_thumb"], f"<b>{_e(x.get('representative_split', 'representative'))}</b>", x["near_duplicate_of"])
+                _pair((x["thumb"], f"<b>{_e(x.get('split', 'member'))}</b>", x["path"]),
+                      (x["rep_thumb"], f"<b>{_e(x.get('representative_split', 'representative'))}</b>", x["near_duplicate_of"]))
                 for x in tiles.get(key, []))
             if pairs:
                 out.append(f"<h3>{title}</h3><div class='thumbs'>{pairs}</div>")
@@ -279,8 +306,39 @@ def _quality_section(m: dict[str, Any], tiles: dict[str, list[dict[str, Any]]]) 
     return "".join(out)
 
 
+_PAIR_KINDS = {"near_duplicates": "near duplicate", "cross_split": "across splits", "cross_label": "across labels"}
+
+
+def _neighbours_section(nb: dict[str, Any] | None, pairs: list[dict[str, Any]]) -> str:
+    """Pair counts of the neighbours summary (near duplicates, across splits, across labels) and example pairs."""
+    if not nb:
+        return ""
+    near, xs, xl = nb["near_duplicates"], nb["cross_split"], nb["cross_label"]
+    out = [f"<h2 id='neighbours'>Neighbours</h2><p>Each image's {nb['k']} nearest neighbours by cosine among "
+           f"{nb['rows']['vectors']:,} {_e(nb['source'])} vectors ({nb['dim']} dims). Pairs at cosine &ge; "
+           f"{near['min_cosine']}: <b>{near['pairs']:,}</b> semantic near duplicate(s), of which "
+           f"<b>{xs['pairs']:,}</b> across splits (leaks) and <b>{xl['pairs']:,}</b> across labels "
+           "(probable label errors).</p>",
+           _table(["pairs", "count"], [["near duplicates", near["pairs"]], ["across splits", xs["pairs"]],
+                                       ["across labels", xl["pairs"]]])]
+    if xs.get("by_splits"):
+        out.append(_table(["splits", "pairs"], [[_e(k), v] for k, v in xs["by_splits"].items()]))
+    if xl.get("label_pairs"):
+        out.append(_table(["labels", "pairs"], [[_e(" / ".join(map(str, lp["labels"]))), lp["pairs"]]
+                                                for lp in xl["label_pairs"]]))
+    tiles = "".join(_pair((x["thumb"], f"<b>{_e(_PAIR_KINDS[x['kind']])}</b>, cosine {x['cosine']:.3f}<br>"
+                                       f"{_e(x.get('split'))}, {_e(x.get('label'))}", x["path"]),
+                          (x["neighbor_thumb"], f"<br>{_e(x.get('neighbor_split'))}, {_e(x.get('neighbor_label'))}",
+                           x["neighbor_path"]))
+                    for x in pairs)
+    if tiles:
+        out.append(f"<h3>Example pairs</h3><div class='thumbs'>{tiles}</div>")
+    return "".join(out)
+
+
 def render_html(report: dict[str, Any], flagged: list[dict[str, Any]], plots: dict[str, str],
-                quality_tiles: dict[str, list[dict[str, Any]]] | None = None) -> str:
+                quality_tiles: dict[str, list[dict[str, Any]]] | None = None,
+                neighbour_pairs: list[dict[str, Any]] | None = None) -> str:
     """The static page: every figure is inline, nothing is fetched."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>imgfeat run report</title><style>{_CSS}</style>"
              "</head><body>", f"<h1>imgfeat run report</h1><p class='muted'>{_e(report['run'])} &middot; {_e(report['created_at'])}</p>"]
@@ -353,6 +411,7 @@ def render_html(report: dict[str, Any], flagged: list[dict[str, Any]], plots: di
         imgs = "".join(f"<img alt='{_e(n)}' src='data:image/png;base64,{b}'>" for n, b in plots.items())
         parts.append(f"<h2 id='pca'>PCA</h2><p>{p['dim']} &rarr; {p['k']} dimensions, fit on {p['fit_rows']:,} rows "
                      f"(split {_e(p.get('fit_split') or 'all')}), {p['output_rows']:,} rows projected.</p><div class='plots'>{imgs}</div>")
+    parts.append(_neighbours_section(report.get("neighbors"), neighbour_pairs or []))
     fp = report.get("fingerprints", {})
     parts.append("<h2 id='versions'>Fingerprints and versions</h2>"
                  + _table(["what", "value"], [[_e(k), f"<code>{_e(v)}</code>"] for k, v in {**fp, **report['versions']}.items()]))

@@ -1,9 +1,10 @@
-"""``imgfeat run``: manifest -> (prep) -> featurize -> pca -> report in one run folder, resuming.
+"""``imgfeat run``: manifest -> (prep) -> featurize -> pca -> (neighbors) -> report in one run folder, resuming.
 
 Layout of RUN: ``manifest/`` + ``manifest_summary.json`` (manifest stage), ``prep/``, ``features/``,
-``pca/``, ``report.html`` + ``report.json``, ``run.json`` (what each stage ran on and how long it took)
-and ``config.resolved.toml``. A stage whose inputs and config did not change since it completed is
-skipped; featurize and prep always resume shard by shard.
+``pca/``, ``neighbors/`` (``[neighbors] enabled``: after pca, on its reduced vectors), ``report.html`` +
+``report.json``, ``run.json`` (what each stage ran on and how long it took) and ``config.resolved.toml``.
+A stage whose inputs and config did not change since it completed is skipped; featurize and prep always
+resume shard by shard.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from imgfeat.metadata.config import Config, dump_toml
 from imgfeat.metadata.contracts.pca_files import PCA_SUMMARY
 from imgfeat.metadata.contracts.schema import CONFIG_FILE, SUMMARY_FILE
 from imgfeat.metadata.contracts.shards import FEATURES_SUMMARY
+from imgfeat.metadata.neighbors.files import NEIGHBORS_SUMMARY
 from imgfeat.metadata.storage import canonical_digest, join, read_json, write_bytes_atomic, write_json_atomic
 from imgfeat.preflight import preflight_run
 from imgfeat.stale_features import (
@@ -47,6 +49,8 @@ def run_pipeline(cfg: Config, out: str | None = None, sources: list[str] | None 
         raise ValueError("run.out (or --out) is required: the folder the run is written to")
     if "manifest" in cfg.run.stages and not srcs:
         raise ValueError("run.sources (or SRC arguments) is required for the manifest stage")
+    if cfg.neighbors.enabled and "pca" not in cfg.run.stages and not read_json(join(run_paths(run_dir)["pca"], PCA_SUMMARY)):
+        raise ValueError("neighbors.enabled: the neighbours stage reads the pca output; add pca to run.stages")
     preflight_run(cfg, run_dir, srcs)  # sources, run folder, weights: before any Spark or torch work
     paths = run_paths(run_dir)
     state = read_json(join(run_dir, RUN_STATE)) or {"stages": {}}
@@ -64,7 +68,7 @@ def run_pipeline(cfg: Config, out: str | None = None, sources: list[str] | None 
     def done(stage: str, digest: str) -> bool:
         return not force and state["stages"].get(stage, {}).get("digest") == digest
 
-    for stage in cfg.run.stages:
+    for stage in [*cfg.run.stages, *(["neighbors"] if cfg.neighbors.enabled else [])]:
         t = time.perf_counter()
         if stage == "manifest":
             from imgfeat.metadata.manifest.job import run_manifest
@@ -141,11 +145,31 @@ def run_pipeline(cfg: Config, out: str | None = None, sources: list[str] | None 
             # A refit, not a projection with the previous model: see README, `imgfeat run`.
             run_pca(cfg, paths["manifest"], paths["features"], paths["pca"], master=master)
             record(stage, digest, time.perf_counter() - t, False)
+        elif stage == "neighbors":
+            # The pca record's digest names the reduced vectors (manifest version, features, pca config).
+            pca_summary = read_json(join(paths["pca"], PCA_SUMMARY)) or {}
+            digest = _digest(cfg.fingerprint("neighbors"), state["stages"].get("pca", {}).get("digest"),
+                             pca_summary.get("output_rows"))
+            previous = read_json(join(paths["neighbors"], NEIGHBORS_SUMMARY))
+            if done(stage, digest) and previous:
+                log.info("neighbors: up to date (same pca output and config), skipped")
+                record(stage, digest, time.perf_counter() - t, True, **_pair_counts(previous))
+                continue
+            from imgfeat.metadata.neighbors.job import NeighborParams, run_neighbors
+
+            summary = run_neighbors(cfg, paths["manifest"], paths["pca"], paths["neighbors"],
+                                    NeighborParams.from_config(cfg.neighbors), master=master)
+            record(stage, digest, time.perf_counter() - t, False, **_pair_counts(summary))
     state["total_s"] = round(time.perf_counter() - t_run, 3)
     write_json_atomic(join(run_dir, RUN_STATE), state)
     from imgfeat.report import write_report
 
     return write_report(run_dir, cfg)
+
+
+def _pair_counts(summary: dict[str, Any]) -> dict[str, int]:
+    """The neighbours summary's pair counts, for run.json."""
+    return {f"{kind}_pairs": int(summary[kind]["pairs"]) for kind in ("near_duplicates", "cross_split", "cross_label")}
 
 
 def _manifest_identity(summary: dict[str, Any] | None) -> str:

@@ -50,6 +50,10 @@ def run_command(args: argparse.Namespace) -> int:
     if acc:
         print(f"files: {acc['manifest_rows']}, flagged in manifest: {acc['flagged_in_manifest']}, "
               f"feature rows: {acc.get('feature_rows')}, featurize rejects: {acc.get('featurize_rejects')}")
+    nb = report.get("neighbors")
+    if nb:
+        print(f"neighbour pairs at cosine >= {nb['min_cosine']}: {nb['near_duplicates']['pairs']}, across splits: "
+              f"{nb['cross_split']['pairs']}, across labels: {nb['cross_label']['pairs']}")
     weights = ((report.get("featurize") or {}).get("model") or {}).get("weights")
     if weights:
         print(f"weights used: {weights}")
@@ -58,7 +62,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("run", help="manifest -> featurize -> pca (and prep) into one run folder, with a report",
+    p = subparsers.add_parser("run", help="manifest -> featurize -> pca (and prep, neighbors) into one run folder, with a report",
                               description="Run the configured stages into one run folder, resuming what is complete.")
     add_run_arguments(p)
     p.set_defaults(func=run_command)

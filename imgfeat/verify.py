@@ -2,7 +2,9 @@
 
 For every manifest shard: a committed feature shard whose files match its marker, whose ids plus
 rejected ids are exactly the manifest's ok rows of that shard, with no id twice. In total: manifest
-rows = feature rows + rejected rows + rows flagged by the manifest. The first discrepancy is named.
+rows = feature rows + rejected rows + rows flagged by the manifest + tiled images (whose features are
+their tiles'). With ``--tiles``, the same for the tile table ``OUT/tiles/`` and a folder of tile features
+(keyed by ``tile_id``): tile rows = feature rows + rejected tiles. The first discrepancy is named.
 """
 from __future__ import annotations
 
@@ -11,11 +13,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
+import pyarrow as pa
+
 from imgfeat.layout import run_paths
 from imgfeat.metadata import storage
 from imgfeat.metadata.cli_common import add_common_args
 from imgfeat.metadata.contracts import feature_store, shards
 from imgfeat.metadata.contracts.schema import read_manifest, read_summary
+from imgfeat.metadata.contracts.tiles import tiles_path
 
 
 @dataclass
@@ -27,6 +33,7 @@ class Verification:
     feature_rows: int = 0
     rejected: int = 0
     shards_checked: int = 0
+    tiled: int = 0
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -34,18 +41,45 @@ class Verification:
         return not self.problems
 
 
-def verify_run(manifest: str, features: str, checksums: bool = True) -> Verification:
-    """Check the feature folder ``features`` against the manifest at ``manifest``."""
-    v = Verification()
-    table = read_manifest(manifest, columns=["image_id", "status", "shard"])
-    v.manifest_rows = table.num_rows
+def _rows(manifest: str, tiles: bool) -> tuple[pa.Table, int | None]:
+    """``image_id, status, shard, tiles`` of every manifest row (``tiles``: every tile row, its ``tile_id`` as
+    ``image_id``), and the row count the summary promises."""
     summary = read_summary(manifest)
-    if summary.get("total") != table.num_rows:
-        v.problems.append(f"manifest: summary says {summary.get('total')} rows, the Parquet has {table.num_rows}")
+    if not tiles:
+        try:
+            table = read_manifest(manifest, columns=["image_id", "status", "shard", "tiles"])
+        except (KeyError, pa.ArrowInvalid):  # a manifest written before the tiles column
+            table = read_manifest(manifest, columns=["image_id", "status", "shard"])
+            table = table.append_column("tiles", pa.nulls(table.num_rows, pa.int32()))
+        return table, summary.get("total")
+    import pyarrow.dataset as ds
+
+    url = tiles_path(manifest)
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        raise ValueError(f"--tiles: no tile table at {url}")
+    table = ds.dataset(path, filesystem=fs, format="parquet", ignore_prefixes=["_", "."]).to_table(
+        columns=["tile_id", "status", "shard"])
+    table = table.rename_columns(["image_id", "status", "shard"]).append_column("tiles", pa.nulls(table.num_rows, pa.int32()))
+    return table, (summary.get("tiles") or {}).get("tiles")
+
+
+def verify_run(manifest: str, features: str, checksums: bool = True, tiles: bool = False) -> Verification:
+    """Check the feature folder ``features`` against the manifest at ``manifest`` (``tiles``: a folder of tile
+    features against its tile table)."""
+    v = Verification()
+    table, promised = _rows(manifest, tiles)
+    v.manifest_rows = table.num_rows
+    if promised != table.num_rows:
+        what = "tile table" if tiles else "manifest"
+        v.problems.append(f"{what}: summary says {promised} rows, the Parquet has {table.num_rows}")
     expected: dict[int, set[str]] = {}
-    for image_id, status, shard in zip(*(table.column(c).to_pylist() for c in ("image_id", "status", "shard"))):
-        if status == "ok":
+    cols = (table.column(c).to_pylist() for c in ("image_id", "status", "shard", "tiles"))
+    for image_id, status, shard, n_tiles in zip(*cols):
+        if status == "ok" and shard is not None:
             expected.setdefault(int(shard), set()).add(image_id)
+        elif status == "ok" and n_tiles is not None:
+            v.tiled += 1
         else:
             v.flagged += 1
     markers = shards.list_markers(features)
@@ -85,9 +119,9 @@ def verify_run(manifest: str, features: str, checksums: bool = True) -> Verifica
     dups = [i for i, n in seen.items() if n > 1]
     if dups:
         v.problems.append(f"image_id {dups[0]} appears {seen[dups[0]]} times ({len(dups)} ids repeated)")
-    if v.feature_rows + v.rejected + v.flagged != v.manifest_rows and not v.problems:
+    if v.feature_rows + v.rejected + v.flagged + v.tiled != v.manifest_rows and not v.problems:
         v.problems.append(f"total: {v.feature_rows} features + {v.rejected} rejects + {v.flagged} flagged "
-                          f"!= {v.manifest_rows} manifest rows")
+                          f"+ {v.tiled} tiled != {v.manifest_rows} manifest rows")
     return v
 
 
@@ -96,6 +130,8 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", metavar="OUT", help="manifest folder (default: RUN)")
     parser.add_argument("--features", metavar="FEAT", help="feature folder (default: RUN/features)")
     parser.add_argument("--no-checksums", action="store_true", help="check sizes only, not sha256")
+    parser.add_argument("--tiles", action="store_true",
+                        help="check tile features (FEAT from `imgfeat featurize --tiles`) against OUT/tiles/")
     add_common_args(parser)
 
 
@@ -104,9 +140,10 @@ def verify_command(args: argparse.Namespace) -> int:
     features = args.features or (run_paths(args.run)["features"] if args.run else None)
     if not manifest or not features:
         raise ValueError("give RUN, or both --manifest and --features")
-    v = verify_run(manifest, features, checksums=not args.no_checksums)
-    print(f"manifest rows {v.manifest_rows} = feature rows {v.feature_rows} + rejected {v.rejected} "
-          f"+ flagged {v.flagged}  ({v.shards_checked} shards checked)")
+    v = verify_run(manifest, features, checksums=not args.no_checksums, tiles=args.tiles)
+    tiled = f" + tiled {v.tiled}" if v.tiled else ""
+    print(f"{'tile' if args.tiles else 'manifest'} rows {v.manifest_rows} = feature rows {v.feature_rows} + rejected "
+          f"{v.rejected} + flagged {v.flagged}{tiled}  ({v.shards_checked} shards checked)")
     if v.ok:
         print("verify: OK")
         return 0

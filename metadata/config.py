@@ -42,6 +42,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "featurize.format": ("npy", "hdf5"),
     "featurize.dtype": ("float32", "float16"),
     "featurize.decode_device": ("cpu", "gpu", "auto"),
+    "tiles.edge": ("clip", "pad"),
 }
 """The allowed values of every key that takes one of a few strings (validation and command-line choices)."""
 _LEGACY_BOOL_VALUES = {"preprocess.reduced_decode": {True: "safe", False: "off"}}
@@ -329,6 +330,78 @@ class PcaConfig:
 
 
 @dataclass
+class TilesConfig:
+    """Very large images cut into tiles (``contracts/tiles.py``): one manifest row per file, one tile table
+    row and one feature row per tile."""
+
+    enabled: bool = False
+    """Tile images with a side >= ``min_side`` (they are ``ok`` with a ``tiles`` count and no image shard;
+    their tiles go to OUT/tiles/ and are featurized with ``imgfeat featurize --tiles``)."""
+    tile_size: int = 512
+    """Side of a tile in pixels of the chosen pyramid level (square)."""
+    overlap: float = 0.1
+    """Fraction of a tile shared with its neighbour (0 <= overlap < 1)."""
+    min_side: int = 10000
+    """Images with a width or height at or above this are tiled."""
+    level: int = 0
+    """Pyramid level of multi-resolution TIFFs to tile (0 = full resolution); a file without that level
+    gets a reason. Other formats have level 0 only."""
+    max_pixels: int = 20_000_000_000
+    """The pixel cap of a tiled image (of its chosen level), far above ``decode.max_pixels``. Tiled TIFFs are
+    read tile by tile; a format without random access (JPEG, PNG, ...) is decoded whole, once per worker, so
+    it must also fit ``decode.max_bytes`` and the worker's memory (3 bytes per pixel)."""
+    edge: str = "pad"
+    """``pad``: every tile is ``tile_size`` square, black past the image's edge; ``clip``: edge tiles are
+    cut to the image."""
+
+    def validate(self) -> None:
+        check_choices("tiles", self)
+        if self.tile_size < 16:
+            raise ValueError("tiles.tile_size must be >= 16")
+        if not 0 <= self.overlap < 1:
+            raise ValueError("tiles.overlap must be >= 0 and < 1")
+        if self.min_side < 1:
+            raise ValueError("tiles.min_side must be >= 1")
+        if self.level < 0:
+            raise ValueError("tiles.level must be >= 0")
+        if self.max_pixels < 1:
+            raise ValueError("tiles.max_pixels must be >= 1")
+
+
+@dataclass
+class NeighborsConfig:
+    """Nearest neighbours by cosine (``imgfeat neighbors``; in ``imgfeat run`` after pca when enabled)."""
+
+    enabled: bool = False
+    """``imgfeat run``: after pca, find each image's nearest neighbours among the reduced vectors (RUN/neighbors/;
+    one more Spark job) and add a Neighbours section to the report. ``imgfeat neighbors`` ignores it."""
+    k: int = 10
+    """Neighbours per image."""
+    min_cosine: float = 0.95
+    """Pairs at or above this cosine are counted as near duplicates, and as leaks when across splits or as
+    probable label errors when across labels."""
+    cells: int = 0
+    """k-means cells; 0 = about sqrt(rows), at most sample_rows / 10 and 4096."""
+    nprobe: int = 8
+    """Nearest cells each query searches (more: better recall, more work)."""
+    sample_rows: int = 20_000
+    """Rows collected to the driver to fit the cells (never more than 256 MiB of them)."""
+    block_rows: int = 0
+    """Base rows a search task holds at once, bigger cells are split; 0 = 128 MiB of vectors, at most 65,536."""
+    seed: int = 0
+    """Seed of the sample and of k-means."""
+
+    def validate(self) -> None:
+        for name, low in (("k", 1), ("cells", 0), ("nprobe", 1), ("sample_rows", 1), ("block_rows", 0), ("seed", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"neighbors.{name} must be >= {low}, got {getattr(self, name)}")
+        if self.cells > 4096:
+            raise ValueError(f"neighbors.cells must be at most 4096, got {self.cells}")
+        if not -1.0 <= self.min_cosine <= 1.0:
+            raise ValueError(f"neighbors.min_cosine must be between -1 and 1, got {self.min_cosine}")
+
+
+@dataclass
 class RunConfig:
     """The end-to-end ``imgfeat run``."""
 
@@ -361,6 +434,8 @@ class Config:
     prep: PrepConfig = field(default_factory=PrepConfig)
     featurize: FeaturizeConfig = field(default_factory=FeaturizeConfig)
     pca: PcaConfig = field(default_factory=PcaConfig)
+    neighbors: NeighborsConfig = field(default_factory=NeighborsConfig)
+    tiles: TilesConfig = field(default_factory=TilesConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> "Config":
@@ -375,10 +450,13 @@ class Config:
         """A short sha256 of the named sections (all when none are named).
 
         ``manifest`` and ``preprocess`` are hashed with the ``[decode]`` keys merged in, as they were
-        written before that section existed, so runs made then stay up to date."""
+        written before that section existed, so runs made then stay up to date; ``manifest`` with the
+        ``[tiles]`` section too when tiling is enabled."""
         data = self.to_dict()
         decode = data.pop("decode")
         chosen = {s: ({**data[s], **decode} if s in READS_DECODE else data[s]) for s in (sections or data.keys())}
+        if "manifest" in chosen and self.tiles.enabled:  # tiling changes the manifest; off, old runs stay current
+            chosen["manifest"] = {**chosen["manifest"], "tiles": data["tiles"]}
         if not sections:
             chosen["decode"] = decode
         return canonical_digest(chosen)

@@ -23,6 +23,8 @@ def add_prep_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="PREP", help="folder for the prep shards")
     add_config_flags(parser, PREP_FLAGS)
     parser.add_argument("--overwrite", action="store_true", help="remove existing shards first")
+    parser.add_argument("--tiles", action="store_true",
+                        help="export the tiles of OUT/tiles/ (each tile's box resized, keyed by tile_id) instead of images")
     parser.add_argument("--show", metavar="PREP", help="print counts of an existing prep folder instead")
     parser.add_argument("--contact-sheet", metavar="FILE", help="with --show: write a PNG grid of samples per class")
     add_common_args(parser)
@@ -49,7 +51,7 @@ def run_command(args: argparse.Namespace) -> int:
     if not args.manifest or not args.out:
         raise ValueError("prep needs --manifest OUT and --out PREP (or --show PREP)")
     cfg = build_config(args, config_overrides(args))
-    summary = run_prep(cfg, args.manifest, args.out, overwrite=args.overwrite)
+    summary = run_prep(cfg, args.manifest, args.out, overwrite=args.overwrite, tiles=args.tiles)
     log.info("prep: %d written, %d rejected of %d selected in %d shards (%d skipped as complete)",
              summary["written"], summary["rejected"], summary["selected"], summary["shards"], summary["shards_skipped"])
     print(json.dumps({k: summary[k] for k in ("selected", "written", "rejected", "shards", "shards_written",

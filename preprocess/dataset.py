@@ -115,9 +115,13 @@ class ManifestDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def decode(self, i: int) -> np.ndarray:
+        """Row ``i`` read, guarded and decoded to HxWx3 RGB uint8, before the resize; raises DecodeError."""
+        return decode_rgb(self.paths[i], self.cfg, self.size, self.policy, self.resize_shorter, self.limits)
+
     def __getitem__(self, i: int) -> Item:
         try:
-            rgb = load_rgb(self.paths[i], self.cfg, self.size, self.policy, self.resize_shorter, self.limits)
+            rgb = self._resize(self.decode(i)[None])[0]
             return torch.from_numpy(rgb).permute(2, 0, 1), i, True, ""
         except Exception as exc:  # never let one file take a worker down
             return self.empty_image(), i, False, _failure(exc)
@@ -132,7 +136,7 @@ class ManifestDataset(Dataset):
         groups: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
         for k, i in enumerate(indices):
             try:
-                rgb = decode_rgb(self.paths[i], self.cfg, self.size, self.policy, self.resize_shorter, self.limits)
+                rgb = self.decode(i)
                 if rgb.nbytes > GROUP_MAX_BYTES:
                     dst[k] = self._resize(rgb[None])[0]
                     ok[k] = True
@@ -173,14 +177,15 @@ class ManifestDataset(Dataset):
 
 def read_ok_rows(out: str, split: str | None = None, labels: Iterable[str] | None = None,
                  shards: Iterable[int] | None = None, columns: Sequence[str] | None = None) -> pa.Table:
-    """Manifest rows with status ok (and the given filters), sorted by (shard, image_id) for a stable order."""
+    """Manifest rows with status ok and a shard (tiled images have none: their tiles are the tile table's), and
+    the given filters, sorted by (shard, image_id) for a stable order."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
     from imgfeat.metadata.contracts.schema import read_manifest
 
     cols = list(columns or ("image_id", "path", "label", "label_index", "split", "shard", "width", "height"))
-    expr = pads.field("status") == "ok"
+    expr = (pads.field("status") == "ok") & pads.field("shard").is_valid()  # a tiled image's rows are its tiles
     if split:
         expr = expr & (pads.field("split") == split)
     if labels is not None:

@@ -36,6 +36,7 @@ from imgfeat.metadata.storage import canonical_digest, join, write_bytes_atomic,
 from imgfeat.preprocess.dataset import ManifestDataset, read_ok_rows
 from imgfeat.preprocess.loader import iter_batches_contained, resolve_workers
 from imgfeat.preprocess.prep_io import write_shard
+from imgfeat.preprocess.tile_dataset import TileDataset, read_tile_rows
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,14 @@ _PIXEL_KEYS = ("interpolation", "alpha", "background", "exif_orientation", "redu
 """The ``[preprocess]`` keys that change exported pixels (with every ``[decode]`` key)."""
 
 
-def prep_fingerprint(cfg: Config) -> str:
+def prep_fingerprint(cfg: Config, tiles: bool = False) -> str:
     """sha256 (16 hex) over everything that changes the pixels or the shard layout of a prep export."""
     pre = dataclasses.asdict(cfg.preprocess)
     pixels = {**{k: pre[k] for k in _PIXEL_KEYS}, **dataclasses.asdict(cfg.decode)}
-    data = {"prep": dataclasses.asdict(cfg.prep), "preprocess": pixels,
-            "code_version": PREP_CODE_VERSION}
+    data: dict[str, Any] = {"prep": dataclasses.asdict(cfg.prep), "preprocess": pixels,
+                            "code_version": PREP_CODE_VERSION}
+    if tiles:  # rows are tiles (their boxes are in their ids)
+        data["rows"] = "tiles"
     return canonical_digest(data)
 
 
@@ -72,12 +75,13 @@ def class_names(table: Any) -> list[str]:
     return [names.get(i, "") for i in range(size)]
 
 
-def run_prep(cfg: Config, manifest: str, out: str, overwrite: bool = False) -> dict[str, Any]:
-    """Export the selected ok manifest rows as prep shards under ``out``; return the summary dict."""
+def run_prep(cfg: Config, manifest: str, out: str, overwrite: bool = False, tiles: bool = False) -> dict[str, Any]:
+    """Export the selected ok manifest rows (``tiles``: the tile table's rows, each tile's box resized, keyed
+    by ``tile_id``) as prep shards under ``out``; return the summary dict."""
     cfg.validate()
     started = time.time()
     p = cfg.prep
-    table = read_ok_rows(manifest, split=p.split or None)
+    table = read_tile_rows(manifest, p.split or None) if tiles else read_ok_rows(manifest, split=p.split or None)
     if table.num_rows == 0:
         where = f" in split {p.split!r}" if p.split else ""
         raise ValueError(f"prep.split: no ok rows{where} in the manifest at {manifest}")
@@ -85,7 +89,7 @@ def run_prep(cfg: Config, manifest: str, out: str, overwrite: bool = False) -> d
     ids = table.column("image_id").to_pylist()
     n = len(ids)
     n_shards = math.ceil(n / p.rows_per_shard)
-    fingerprint = prep_fingerprint(cfg)
+    fingerprint = prep_fingerprint(cfg, tiles)
 
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(root, exist_ok=True)
@@ -145,7 +149,8 @@ def _write_shards(cfg: Config, table: Any, ids: list[str], todo: list[int], out:
                   classes: list[str]) -> None:
     p = cfg.prep
     pre = prep_preprocess_config(cfg)
-    dataset = ManifestDataset(table, pre, size=p.size, policy=p.resize_policy, resize_shorter=p.size, limits=cfg.decode)
+    kind = TileDataset if "tile_of" in table.column_names else ManifestDataset
+    dataset = kind(table, pre, size=p.size, policy=p.resize_policy, resize_shorter=p.size, limits=cfg.decode)
     n = len(dataset)
     indices = [i for k in todo for i in range(k * p.rows_per_shard, min(n, (k + 1) * p.rows_per_shard))]
     attrs = {"config": cfg.to_dict(), "fingerprint": fingerprint, "size": p.size, "resize_policy": p.resize_policy,

@@ -14,6 +14,8 @@ from imgfeat.metadata.config import Config
 from imgfeat.metadata.contracts import feature_store
 from imgfeat.metadata.neighbors import ivf
 
+from helpers import gradient_image, write_image, write_manifest
+
 pytestmark = pytest.mark.spark
 
 
@@ -256,4 +258,151 @@ def test_cli_end_to_end(spark, tmp_path, capsys) -> None:
     assert "imgfeat: error: --features" in capsys.readouterr().err
     assert main(["neighbors", "--features", data["features"], "--manifest", data["manifest"], "--out", str(out),
                  "--k", "0"]) == 2
-    assert "imgfeat: error: --k must be" in capsys.readouterr().err
+    assert "imgfeat: error: neighbors.k must be >= 1" in capsys.readouterr().err
+
+
+def test_the_config_section_holds_the_job_defaults() -> None:
+    from imgfeat.metadata.config import NeighborsConfig, load_config
+    from imgfeat.metadata.neighbors.job import NeighborParams
+
+    assert NeighborParams.from_config(NeighborsConfig()) == NeighborParams()
+    assert NeighborsConfig().enabled is False  # a Spark job more per run: opt-in
+    with pytest.raises(ValueError, match=r"neighbors\.nprobe must be >= 1"):
+        load_config(None, {"neighbors": {"nprobe": 0}})
+    with pytest.raises(ValueError, match=r"neighbors\.min_cosine"):
+        load_config(None, settings=["neighbors.min_cosine=1.5"])
+
+
+# ---- a pca output as a Delta table ----------------------------------------------------------------------------
+
+
+def _reduced_table(ids: list[str], x: np.ndarray) -> pa.Table:
+    from imgfeat.metadata.pca.project import REDUCED_SCHEMA
+
+    n = len(ids)
+    return pa.table({"image_id": ids, "path": pa.nulls(n, pa.string()), "label": pa.nulls(n, pa.string()),
+                     "label_index": pa.nulls(n, pa.int32()), "split": pa.nulls(n, pa.string()),
+                     "features_pca": pa.array(x.tolist(), pa.list_(pa.float32()))}, schema=REDUCED_SCHEMA)
+
+
+def _commit_version(table_dir: Path, tag: str, table: pa.Table) -> int:
+    """Two files of ``table`` moved into the Delta table folder and committed as its next version (as pca does)."""
+    from imgfeat.metadata.contracts import delta
+
+    table_dir.mkdir(parents=True, exist_ok=True)
+    half = table.num_rows // 2
+    names = [f"part-00000-{tag}.parquet", f"part-00001-{tag}.parquet"]
+    pq.write_table(table.slice(0, half), table_dir / names[0])
+    pq.write_table(table.slice(half), table_dir / names[1])
+    return delta.commit_files(str(table_dir), names, table.schema, {"rows": table.num_rows})
+
+
+def test_a_delta_reduced_table_is_read_through_its_log(spark, tmp_path) -> None:
+    """Version 1 drops 20 rows and changes every vector; version 0's files stay in the folder. A glob would
+    read 220 rows (ids repeated); the log gives exactly version 1's 100 rows and their neighbours."""
+    pytest.importorskip("deltalake", reason="the deltalake package is not installed (pip install -e .[test])")
+    from imgfeat.metadata.neighbors.job import NeighborParams, run_neighbors
+
+    data = planted(tmp_path)
+    ids, x = np.asarray(data["ids"]), data["x"]
+    planted_ids = {image_id for pair in data["pairs"].values() for image_id in pair}
+    dropped = [i for i in range(120) if ids[i] not in planted_ids][:20]
+    keep = np.array([i for i in range(120) if i not in dropped])
+    red = tmp_path / "red_delta"
+    old = np.random.default_rng(99).standard_normal((120, 32)).astype(np.float32)
+    assert _commit_version(red / "reduced", "v0", _reduced_table(ids.tolist(), old)) == 0
+    assert _commit_version(red / "reduced", "v1", _reduced_table(ids[keep].tolist(), x[keep])) == 1
+    assert len(list((red / "reduced").glob("*.parquet"))) == 4  # version 0's files are still there
+
+    out = tmp_path / "nb_delta"
+    s = run_neighbors(cfg(), data["manifest"], str(red), str(out), NeighborParams(k=5, nprobe=16), spark=spark)
+    assert s["source"] == "reduced" and s["source_delta_version"] == 1
+    assert s["rows"]["feature_rows"] == 100 and s["output_rows"] == 500
+    got = read_nb(out)
+    assert set(got) == set(ids[keep].tolist())
+    exact, _ = ivf.brute_force(ivf.normalize_rows(x[keep])[0], 5)
+    assert {q: [t[0] for t in v] for q, v in got.items()} == {
+        ids[keep][i]: ids[keep][row].tolist() for i, row in enumerate(exact)}
+    assert s["near_duplicates"]["pairs"] == 4 and s["cross_split"]["pairs"] == 2 and s["cross_label"]["pairs"] == 2
+
+
+# ---- in `imgfeat run` and its report ----------------------------------------------------------------------------
+
+
+def _run_folder(root: Path) -> tuple[Path, dict[str, tuple[str, str]]]:
+    """A run folder after the featurize stage: 90 real JPEGs (labels a/b/c, split test when i % 5 == 0) in the
+    manifest, and feature shards with three planted near-duplicate pairs: same split and label, across splits,
+    across labels."""
+    from imgfeat.metadata.contracts.schema import image_id_for, normalize_uri
+
+    files = [{"path": str(write_image(root / "src" / "abc"[i % 3] / f"{i:03d}.jpg", gradient_image(40, 56, seed=i))),
+              "label": "abc"[i % 3], "split": "train" if i % 5 else "test"} for i in range(90)]
+    run = root / "run"
+    write_manifest(run, files)
+    ids = [image_id_for(normalize_uri(f["path"])) for f in files]
+    x = np.random.default_rng(5).standard_normal((90, 32)).astype(np.float32)
+    pairs = {"same": (1, 4), "split": (5, 8), "label": (16, 17)}
+    for kind, (i, j) in pairs.items():
+        a, b = files[i], files[j]
+        assert ((a["split"] != b["split"]), (a["label"] != b["label"])) == (kind == "split", kind == "label")
+    for i, j in pairs.values():
+        x[j] = x[i] + 1e-3 * np.random.default_rng(j).standard_normal(32).astype(np.float32)
+    write_shards(run / "features", ids, x, 30)
+    return run, {k: (ids[i], ids[j]) for k, (i, j) in pairs.items()}
+
+
+def test_run_with_neighbors_enabled_reads_the_delta_pca_output_reports_pairs_and_skips_when_unchanged(spark, tmp_path) -> None:
+    from imgfeat.metadata.config import load_config
+    from imgfeat.run import run_pipeline
+
+    run, pairs = _run_folder(tmp_path)
+    conf = load_config(None, {"run": {"out": str(run), "stages": ["pca"]}, "spark": {"master": "local[2,3]", "partitions": 4},
+                              "pca": {"k": 16, "table_format": "delta"},
+                              "neighbors": {"enabled": True, "k": 5, "min_cosine": 0.99, "nprobe": 16}})
+    report = run_pipeline(conf)
+    state = json.loads((run / "run.json").read_text())["stages"]
+    assert state["neighbors"]["skipped"] is False
+    assert (state["neighbors"]["near_duplicates_pairs"], state["neighbors"]["cross_split_pairs"],
+            state["neighbors"]["cross_label_pairs"]) == (3, 1, 1)
+    nb = report["neighbors"]
+    assert nb["source"] == "reduced" and nb["source_delta_version"] == 0 and nb["rows"]["vectors"] == 90
+    assert {tuple(sorted((e["image_id"], e["neighbor_id"]))) for e in nb["near_duplicates"]["examples"]} == {
+        tuple(sorted(p)) for p in pairs.values()}
+    assert (run / "neighbors" / "neighbors" / "_SUCCESS").exists()
+
+    page = (run / "report.html").read_text()
+    section = page.split("<h2 id='neighbours'>Neighbours</h2>", 1)[1].split("<h2", 1)[0]
+    assert "<b>3</b> semantic near duplicate(s), of which <b>1</b> across splits (leaks) and <b>1</b> across labels" in section
+    assert "test|train" in section and "b / c" in section
+    # one example pair per kind (the cross-split and cross-label pairs are near duplicates too: shown once), side by side
+    assert section.count("<div class='pair'>") == 3 and section.count("data:image/png;base64,") == 6
+    for kind in ("across splits", "across labels", "near duplicate"):
+        assert f"<b>{kind}</b>" in section
+    assert "neighbors ran" in page
+
+    run_pipeline(conf)  # nothing changed: pca and neighbours are skipped, the section stays
+    state = json.loads((run / "run.json").read_text())["stages"]
+    assert state["pca"]["skipped"] and state["neighbors"]["skipped"] and state["neighbors"]["cross_label_pairs"] == 1
+    assert "<h2 id='neighbours'>Neighbours</h2>" in (run / "report.html").read_text()
+    conf.neighbors.k = 4  # a changed [neighbors] key reruns the stage only
+    run_pipeline(conf)
+    state = json.loads((run / "run.json").read_text())["stages"]
+    assert state["pca"]["skipped"] and not state["neighbors"]["skipped"]
+    assert json.loads((run / "neighbors" / "neighbors_summary.json").read_text())["k"] == 4
+
+
+def test_neighbors_without_a_pca_output_is_refused_before_any_work(tmp_path) -> None:
+    from imgfeat.metadata.config import load_config
+    from imgfeat.run import run_pipeline
+
+    write_manifest(tmp_path / "run", [{"path": "/data/img/a/0.jpg", "label": "a"}])
+    conf = load_config(None, {"run": {"out": str(tmp_path / "run"), "stages": ["featurize"]}, "neighbors": {"enabled": True}})
+    with pytest.raises(ValueError, match="neighbors.enabled: the neighbours stage reads the pca output"):
+        run_pipeline(conf)
+
+
+def test_the_report_has_no_neighbours_section_without_a_summary() -> None:
+    from imgfeat.report import render_html
+
+    page = render_html({"run": "r", "created_at": "now", "versions": {}}, [], {})
+    assert "Neighbours" not in page

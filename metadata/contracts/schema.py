@@ -51,6 +51,7 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("channels", pa.int32()),
+        pa.field("tiles", pa.int32()),
         pa.field("content_hash", pa.string()),
         pa.field("phash", pa.int64()),
         pa.field("blur", pa.float32()),

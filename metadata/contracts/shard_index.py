@@ -77,14 +77,16 @@ def index_url(dataset: str) -> str:
     return storage.join(dataset, SHARD_INDEX_FILE)
 
 
-def build_shard_index(spark: SparkSession, dataset: str, num_partitions: int | None = None) -> dict[str, Any]:
+def build_shard_index(spark: SparkSession, dataset: str, num_partitions: int | None = None,
+                      key: str = "image_id") -> dict[str, Any]:
     """Build ``_shards.parquet`` for the manifest Parquet dataset folder ``dataset`` (e.g. the manifest
     job's staging folder before it is published as ``OUT/manifest``) and return ``{"url", "shards", "rows"}``.
 
     Tasks read the ``shard``, ``image_id`` and ``status`` columns of their files; ``groupBy(shard)`` over
     the ok rows gives each shard's row count, members digest (``sha2`` of the sorted ids, each followed by
     a newline: ``shards.members_digest``) and files. One task writes the index (O(shards) rows); the driver
-    sees the file listing and one count row."""
+    sees the file listing and one count row. ``key``: the id column whose digest is a shard's members
+    (``tile_id`` for the tile table)."""
     from pyspark.sql import functions as F
 
     files = dataset_data_files(dataset)
@@ -93,7 +95,7 @@ def build_shard_index(spark: SparkSession, dataset: str, num_partitions: int | N
     from imgfeat.metadata.spark.parquet import files_frame
 
     names = files_frame(spark, [storage.join(dataset, r) for r in sorted(files)], num_partitions)
-    rows = names.mapInArrow(_read_task(dataset), "shard int, image_id string, file string")
+    rows = names.mapInArrow(_read_task(dataset, key), "shard int, image_id string, file string")
     ids_sorted = F.array_sort(F.collect_list("image_id"))
     index = rows.groupBy("shard").agg(
         F.count(F.lit(1)).alias("rows"),
@@ -110,8 +112,8 @@ def build_shard_index(spark: SparkSession, dataset: str, num_partitions: int | N
     return {"url": out, "shards": shards_n, "rows": total}
 
 
-def _read_task(dataset: str) -> Any:
-    """The index build's read task: file names -> ``(shard, image_id, file)`` of the ok rows with a shard."""
+def _read_task(dataset: str, key: str = "image_id") -> Any:
+    """The index build's read task: file names -> ``(shard, key as image_id, file)`` of the ok rows with a shard."""
     def run(names: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import pyarrow.compute as pc
 
@@ -119,12 +121,12 @@ def _read_task(dataset: str) -> Any:
 
         prefix = storage.join(dataset, "")
         schema = pa.schema([("shard", pa.int32()), ("image_id", pa.string()), ("file", pa.string())])
-        for url, b in file_batches(names, ["shard", "image_id", "status"], batch_size=65536):
+        for url, b in file_batches(names, ["shard", key, "status"], batch_size=65536):
             keep = pc.and_(pc.equal(b.column("status"), STATUS_OK), pc.is_valid(b.column("shard")))
             b = b.filter(pc.fill_null(keep, False))
             if b.num_rows:
                 yield pa.RecordBatch.from_arrays(
-                    [b.column("shard").cast(pa.int32()), b.column("image_id").cast(pa.string()),
+                    [b.column("shard").cast(pa.int32()), b.column(key).cast(pa.string()),
                      pa.array([url[len(prefix):]] * b.num_rows, pa.string())], schema=schema)
 
     return run
@@ -182,9 +184,13 @@ def write_shard_index(url: str, table: pa.Table, files: dict[str, int]) -> None:
 def read_shard_index(out: str) -> pa.Table | None:
     """The shard index of the manifest at ``out`` (the folder holding ``manifest/``), sorted by shard;
     None when there is none, it is unreadable, or the manifest's files are not those it was built from."""
+    return read_dataset_shard_index(manifest_path(out))
+
+
+def read_dataset_shard_index(dataset: str) -> pa.Table | None:
+    """The shard index of the dataset folder ``dataset`` (a manifest or a tile table), as :func:`read_shard_index`."""
     import pyarrow.parquet as pq
 
-    dataset = manifest_path(out)
     url = index_url(dataset)
     fs, path = fsspec.core.url_to_fs(url)
     try:

@@ -62,7 +62,7 @@ def sniff_format(head: bytes) -> str | None:
         return "bmp"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
-    if head[:4] in (b"II*\x00", b"MM\x00*"):
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # classic TIFF and BigTIFF
         return "tiff"
     if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"hevc", b"heim", b"heis"):
         return "heif"
@@ -272,19 +272,30 @@ def _webp(data: bytes) -> HeaderInfo:
     return HeaderInfo("ok", "", "webp", width, height, channels, 8)
 
 
+_TIFF_LAYOUT = {42: ("I", "H", 12, "HHI", 8), 43: ("Q", "Q", 20, "HHQ", 12)}
+"""Per TIFF version (42 classic, 43 BigTIFF): offset type, entry count type, entry size, entry head, value at."""
+
+
 def _tiff(data: bytes) -> HeaderInfo:
     end = "<" if data[:2] == b"II" else ">"
-    ifd, = struct.unpack(end + "I", data[4:8])
-    if ifd + 2 > len(data):
+    version, = struct.unpack(end + "H", data[2:4])
+    off_t, count_t, entry, head_t, value_at = _TIFF_LAYOUT[43 if version == 43 else 42]
+    first = 8 if version == 43 else 4
+    if len(data) < first + struct.calcsize(off_t):
+        return HeaderInfo("truncated", "tiff: the header is cut short", "tiff")
+    ifd, = struct.unpack(end + off_t, data[first:first + struct.calcsize(off_t)])
+    count_n = struct.calcsize(count_t)
+    if ifd + count_n > len(data):
         return HeaderInfo("truncated", "tiff: first IFD lies past the end of the file", "tiff")
-    count, = struct.unpack(end + "H", data[ifd : ifd + 2])
+    count, = struct.unpack(end + count_t, data[ifd : ifd + count_n])
     tags: dict[int, int] = {}
-    for i in range(count):
-        off = ifd + 2 + 12 * i
-        if off + 12 > len(data):
+    for i in range(min(count, 4096)):
+        off = ifd + count_n + entry * i
+        if off + entry > len(data):
             return HeaderInfo("truncated", "tiff: IFD runs past the end of the file", "tiff")
-        tag, typ, _cnt = struct.unpack(end + "HHI", data[off : off + 8])
-        value = struct.unpack(end + ("H" if typ == 3 else "I"), data[off + 8 : off + (10 if typ == 3 else 12)])[0]
+        tag, typ, _cnt = struct.unpack(end + head_t, data[off : off + value_at])
+        kind = {3: "H", 16: "Q"}.get(typ, "I")
+        value = struct.unpack(end + kind, data[off + value_at : off + value_at + struct.calcsize(kind)])[0]
         tags[tag] = value
     width, height = tags.get(256), tags.get(257)
     channels = tags.get(277, 1)

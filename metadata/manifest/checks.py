@@ -19,11 +19,13 @@ from typing import Any
 import fsspec
 import numpy as np
 
+from imgfeat.metadata.config import TilesConfig
 from imgfeat.metadata.contracts.cv2_env import cv2_error_verdict, decoder_cv2, quiet_decoder
 from imgfeat.metadata.contracts.schema import SIGNAL_COLUMNS, image_id_for
 from imgfeat.metadata.contracts.sniff import DEFAULT_MAX_JPEG_SCANS, parse_header
 from imgfeat.metadata.manifest.image_signals import gray_of, image_signals, reduced_gray_flag
 from imgfeat.metadata.manifest.listing import Entry, rel_path
+from imgfeat.metadata.manifest.tile_checks import check_large_file, check_tiled_bytes, is_tiled
 
 
 def read_bytes(uri: str, max_bytes: int | None = None, size: int | None = None) -> bytes:
@@ -155,10 +157,11 @@ def _read_in_order(entries: list[Entry], pool: Any, window: int, max_bytes: int,
 
 def check_entry(entry: Entry, validation: str, max_bytes: int, max_pixels: int, formats: tuple[str, ...],
                 data: bytes | Exception | None = None, max_scans: int = DEFAULT_MAX_JPEG_SCANS,
-                signals: bool = False) -> dict[str, Any]:
+                signals: bool = False, tiling: TilesConfig | None = None) -> dict[str, Any]:
     """Check one listed file and return its row (``data``: its bytes or read error, if already read;
     ``max_scans``: JPEGs with more scans are ``too_large``, 0 = no limit; ``signals``: decode every
-    image whose header is fine, also with ``header`` validation, and fill the ``SIGNAL_COLUMNS``)."""
+    image whose header is fine, also with ``header`` validation, and fill the ``SIGNAL_COLUMNS``;
+    ``tiling``: the ``[tiles]`` section, whose large images are checked by ``tile_checks`` instead)."""
     row: dict[str, Any] = {
         "image_id": image_id_for(entry.path),
         "path": entry.path,
@@ -170,6 +173,7 @@ def check_entry(entry: Entry, validation: str, max_bytes: int, max_pixels: int, 
         "height": None,
         "channels": None,
         "content_hash": None,
+        "tiles": None,
         **dict.fromkeys(SIGNAL_COLUMNS),
         "status": "ok",
         "status_detail": "",
@@ -179,6 +183,8 @@ def check_entry(entry: Entry, validation: str, max_bytes: int, max_pixels: int, 
     if entry.size == 0:
         return dict(row, status="zero_bytes", status_detail="file is empty")
     if entry.size is not None and entry.size > max_bytes:
+        if tiling is not None and tiling.enabled:
+            return check_large_file(row, entry.path, entry.size, tiling)
         return dict(row, status="too_large", status_detail=f"{entry.size} bytes is over the byte cap {max_bytes}")
     if data is None:
         data = read_or_error(entry, max_bytes)
@@ -197,6 +203,8 @@ def check_entry(entry: Entry, validation: str, max_bytes: int, max_pixels: int, 
     row.update(format=info.format, width=info.width, height=info.height, channels=info.channels)
     if info.status != "ok":
         return dict(row, status=info.status, status_detail=info.detail)
+    if tiling is not None and is_tiled(info.width, info.height, tiling):
+        return check_tiled_bytes(row, data, tiling)
     if info.pixels > max_pixels:
         return dict(row, status="too_large", status_detail=f"{info.width}x{info.height} is over the pixel cap {max_pixels}")
     if signals:

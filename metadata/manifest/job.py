@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgfeat.metadata.config import Config, ManifestConfig, dump_toml
-from imgfeat.metadata.contracts.schema import CONFIG_FILE, MANIFEST_SCHEMA, SIGNAL_COLUMNS, SUMMARY_FILE
+from imgfeat.metadata.contracts.schema import CONFIG_FILE, MANIFEST_SCHEMA, SIGNAL_COLUMNS, SUMMARY_FILE, manifest_path
 from imgfeat.metadata.contracts.shard_index import (
     build_shard_index,
     dataset_data_files,
@@ -38,6 +38,7 @@ from imgfeat.metadata.contracts.shard_index import (
     shard_rows,
     write_shard_index,
 )
+from imgfeat.metadata.contracts.tiles import tiles_path
 from imgfeat.metadata.manifest import labels as labels_mod
 from imgfeat.metadata.manifest import organize as org
 from imgfeat.metadata.manifest.checks import check_entry, prefetched
@@ -61,6 +62,7 @@ from imgfeat.metadata.manifest.store import (
     staging_url,
     walk_small_local,
 )
+from imgfeat.metadata.manifest.tiles_table import write_tile_table
 from imgfeat.metadata.spark.parquet import dataset_files, files_frame, read_parquet_dataset, write_parquet_dataset
 from imgfeat.metadata.spark.session import get_spark, num_tasks
 from imgfeat.metadata.storage import (
@@ -140,6 +142,7 @@ def _make_checker(cfg: Config) -> Callable[[Iterator[pa.RecordBatch]], Iterator[
     validation, max_bytes, max_pixels, formats = mc.validation, dc.max_bytes, dc.max_pixels, tuple(dc.formats)
     max_scans, split_from_folders = dc.max_jpeg_scans, mc.split_from_folders
     signals = mc.near_duplicates != "off"
+    tiling = cfg.tiles if cfg.tiles.enabled else None
     label = _labeller(mc)
     names = CHECKED_SCHEMA.names
     as_tuple = operator.itemgetter(*names)
@@ -170,7 +173,8 @@ def _make_checker(cfg: Config) -> Callable[[Iterator[pa.RecordBatch]], Iterator[
 
         for entry, data in prefetched(fresh(), max_bytes):
             try:  # one file's failure of any kind is that file's row, never the task's
-                row = check_entry(entry, validation, max_bytes, max_pixels, formats, data, max_scans, signals)
+                row = check_entry(entry, validation, max_bytes, max_pixels, formats, data, max_scans, signals,
+                                  tiling)
                 label(row)
                 row["folder_split"] = folder_split(row["rel_path"]) if split_from_folders else None
             except Exception as exc:
@@ -362,6 +366,7 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
             version = current_version(out)
             log.info("manifest: no file added, changed or removed; version %d kept", version)
         timings["write_s"] = time.perf_counter() - t3
+        tiles = _tile_table(spark, cfg, out, slices, published)
     finally:
         _remove_run_folders(work, staging)
     timings["total_s"] = time.perf_counter() - t0
@@ -388,6 +393,7 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
         "label_conflicts": counts["label_conflicts"],
         "listing_digest": listing,
         "table_format": cfg.manifest.table_format,
+        "tiles": tiles,
         "master": spark.sparkContext.master,
     }
     write_json_atomic(join(out, SUMMARY_FILE), summary)
@@ -395,6 +401,17 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
     log.info("manifest v%d: %d files, %d ok, %d shards in %.1fs -> %s", version, total,
              counts["by_status"].get("ok", 0), counts["num_shards"], timings["total_s"], out)
     return summary
+
+
+def _tile_table(spark: SparkSession, cfg: Config, out: str, partitions: int, published: bool) -> dict[str, Any] | None:
+    """``OUT/tiles/`` for a new manifest version when tiling is on (the summary's ``tiles`` counts); the
+    previous one's counts when the version was kept; none (and no folder) when tiling is off."""
+    if not cfg.tiles.enabled:
+        remove_folder(tiles_path(out))
+        return None
+    if not published:
+        return (read_json(join(out, SUMMARY_FILE)) or {}).get("tiles")
+    return write_tile_table(spark, manifest_path(out), out, cfg.tiles, cfg.manifest.rows_per_shard, partitions)
 
 
 def _data_quality(spark: SparkSession, cfg: Config, checked: str, scratch: str,

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 NARROW_COLUMNS = ["path", "image_id", "status", "label", "folder_split", "size_bytes", "content_hash",
-                  "_pshard", "_kept", "_prev"]
+                  "_pshard", "_kept", "_prev", "tiles"]
 """The checked columns the organize step reads."""
 
 PLAN_SCHEMA = pa.schema([("split", pa.string()), ("shard", pa.int32()), ("duplicate_of", pa.string()),
@@ -98,6 +98,13 @@ def assign_splits(originals: pa.Table, ratios: dict[str, float], seed: str) -> n
     return out
 
 
+def _narrow(part: pa.Table) -> pa.Table:
+    """``part``'s ``NARROW_COLUMNS``; ``tiles`` null where it lacks it (rows checked without tiling)."""
+    if "tiles" not in part.column_names:
+        part = part.append_column("tiles", pa.nulls(part.num_rows, pa.int32()))
+    return part.select(NARROW_COLUMNS)
+
+
 def assign_shards(originals: pa.Table, rows_per_shard: int, base: int) -> np.ndarray:
     """The shard of each original: its previous shard, else a snake deal over new shards from ``base``."""
     pshard = originals["_pshard"]
@@ -145,7 +152,7 @@ def organize(parts: list[pa.Table], ratios: dict[str, float], seed: str, rows_pe
     ``near``: the near-duplicate map (``NEAR_SCHEMA``) or None; ``drop``: its members other than the
     representatives get status ``near_duplicate`` and no shard.
     """
-    t = pa.concat_tables([p.select(NARROW_COLUMNS) for p in parts]).combine_chunks()
+    t = pa.concat_tables([_narrow(p) for p in parts]).combine_chunks()
     n = t.num_rows
     status = t["status"]
     ok_idx = np.flatnonzero(_np(pc.equal(status, "ok"), False))
@@ -170,7 +177,8 @@ def organize(parts: list[pa.Table], ratios: dict[str, float], seed: str, rows_pe
     folder = np.array(originals["folder_split"].to_pylist(), dtype=object)
     mem = np.flatnonzero(member)
     splits[mem] = np.where(_is_none(folder[mem]), splits[rep[mem]], folder[mem])
-    dealt = np.flatnonzero(~dropped)
+    tiled = _np(pc.is_valid(originals["tiles"]), False)  # a tiled image's shards are its tiles' (OUT/tiles/)
+    dealt = np.flatnonzero(~dropped & ~tiled)
     shards = np.full(originals.num_rows, -1, np.int64)
     shards[dealt] = assign_shards(originals.take(dealt), rows_per_shard, base)
 

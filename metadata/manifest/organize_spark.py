@@ -67,11 +67,11 @@ SORT_ROWS_PER_TASK = 2_000_000
 _NARROW_SCHEMA = pa.schema([
     ("path", pa.string()), ("image_id", pa.string()), ("status", pa.string()), ("label", pa.string()),
     ("folder_split", pa.string()), ("size_bytes", pa.int64()), ("content_hash", pa.string()),
-    ("_pshard", pa.int32()), ("_kept", pa.bool_()), ("_prev", pa.bool_()),
+    ("_pshard", pa.int32()), ("_kept", pa.bool_()), ("_prev", pa.bool_()), ("tiles", pa.int32()),
 ])
 _NARROW_OUT = _NARROW_SCHEMA.append(pa.field("_h", pa.int64()))
 _NARROW_DDL = ("path string, image_id string, status string, label string, folder_split string, size_bytes long, "
-               "content_hash string, _pshard int, _kept boolean, _prev boolean, _h long")
+               "content_hash string, _pshard int, _kept boolean, _prev boolean, tiles int, _h long")
 assert _NARROW_SCHEMA.names == org.NARROW_COLUMNS
 
 _NO_ROWS: dict[str, Any] = {k: None for k in ("dups", "dup_example", "members", "dropped", "drop_example", "crossing",
@@ -125,12 +125,12 @@ def organize_on_spark(spark: SparkSession, checked_files: list[str], staging: st
 
         # Duplicates: one aggregate row per group of ok rows with the same bytes; its smallest path is the original.
         ok = narrow.filter(_is_ok()).withColumn("_dkey", _group_key())
-        first = F.min(F.struct("path", "image_id", "label", "folder_split", "size_bytes", "_pshard", "_h"))
+        first = F.min(F.struct("path", "image_id", "label", "folder_split", "size_bytes", "_pshard", "_h", "tiles"))
         originals = ok.groupBy("_dkey").agg(first.alias("f"), F.max("path").alias("_last"), F.count(F.lit(1)).alias("_n"),
                                             F.collect_set("label").alias("_labels")).select("_dkey", "_last", "_n", "_labels", "f.*")
         originals = keep(_with_families(spark, originals, near, n_part))
         carry = ["_dkey", "_last", "_n", "path", "image_id", "label", "size_bytes", "_pshard", "_rep", "_rep_id",
-                 "_rep_path", "label_conflict"]
+                 "_rep_path", "label_conflict", "tiles"]
 
         # Splits: the folder split, else the rank within the label in the seeded hash order, cut at the ratios;
         # a near-duplicate member: its folder split, else its representative's.
@@ -167,8 +167,9 @@ def organize_on_spark(spark: SparkSession, checked_files: list[str], staging: st
         carry += ["_rep_split", "_drop"]
 
         # Shards: originals without a previous shard, largest first, snake-dealt over new shards from base
-        # (dropped near-duplicates get none).
-        dealt = with_split.filter(~F.col("_drop"))
+        # (dropped near-duplicates get none, nor do tiled images: their tiles have shards in OUT/tiles/).
+        dealt_cond = ~F.col("_drop") & F.col("tiles").isNull()
+        dealt = with_split.filter(dealt_cond)
         kept = dealt.filter(F.col("_pshard").isNotNull()).select("*", F.col("_pshard").alias("shard"))
         fresh = dealt.filter(F.col("_pshard").isNull())
         fresh = keep(_numbered(fresh, [F.col("size_bytes").desc_nulls_last(), F.col("image_id"), F.col("_dkey")], n_sort))
@@ -180,7 +181,7 @@ def organize_on_spark(spark: SparkSession, checked_files: list[str], staging: st
         block = ((number - pos) / F.lit(num)).cast("long")  # exact: both are integers below 2**53
         snake = F.when(block % 2 == 0, pos).otherwise(F.lit(num - 1) - pos) + F.lit(base)
         plan = kept.unionByName(fresh.select(*carry, "split", snake.alias("shard"))).unionByName(
-            with_split.filter(F.col("_drop")).select(*carry, "split", F.lit(None).cast("int").alias("shard")))
+            with_split.filter(~dealt_cond).select(*carry, "split", F.lit(None).cast("int").alias("shard")))
         plan = keep(plan.select(*carry, "split", F.col("shard").cast("int"), F.col("path").alias("_first_path"),
                                 F.col("image_id").alias("_first_id")))
 

@@ -34,7 +34,7 @@ def failed_row(entry: Entry, exc: BaseException) -> dict[str, Any]:
         "rel_path": rel_path(entry.root, entry.path),
         "size_bytes": entry.size,
         "mtime": entry.mtime,
-        **dict.fromkeys(("format", "width", "height", "channels", "content_hash", "label", *SIGNAL_COLUMNS)),
+        **dict.fromkeys(("format", "width", "height", "channels", "tiles", "content_hash", "label", *SIGNAL_COLUMNS)),
         "status": "internal_error",
         "status_detail": f"{type(exc).__name__}: {exc}"[:1000],
     }

@@ -8,12 +8,12 @@ from typing import Any
 
 from imgfeat.metadata.cli_common import add_common_args, build_config
 from imgfeat.metadata.config_flags import add_config_flags, config_overrides
-from imgfeat.metadata.neighbors import ivf
 
 log = logging.getLogger(__name__)
 
-NEIGHBORS_FLAGS = ("spark.master", "spark.partitions")
-"""Config keys offered as flags (every other key: ``--set``)."""
+NEIGHBORS_FLAGS = ("spark.master", "spark.partitions", "neighbors.k", "neighbors.min_cosine", "neighbors.cells",
+                   "neighbors.nprobe", "neighbors.sample_rows", "neighbors.block_rows", "neighbors.seed")
+"""Config keys offered as flags (every other key: ``--set``); ``[neighbors]`` in ``--config`` sets their defaults."""
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -27,24 +27,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "across splits (leakage) and across labels (probable label errors), with examples from the manifest.",
     )
     p.add_argument("--features", metavar="FEAT", required=True,
-                   help="folder of committed feature shards, or a pca output folder (its reduced/ dataset)")
+                   help="folder of committed feature shards, or a pca output folder (its reduced/ dataset, Parquet or Delta)")
     p.add_argument("--manifest", metavar="OUT", required=True, help="folder holding manifest/ and manifest_summary.json")
     p.add_argument("--out", metavar="NB", required=True, help="output folder (local or fsspec URL)")
-    p.add_argument("--k", type=int, default=10, help="neighbours per image (default 10)")
-    p.add_argument("--min-cosine", type=float, default=0.95,
-                   help="pairs at or above this cosine are near duplicates in the summary (default 0.95)")
-    p.add_argument("--cells", type=int, default=0,
-                   help=f"k-means cells; 0 = about sqrt(rows), at most sample rows / {ivf.MIN_SAMPLE_PER_CELL} "
-                        f"and {ivf.MAX_CELLS} (default 0)")
-    p.add_argument("--nprobe", type=int, default=ivf.NPROBE,
-                   help=f"nearest cells each query searches (default {ivf.NPROBE}; more: better recall, more work)")
-    p.add_argument("--sample-rows", type=int, default=ivf.SAMPLE_ROWS,
-                   help=f"rows collected to the driver to fit the cells (default {ivf.SAMPLE_ROWS:,}; "
-                        f"never more than {ivf.MAX_SAMPLE_BYTES >> 20} MiB)")
-    p.add_argument("--block-rows", type=int, default=0,
-                   help="base rows a search task holds at once; bigger cells are split (0 = 128 MiB of vectors, "
-                        f"at most {ivf.MAX_BLOCK_ROWS:,})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample and of k-means (default 0)")
     add_config_flags(p, NEIGHBORS_FLAGS)
     add_common_args(p)
     p.set_defaults(func=run)
@@ -55,9 +40,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the subcommand; returns the exit status (bad options raise ValueError: one line from the CLI)."""
     from imgfeat.metadata.neighbors.job import NeighborParams, run_neighbors
 
-    params = NeighborParams(k=args.k, min_cosine=args.min_cosine, cells=args.cells, nprobe=args.nprobe,
-                            sample_rows=args.sample_rows, block_rows=args.block_rows, seed=args.seed).validate()
     cfg = build_config(args, config_overrides(args))
+    params = NeighborParams.from_config(cfg.neighbors).validate()
     summary = run_neighbors(cfg, args.manifest, args.features, args.out, params)
     print(json.dumps({"neighbors": summary["neighbors"], "output_rows": summary["output_rows"],
                       "near_duplicate_pairs": summary["near_duplicates"]["pairs"],

@@ -5,7 +5,8 @@ the driver except the codebook sample (at most ``sample_rows`` rows, and never m
 
 1. *Read* (:func:`detect_source`, :func:`read_vectors`): FEAT is either a folder of committed feature
    shards (ids pass and shard reads on executors, :mod:`imgfeat.metadata.pca.shard_io`) or a pca output
-   folder (its ``reduced/`` Parquet dataset, read by tasks). Tasks L2-normalise the vectors; rows with
+   folder (its ``reduced/`` dataset, read by tasks: a Parquet folder, or a Delta table's current version,
+   whose files come from the Delta log, never from the folder). Tasks L2-normalise the vectors; rows with
    NaN, inf or zero norm are counted and left out, and an id in more than one row is refused. The
    ``(vid, image_id, vec)`` rows are persisted on the executors.
 2. *Codebook*: a seeded sample is collected and a spherical k-means (:func:`~.ivf.kmeans`) gives ``C``
@@ -42,7 +43,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from imgfeat.metadata import storage
-from imgfeat.metadata.config import Config
+from imgfeat.metadata.config import Config, NeighborsConfig
+from imgfeat.metadata.contracts import delta
 from imgfeat.metadata.contracts.feature_store import committed_shards
 from imgfeat.metadata.contracts.pca_files import REDUCED_DIR
 from imgfeat.metadata.contracts.schema import manifest_path, read_summary
@@ -95,6 +97,12 @@ class NeighborParams:
     kmeans_iters: int = 20
     seed: int = 0
 
+    @classmethod
+    def from_config(cls, c: NeighborsConfig) -> NeighborParams:
+        """The options of the ``[neighbors]`` config section."""
+        return cls(k=c.k, min_cosine=c.min_cosine, cells=c.cells, nprobe=c.nprobe, sample_rows=c.sample_rows,
+                   block_rows=c.block_rows, seed=c.seed)
+
     def validate(self) -> NeighborParams:
         """Check ranges; ValueError naming the option."""
         for name, value, low in (("k", self.k, 1), ("cells", self.cells, 0), ("nprobe", self.nprobe, 1),
@@ -111,7 +119,7 @@ class NeighborParams:
 
 @dataclass
 class Source:
-    """What FEAT holds: committed feature shards, or a pca ``reduced/`` Parquet dataset."""
+    """What FEAT holds: committed feature shards, or a pca ``reduced/`` dataset (a Parquet folder or a Delta table)."""
 
     kind: str
     """``shards`` or ``reduced``."""
@@ -120,6 +128,8 @@ class Source:
     dim: int
     markers: Markers | None = None
     files: list[str] = field(default_factory=list)
+    delta_version: int | None = None
+    """The Delta table version read (its files only); None for a Parquet folder or shards."""
 
 
 def detect_source(features: str) -> Source:
@@ -131,14 +141,32 @@ def detect_source(features: str) -> Source:
         markers = read_markers(features)
         return Source("shards", features, int(next(iter(markers.values()))["dim"]), markers=markers)
     for url in (storage.join(features, REDUCED_DIR), features):
-        if not fs.exists(fsspec.core.url_to_fs(storage.join(url, SUCCESS_FILE))[1]):
-            continue
-        files = dataset_files(url)
-        dim = _reduced_dim(url, files)
-        if dim is not None:
-            return Source("reduced", url, dim, files=files)
+        source = _reduced_source(url)
+        if source is not None:
+            return source
     raise ValueError(f"--features {features}: neither committed feature shards (part-*.done.json markers) nor a pca "
-                     f"output folder ({REDUCED_DIR}/ with {SUCCESS_FILE} and columns image_id, {REDUCED_VECTOR})")
+                     f"output folder ({REDUCED_DIR}/ with {SUCCESS_FILE} or a Delta log, and columns image_id, "
+                     f"{REDUCED_VECTOR})")
+
+
+def _reduced_source(url: str) -> Source | None:
+    """``url`` as a reduced dataset: a committed Parquet folder, or a Delta table read at its current version
+    (the folder also holds older versions' files: only the log says which are current); None when neither."""
+    version = None
+    if delta.is_delta(url):
+        version = delta.table_version(url)
+        files = delta.current_files(url, version)
+    elif _exists(storage.join(url, SUCCESS_FILE)):
+        files = dataset_files(url)
+    else:
+        return None
+    dim = _reduced_dim(url, files)
+    return None if dim is None else Source("reduced", url, dim, files=files, delta_version=version)
+
+
+def _exists(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return bool(fs.exists(path))
 
 
 def _reduced_dim(url: str, files: list[str]) -> int | None:
@@ -296,7 +324,8 @@ def run_neighbors(cfg: Config, manifest: str, features: str, out: str, params: N
     timings["total"] = time.perf_counter() - t0
     nonempty = base_counts[base_counts > 0]
     summary: dict[str, Any] = {
-        "features": features, "source": source.kind, "source_url": source.url, "manifest": manifest, "out": out,
+        "features": features, "source": source.kind, "source_url": source.url, "source_delta_version": source.delta_version,
+        "manifest": manifest, "out": out,
         "neighbors": url, "dim": source.dim, "k": params.k, "min_cosine": params.min_cosine,
         "rows": {"feature_rows": rows, "unusable_rows": bad, "vectors": n},
         "output_rows": written["rows"], "output_files": len(written["files"]),

@@ -1,0 +1,98 @@
+"""A Dataset over tile rows (``contracts.tiles``): each item is one tile's box of its image, resized as an image.
+
+Rows are the tile table's as featurize reads them (``featurize.assign``: ``image_id`` is the tile's id,
+``tile_of`` its image's; ``level, x, y, width, height`` its box). How a box is read:
+
+* a TIFF: ``contracts.tiff_tiles.read_region`` decodes only the TIFF tiles the box touches, so a worker
+  holds a few tiles, never the image (whatever its size);
+* another format (JPEG, PNG, ...), which has no random access: the image is decoded whole (within the
+  ``[decode]`` caps) once and kept while the next rows are tiles of the same image; tile rows are sorted
+  by shard, and the tile table deals an image's tiles to neighbouring shards, so a worker decodes each
+  image about once per shard it meets.
+
+A box reaching past the image (``tiles.edge = "pad"``) is padded with black on its right and bottom. A
+failed read is that tile's reject (reason codes as for images), never the worker's end.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+
+from imgfeat.metadata.config import DecodeConfig, PreprocessConfig
+from imgfeat.metadata.contracts.tiff_tiles import TiffTileError, read_region
+from imgfeat.preprocess.dataset import ManifestDataset, _column, decode_rgb
+from imgfeat.preprocess.decode import DecodeError
+
+BOX_COLUMNS = ("level", "x", "y", "width", "height")
+
+
+def _padded(region: np.ndarray, width: int, height: int) -> np.ndarray:
+    """``region`` (the box clipped to the image) on a black ``height`` x ``width`` canvas, top-left aligned."""
+    if region.shape[:2] == (height, width):
+        return np.ascontiguousarray(region)
+    canvas = np.zeros((height, width, 3), np.uint8)
+    h, w = min(height, region.shape[0]), min(width, region.shape[1])
+    canvas[:h, :w] = region[:h, :w]
+    return canvas
+
+
+def read_tiff_box(path: str, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    """The box of a TIFF at ``path`` (fsspec URL), padded to its size; raises DecodeError."""
+    try:
+        with fsspec.open(path, "rb") as f:
+            region = read_region(f, level, x, y, width, height)
+    except TiffTileError as exc:
+        raise DecodeError(exc.reason, exc.detail) from None
+    except OSError as exc:
+        raise DecodeError("unreadable", f"read failed: {getattr(exc, 'strerror', None) or exc}") from None
+    return _padded(region, width, height)
+
+
+class TileDataset(ManifestDataset):
+    """Tile rows -> ``(uint8 [3,size,size], index, ok, reason)``, as :class:`ManifestDataset` for images."""
+
+    def __init__(self, rows: pa.Table | Sequence[dict[str, Any]], cfg: PreprocessConfig, size: int | None = None,
+                 policy: str | None = None, resize_shorter: int | None = None,
+                 limits: DecodeConfig | None = None) -> None:
+        super().__init__(rows, cfg, size, policy, resize_shorter, limits)
+        self.formats: list[str | None] = _column(rows, "format")
+        self.boxes = np.array([_column(rows, c) for c in BOX_COLUMNS], dtype=np.int64).T.reshape(-1, 5)
+        self._whole: tuple[str, np.ndarray] | None = None
+
+    def decode(self, i: int) -> np.ndarray:
+        """Tile ``i``'s pixels at its box size (before the resize); raises DecodeError."""
+        level, x, y, width, height = (int(v) for v in self.boxes[i])
+        path = self.paths[i]
+        if self.formats[i] == "tiff":
+            return read_tiff_box(path, level, x, y, width, height)
+        if level:
+            raise DecodeError("undecodable", f"pyramid level {level} does not exist ({self.formats[i]} has one level)")
+        if self._whole is None or self._whole[0] != path:
+            self._whole = None  # the previous image goes before the next is decoded
+            full = decode_rgb(path, self.cfg, 0, "resize", 0, self.limits)
+            self._whole = (path, full)
+        return _padded(self._whole[1][y:y + height, x:x + width], width, height)
+
+
+def read_tile_rows(out: str, split: str | None = None) -> pa.Table:
+    """The tile table's ok rows of the manifest folder ``out`` as the tile datasets read them (``tile_id`` as
+    ``image_id``, the image's id as ``tile_of``), of ``split`` when given, sorted by (shard, tile id)."""
+    import pyarrow.dataset as pads
+
+    from imgfeat.metadata.contracts.tiles import tiles_path
+
+    url = tiles_path(out)
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        raise ValueError(f"--manifest {out}: no tile table at {url}; run `imgfeat manifest` with [tiles] enabled = true")
+    expr = pads.field("status") == "ok"
+    if split:
+        expr = expr & (pads.field("split") == split)
+    table = pads.dataset(path, filesystem=fs, format="parquet", ignore_prefixes=["_", "."]).to_table(filter=expr)
+    renamed = {"image_id": "tile_of", "tile_id": "image_id"}
+    table = table.rename_columns([renamed.get(c, c) for c in table.column_names])
+    return table.sort_by([("shard", "ascending"), ("image_id", "ascending")])
