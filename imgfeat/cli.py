@@ -14,9 +14,10 @@ from imgfeat.metadata.cli_common import report_errors, setup_logging
 from imgfeat.metadata.manifest import cli as manifest_cli
 from imgfeat.metadata.neighbors import cli as neighbors_cli
 from imgfeat.metadata.pca import cli as pca_cli
+from imgfeat.metadata.tiles import cli as tiles_cli
 from imgfeat.preprocess import cli as prep_cli
 
-_STAGES = (manifest_cli, prep_cli, featurize_cli, pca_cli, neighbors_cli, run_cli, verify, plan)
+_STAGES = (manifest_cli, prep_cli, featurize_cli, pca_cli, neighbors_cli, tiles_cli, run_cli, verify, plan)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -116,6 +116,101 @@ def _quality_tiles(manifest: dict | None) -> dict[str, list[dict[str, Any]]]:
     return {k: v for k, v in tiles.items() if v}
 
 
+TILED_THUMBS = 4
+"""Tiled images shown with their tile grid in the report."""
+
+
+def _overview(row: dict[str, Any], side: int) -> np.ndarray | None:
+    """A small RGB view of a tiled image: a TIFF's smallest pyramid level that is at least ``side`` wide (read
+    tile by tile), another format's decode (it fits the decode caps); None when nothing reads."""
+    import fsspec
+
+    from imgfeat.metadata.contracts.cv2_env import import_cv2
+    from imgfeat.metadata.contracts.tiff_tiles import TiffRegionReader, tiff_levels
+
+    cv2 = import_cv2()
+    try:
+        if row["format"] == "tiff":
+            with fsspec.open(row["path"], "rb") as f:
+                levels = tiff_levels(f)
+            fitting = [lv for lv in levels if lv.width >= side] or levels[:1]
+            small = min(fitting, key=lambda lv: lv.width * lv.height)
+            if small.width * small.height > 64_000_000:  # no pyramid: a gigapixel level 0 is not a thumbnail
+                return None
+            with TiffRegionReader(fsspec.open(row["path"], "rb").open) as reader:
+                return reader.read(small.index, 0, 0, small.width, small.height)
+        img = cv2.imdecode(np.frombuffer(_read_bytes_all(row["path"]), np.uint8), cv2.IMREAD_REDUCED_COLOR_4)
+        return None if img is None else img[..., ::-1]
+    except Exception:  # noqa: BLE001 - a thumbnail of a broken file is best effort by design
+        return None
+
+
+def _read_bytes_all(url: str) -> bytes:
+    import fsspec
+
+    with fsspec.open(url, "rb") as fh:
+        return fh.read()
+
+
+def tile_grid_thumbnail(row: dict[str, Any], boxes: list[tuple[int, int, int, int]], level_size: tuple[int, int],
+                        side: int = 240) -> str:
+    """A base64 PNG of the tiled image ``row`` at about ``side`` px with its tile ``boxes`` (in pixels of a level
+    of ``level_size``) drawn on it; a grey canvas with the grid when the image does not read."""
+    from imgfeat.metadata.contracts.cv2_env import import_cv2
+
+    cv2 = import_cv2()
+    lw, lh = level_size
+    scale = side / max(lw, lh)
+    w, h = max(1, round(lw * scale)), max(1, round(lh * scale))
+    view = _overview(row, side)
+    canvas = (np.full((h, w, 3), 200, np.uint8) if view is None
+              else np.ascontiguousarray(cv2.resize(view, (w, h), interpolation=cv2.INTER_AREA)))
+    for x, y, bw, bh in boxes:
+        cv2.rectangle(canvas, (round(x * scale), round(y * scale)),
+                      (round((x + bw) * scale) - 1, round((y + bh) * scale) - 1), (255, 210, 0), 1)
+    return _png_b64(canvas)
+
+
+def _tiled(run: str, limit: int = TILED_THUMBS) -> list[dict[str, Any]]:
+    """A few tiled images of the manifest (smallest paths first) with their tile grid thumbnails."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from imgfeat.metadata.contracts.tiles import tiles_path
+
+    try:
+        rows = read_manifest(run, columns=["image_id", "path", "format", "width", "height", "tiles"],
+                             filters=pc.field("tiles").is_valid() & (pc.field("status") == "ok")).to_pylist()
+        table = pads.dataset(tiles_path(run), format="parquet", ignore_prefixes=["_", "."])
+    except (ValueError, KeyError, OSError, pa.ArrowInvalid):  # no tiles column or no tile table: nothing to show
+        return []
+    out = []
+    for row in sorted(rows, key=lambda r: r["path"])[:limit]:
+        boxes = table.to_table(columns=["x", "y", "width", "height", "level"],
+                               filter=pc.field("image_id") == row["image_id"]).to_pylist()
+        if not boxes:
+            continue
+        right = max(b["x"] for b in boxes) + max(b["width"] for b in boxes)
+        bottom = max(b["y"] for b in boxes) + max(b["height"] for b in boxes)
+        size = _level_size(row, boxes[0]["level"], right, bottom)
+        out.append(dict(row, level=boxes[0]["level"], level_size=size,
+                        thumb=tile_grid_thumbnail(row, [(b["x"], b["y"], b["width"], b["height"]) for b in boxes], size)))
+    return out
+
+
+def _level_size(row: dict[str, Any], level: int, right: int, bottom: int) -> tuple[int, int]:
+    """The pixel size of the tiled level (level 0: the manifest's; else the TIFF's, or the grid's extent)."""
+    if level == 0:
+        return int(row["width"]), int(row["height"])
+    from imgfeat.metadata.manifest.tiles_table import level_dims
+
+    try:
+        return level_dims(row["path"], row["format"], row["width"], row["height"], level)
+    except Exception:  # noqa: BLE001 - best effort: the grid's own extent
+        return right, bottom
+
+
 def _neighbour_pairs(nb: dict[str, Any] | None, per_kind: int = NEIGHBOUR_PAIRS_PER_KIND) -> list[dict[str, Any]]:
     """Thumbnails of a few of the neighbours summary's example pairs: ``per_kind`` each of the pairs across
     splits, across labels and the other near duplicates, each pair once, both images with a manifest row."""
@@ -160,7 +255,9 @@ def build_report(run: str, cfg: Config | None = None) -> dict[str, Any]:
         t = feats.get("this_run", {})
         report["featurize_stages"] = t.get("stage_seconds", {})
         report["featurize_bottleneck"] = t.get("slowest_stage")
-    report["accounting"] = _accounting(manifest, feats, pca)
+    tile_feats = read_json(join(run_paths(run)["tile_features"], FEATURES_SUMMARY))
+    report["tile_features"] = tile_feats
+    report["accounting"] = _accounting(manifest, feats, pca, tile_feats)
     report["changes"] = changes(manifest, state)
     return report
 
@@ -197,16 +294,25 @@ def changes(manifest: dict | None, state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _accounting(manifest: dict | None, feats: dict | None, pca: dict | None) -> dict[str, Any]:
-    """Every manifest row ends as a feature row, a featurize reject or a manifest flag."""
+def _accounting(manifest: dict | None, feats: dict | None, pca: dict | None,
+                tile_feats: dict | None = None) -> dict[str, Any]:
+    """Every manifest row ends as a feature row, a featurize reject, a manifest flag or a tiled image (whose
+    tiles end as tile feature rows or tile rejects)."""
     if not manifest:
         return {}
     total = manifest["total"]
     flagged = total - manifest["by_status"].get("ok", 0)
-    out: dict[str, Any] = {"manifest_rows": total, "flagged_in_manifest": flagged}
+    tiles = manifest.get("tiles") or {}
+    tiled = int(tiles.get("images") or 0)
+    out: dict[str, Any] = {"manifest_rows": total, "flagged_in_manifest": flagged, "tiled_images": tiled}
     if feats:
         out.update(feature_rows=feats.get("rows"), featurize_rejects=feats.get("rejects"))
-        out["reconciles"] = feats.get("rows", 0) + feats.get("rejects", 0) + flagged == total
+        out["reconciles"] = feats.get("rows", 0) + feats.get("rejects", 0) + flagged + tiled == total
+    if tiled:
+        out["tiles"] = tiles.get("tiles")
+        if tile_feats:
+            out.update(tile_feature_rows=tile_feats.get("rows"), tile_rejects=tile_feats.get("rejects"))
+            out["tiles_reconcile"] = tile_feats.get("rows", 0) + tile_feats.get("rejects", 0) == tiles.get("tiles")
     if pca:
         out["pca_output_rows"] = pca.get("output_rows")
     return out
@@ -233,7 +339,8 @@ def write_report(run: str, cfg: Config | None = None) -> dict[str, Any]:
             plots[url.rsplit("/", 1)[-1]] = base64.b64encode(_read_bytes(url)).decode()
         except OSError:
             log.warning("report: plot %s is missing", url)
-    page = render_html(report, flagged, plots, _quality_tiles(report["manifest"]), _neighbour_pairs(report["neighbors"]))
+    page = render_html(report, flagged, plots, _quality_tiles(report["manifest"]), _neighbour_pairs(report["neighbors"]),
+                       _tiled(run) if (report["manifest"] or {}).get("tiles") else [])
     write_bytes_atomic(join(run, REPORT_HTML), page.encode())
     log.info("report: %s", join(run, REPORT_HTML))
     return report
@@ -306,6 +413,30 @@ def _quality_section(m: dict[str, Any], tiles: dict[str, list[dict[str, Any]]]) 
     return "".join(out)
 
 
+def _tiles_section(m: dict[str, Any], acc: dict[str, Any], tiled: list[dict[str, Any]]) -> str:
+    """Tiled images: counts, the tile features' accounting, and a few images with their tile grid."""
+    tiles = m.get("tiles")
+    if not tiles:
+        return ""
+    out = [f"<h2 id='tiles'>Tiles</h2><p>{tiles['images']:,} image(s) large enough to tile, cut into "
+           f"<b>{tiles['tiles']:,}</b> tiles in {tiles['shards']:,} shard(s) (<code>tiles/</code>); each tile is one "
+           "feature row keyed by <code>tile_id</code> (<code>tile_features/</code>)."]
+    if "tiles_reconcile" in acc:
+        verdict = "<span class='ok'>every tile is accounted for</span>" if acc["tiles_reconcile"] else \
+            "<span class='bad'>tile counts do not reconcile</span>"
+        out.append(f" {acc['tile_feature_rows']:,} tile feature rows, {acc['tile_rejects']:,} tiles rejected while "
+                   f"reading: {verdict}.")
+    out.append("</p>")
+    cells = "".join(
+        f"<div class='thumb' style='width:260px'><img style='width:240px;height:auto' alt='tile grid' "
+        f"src='data:image/png;base64,{r['thumb']}'><div><b>{r['tiles']:,} tiles</b>, level {r['level']} "
+        f"({r['level_size'][0]:,}x{r['level_size'][1]:,})</div><div class='muted'>{_e(r['path'])}</div></div>"
+        for r in tiled)
+    if cells:
+        out.append(f"<div class='thumbs'>{cells}</div>")
+    return "".join(out)
+
+
 _PAIR_KINDS = {"near_duplicates": "near duplicate", "cross_split": "across splits", "cross_label": "across labels"}
 
 
@@ -338,7 +469,7 @@ def _neighbours_section(nb: dict[str, Any] | None, pairs: list[dict[str, Any]]) 
 
 def render_html(report: dict[str, Any], flagged: list[dict[str, Any]], plots: dict[str, str],
                 quality_tiles: dict[str, list[dict[str, Any]]] | None = None,
-                neighbour_pairs: list[dict[str, Any]] | None = None) -> str:
+                neighbour_pairs: list[dict[str, Any]] | None = None, tiled: list[dict[str, Any]] | None = None) -> str:
     """The static page: every figure is inline, nothing is fetched."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>imgfeat run report</title><style>{_CSS}</style>"
              "</head><body>", f"<h1>imgfeat run report</h1><p class='muted'>{_e(report['run'])} &middot; {_e(report['created_at'])}</p>"]
@@ -402,6 +533,7 @@ def render_html(report: dict[str, Any], flagged: list[dict[str, Any]], plots: di
                 for label, per in m.get("by_label_split", {}).items()]
         parts.append("<h2 id='classes'>Per-class counts (usable files)</h2>" + _table(["label", *splits, "total", ""], rows))
         parts.append(_quality_section(m, quality_tiles or {}))
+        parts.append(_tiles_section(m, acc, tiled or []))
     if flagged:
         tiles = "".join(f"<div class='thumb'><img alt='{_e(r['status'])}' src='data:image/png;base64,{r['thumb']}'>"
                         f"<div><b>{_e(r['status'])}</b>: {_e(r['status_detail'])}</div><div class='muted'>{_e(r['path'])}</div></div>"

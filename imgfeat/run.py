@@ -68,7 +68,10 @@ def run_pipeline(cfg: Config, out: str | None = None, sources: list[str] | None 
     def done(stage: str, digest: str) -> bool:
         return not force and state["stages"].get(stage, {}).get("digest") == digest
 
-    for stage in [*cfg.run.stages, *(["neighbors"] if cfg.neighbors.enabled else [])]:
+    stages = list(cfg.run.stages)
+    if cfg.tiles.enabled and "featurize" in stages:  # the tiles of tiled images, right after the images
+        stages.insert(stages.index("featurize") + 1, "tiles")
+    for stage in [*stages, *(["neighbors"] if cfg.neighbors.enabled else [])]:
         t = time.perf_counter()
         if stage == "manifest":
             from imgfeat.metadata.manifest.job import run_manifest
@@ -131,6 +134,19 @@ def run_pipeline(cfg: Config, out: str | None = None, sources: list[str] | None 
                    shards_dropped=len(dropped))
             log.info("featurize: %d shards computed, %d of %s committed shards reused", computed,
                      (after.get("shards") or 0) - computed, after.get("shards"))
+        elif stage == "tiles":
+            manifest = read_json(join(run_dir, SUMMARY_FILE)) or {}
+            if not (manifest.get("tiles") or {}).get("tiles"):
+                log.info("tiles: no tiled image in the manifest")
+                record(stage, "", time.perf_counter() - t, True, tiles=0)
+                continue
+            _featurize(cfg, paths, tiles=True)  # resumable: shards already committed for these tiles are kept
+            if cfg.tiles.pooled:
+                from imgfeat.metadata.tiles.pool import pool_tiles
+
+                pool_tiles(cfg, paths["manifest"], paths["tile_features"], paths["tiles_pooled"], master=master)
+            record(stage, _digest(cfg.fingerprint("featurize", "preprocess"), _manifest_identity(manifest)),
+                   time.perf_counter() - t, False, tiles=manifest["tiles"]["tiles"])
         elif stage == "pca":
             feat = read_json(join(paths["features"], FEATURES_SUMMARY)) or {}
             manifest = read_json(join(run_dir, SUMMARY_FILE)) or {}
@@ -178,12 +194,14 @@ def _manifest_identity(summary: dict[str, Any] | None) -> str:
     return _digest(s.get("version"), s.get("fingerprint"), s.get("total"), s.get("num_shards"), s.get("by_status"))
 
 
-def _featurize(cfg: Config, paths: dict[str, str]) -> None:
-    """In this process for one rank; through torchrun (standalone, this node) for several."""
+def _featurize(cfg: Config, paths: dict[str, str], tiles: bool = False) -> None:
+    """In this process for one rank; through torchrun (standalone, this node) for several. ``tiles``: the tile
+    table into ``tile_features``."""
+    features = paths["tile_features" if tiles else "features"]
     if cfg.run.nproc <= 1:
         from imgfeat.featurize.runner import run_featurize
 
-        run_featurize(cfg, paths["manifest"], paths["features"])
+        run_featurize(cfg, paths["manifest"], features, tiles=tiles)
         return
     # --config takes a local file; the run folder's copy may be on an object store.
     with tempfile.TemporaryDirectory(prefix="imgfeat-run-") as tmp:
@@ -191,7 +209,8 @@ def _featurize(cfg: Config, paths: dict[str, str]) -> None:
         with open(conf, "w", encoding="utf-8") as fh:
             fh.write(dump_toml(cfg))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.run.nproc}",
-               "-m", "imgfeat.featurize", "--manifest", paths["manifest"], "--out", paths["features"], "--config", conf]
+               "-m", "imgfeat.featurize", "--manifest", paths["manifest"], "--out", features, "--config", conf,
+               *(["--tiles"] if tiles else [])]
         log.info("featurize: %s", " ".join(cmd))
         proc = subprocess.run(cmd, env=dict(os.environ, IMGFEAT_NO_PROGRESS=os.environ.get("IMGFEAT_NO_PROGRESS", "")))
     if proc.returncode != 0:

@@ -353,6 +353,9 @@ class TilesConfig:
     edge: str = "pad"
     """``pad``: every tile is ``tile_size`` square, black past the image's edge; ``clip``: edge tiles are
     cut to the image."""
+    pooled: bool = False
+    """``imgfeat run`` also writes RUN/tiles_pooled/: per tiled image, the mean of its tile features (one vector
+    per image; ``imgfeat pool-tiles``)."""
 
     def validate(self) -> None:
         check_choices("tiles", self)

@@ -3,8 +3,9 @@
 Rows are the tile table's as featurize reads them (``featurize.assign``: ``image_id`` is the tile's id,
 ``tile_of`` its image's; ``level, x, y, width, height`` its box). How a box is read:
 
-* a TIFF: ``contracts.tiff_tiles.read_region`` decodes only the TIFF tiles the box touches, so a worker
-  holds a few tiles, never the image (whatever its size);
+* a TIFF: ``contracts.tiff_tiles.TiffRegionReader`` decodes only the TIFF tiles the box touches, so a
+  worker holds a few tiles, never the image (whatever its size); the file stays open, its IFDs parsed once,
+  while the next rows are boxes of the same file;
 * another format (JPEG, PNG, ...), which has no random access: the image is decoded whole (within the
   ``[decode]`` caps) once and kept while the next rows are tiles of the same image; tile rows are sorted
   by shard, and the tile table deals an image's tiles to neighbouring shards, so a worker decodes each
@@ -23,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from imgfeat.metadata.config import DecodeConfig, PreprocessConfig
-from imgfeat.metadata.contracts.tiff_tiles import TiffTileError, read_region
+from imgfeat.metadata.contracts.tiff_tiles import TiffRegionReader, TiffTileError
 from imgfeat.preprocess.dataset import ManifestDataset, _column, decode_rgb
 from imgfeat.preprocess.decode import DecodeError
 
@@ -40,16 +41,10 @@ def _padded(region: np.ndarray, width: int, height: int) -> np.ndarray:
     return canvas
 
 
-def read_tiff_box(path: str, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-    """The box of a TIFF at ``path`` (fsspec URL), padded to its size; raises DecodeError."""
-    try:
-        with fsspec.open(path, "rb") as f:
-            region = read_region(f, level, x, y, width, height)
-    except TiffTileError as exc:
-        raise DecodeError(exc.reason, exc.detail) from None
-    except OSError as exc:
-        raise DecodeError("unreadable", f"read failed: {getattr(exc, 'strerror', None) or exc}") from None
-    return _padded(region, width, height)
+def _as_decode_error(exc: Exception) -> DecodeError:
+    if isinstance(exc, TiffTileError):
+        return DecodeError(exc.reason, exc.detail)
+    return DecodeError("unreadable", f"read failed: {getattr(exc, 'strerror', None) or exc}")
 
 
 class TileDataset(ManifestDataset):
@@ -62,13 +57,37 @@ class TileDataset(ManifestDataset):
         self.formats: list[str | None] = _column(rows, "format")
         self.boxes = np.array([_column(rows, c) for c in BOX_COLUMNS], dtype=np.int64).T.reshape(-1, 5)
         self._whole: tuple[str, np.ndarray] | None = None
+        self._tiff: tuple[str, TiffRegionReader] | None = None
+
+    def _tiff_reader(self, path: str) -> TiffRegionReader:
+        """The open reader of ``path`` (the previous file's is closed first)."""
+        if self._tiff is not None and self._tiff[0] == path:
+            return self._tiff[1]
+        self.close_files()
+        reader = TiffRegionReader(fsspec.open(path, "rb").open)
+        self._tiff = (path, reader)
+        return reader
+
+    def close_files(self) -> None:
+        """Close the TIFF this dataset keeps open (it is reopened when needed)."""
+        if self._tiff is not None:
+            self._tiff[1].close()
+            self._tiff = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Open files and decoded images never cross a process boundary: each worker opens its own.
+        return {**self.__dict__, "_whole": None, "_tiff": None}
 
     def decode(self, i: int) -> np.ndarray:
         """Tile ``i``'s pixels at its box size (before the resize); raises DecodeError."""
         level, x, y, width, height = (int(v) for v in self.boxes[i])
         path = self.paths[i]
         if self.formats[i] == "tiff":
-            return read_tiff_box(path, level, x, y, width, height)
+            try:
+                return _padded(self._tiff_reader(path).read(level, x, y, width, height), width, height)
+            except (TiffTileError, OSError) as exc:
+                self.close_files()
+                raise _as_decode_error(exc) from None
         if level:
             raise DecodeError("undecodable", f"pyramid level {level} does not exist ({self.formats[i]} has one level)")
         if self._whole is None or self._whole[0] != path:

@@ -298,3 +298,25 @@ def test_small_tiff_without_shared_photos(tmp_path):
     assert [(lv.width, lv.height) for lv in tiff_levels(open(path, "rb"))] == [(500, 300), (250, 150)]
     with pytest.raises(ValueError):
         write_mosaic_tiff(tmp_path / "x.tif", 100, 100, synthetic_photos(2), levels=4, cell=100)
+
+
+def test_the_region_reader_keeps_the_file_open_and_reads_what_read_region_reads(tmp_path):
+    from imgfeat.metadata.contracts.tiff_tiles import TiffRegionReader, TiffTileError, read_region
+
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 255, (600, 700, 3), dtype=np.uint8)
+    path = tmp_path / "t.tif"
+    tifffile.imwrite(path, rgb, tile=(128, 128), compression="zlib", photometric="rgb")
+    opened: list[int] = []
+
+    def opener():
+        opened.append(1)
+        return open(path, "rb")
+
+    with TiffRegionReader(opener) as reader:
+        for box in [(0, 0, 100, 100), (120, 90, 300, 200), (650, 550, 100, 100)]:
+            with open(path, "rb") as f:
+                assert np.array_equal(reader.read(0, *box), read_region(f, 0, *box))
+        with pytest.raises(TiffTileError, match="level 2 does not exist"):
+            reader.read(2, 0, 0, 10, 10)
+    assert len(opened) == 1

@@ -243,3 +243,42 @@ def test_a_pyramid_level_that_does_not_exist_is_a_reason_and_level_one_tiles_its
     assert rows["two_levels.tif"]["status"] == "ok"
     assert rows["two_levels.tif"]["tiles"] == tile_count(500, 400, 256, 0.1)
     assert rows["one_level.tif"]["status"] == "undecodable" and "level 1" in rows["one_level.tif"]["status_detail"]
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_a_run_with_tiles_pools_them_reports_the_grid_and_reconciles(spark, torch_home, tmp_path):
+    import pyarrow.dataset as pads
+    from run_helpers import features_by_id
+
+    from imgfeat.metadata.config import load_config
+    from imgfeat.run import run_pipeline
+
+    src = tmp_path / "src"
+    for i in range(4):
+        write_image(src / "photos" / f"{i}.jpg", gradient_image(50 + i, 60, seed=i))
+    write_tiled_tiff(src / "scans" / "slide.tif", photo_like(700, 800, seed=4), tile=128, levels=3, compression="jpeg")
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.toml", {
+        "run": {"sources": [str(src)], "out": str(tmp_path / "run"), "stages": ["manifest", "featurize"]},
+        "manifest": {"rows_per_shard": 4},
+        "tiles": {"enabled": True, "min_side": 600, "tile_size": 256, "pooled": True},
+        "preprocess": {"size": 64, "resize_shorter": 72, "batch_size": 8, "num_workers": 1},
+        "neighbors": {"enabled": False},
+    })
+    report = run_pipeline(cfg)
+    acc = report["accounting"]
+    assert acc["reconciles"] and acc["tiled_images"] == 1 and acc["feature_rows"] == 4
+    from imgfeat.metadata.contracts.tiles import tile_count
+
+    n = tile_count(800, 700, 256, 0.1)
+    assert acc["tiles_reconcile"] and acc["tile_feature_rows"] == acc["tiles"] == n == 12
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "<h2 id='tiles'>Tiles</h2>" in html and f"{n} tiles</b>, level 0 (800x700)" in html
+
+    pooled = pads.dataset(str(tmp_path / "run" / "tiles_pooled"), format="parquet",
+                          ignore_prefixes=["_", "."]).to_table().to_pylist()
+    tiles = pads.dataset(str(tmp_path / "run" / "tiles"), format="parquet", ignore_prefixes=["_", "."]).to_table()
+    by_id = features_by_id(str(tmp_path / "run" / "tile_features"))
+    assert len(pooled) == 1 and pooled[0]["tiles"] == n and pooled[0]["image_id"] == tiles["image_id"][0].as_py()
+    want = np.mean([by_id[t] for t in tiles["tile_id"].to_pylist()], axis=0)
+    assert np.allclose(pooled[0]["features"], want, atol=1e-5)

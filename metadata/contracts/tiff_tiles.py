@@ -126,6 +126,46 @@ def read_region(f: IO[bytes], level: int, x: int, y: int, width: int, height: in
         return _read_box(f, page, x, y, width, height)
 
 
+class TiffRegionReader:
+    """``read_region`` for many boxes of one TIFF: the file is opened and its level checked once, not per box.
+
+    Use as a context manager, or call :meth:`close`. ``opener`` returns a fresh seekable binary file object
+    (e.g. ``fsspec.open(url, "rb").open``)."""
+
+    def __init__(self, opener: Any, max_segment_bytes: int = MAX_SEGMENT_BYTES) -> None:
+        self._f = opener()
+        try:
+            self._size = _file_size(self._f)
+            self._ctx = _open(self._f, self._size)
+            self._tif = self._ctx.__enter__()
+        except BaseException:
+            self._f.close()
+            raise
+        self._pages: dict[int, Any] = {}
+        self._max = max_segment_bytes
+
+    def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """As :func:`read_region` on this file."""
+        if width < 0 or height < 0:
+            raise ValueError(f"negative box size {width}x{height}")
+        if level not in self._pages:
+            self._pages[level] = _level_page(self._tif, level, self._size, self._max)
+        return _read_box(self._f, self._pages[level], x, y, width, height)
+
+    def close(self) -> None:
+        """Close the TIFF and its file object."""
+        try:
+            self._ctx.__exit__(None, None, None)
+        finally:
+            self._f.close()
+
+    def __enter__(self) -> "TiffRegionReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 # -- opening and checking ---------------------------------------------------------------------------
 
 
