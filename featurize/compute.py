@@ -392,6 +392,7 @@ class ShardComputer:
         marker = feature_store.write_feature_shard(
             self.out, work.shard, ids[ok].tolist(), kept, rejects, self.cfg.featurize.format, self.fingerprint,
             extra={"manifest_rows": len(work), "rank": self.stats.rank},
+            tiles=dataset.tile_records(np.flatnonzero(ok)) if isinstance(dataset, TileDataset) else None,
         )
         self.stats.timings["write"] += time.perf_counter() - t
         self.stats.images += int(ok.sum())

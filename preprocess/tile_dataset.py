@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from imgfeat.metadata.config import DecodeConfig, PreprocessConfig
+from imgfeat.metadata.contracts.feature_store import TILE_DTYPE
 from imgfeat.metadata.contracts.tiff_tiles import TiffRegionReader, TiffTileError
 from imgfeat.preprocess.dataset import ManifestDataset, _column, decode_rgb
 from imgfeat.preprocess.decode import DecodeError
@@ -55,9 +56,18 @@ class TileDataset(ManifestDataset):
                  limits: DecodeConfig | None = None) -> None:
         super().__init__(rows, cfg, size, policy, resize_shorter, limits)
         self.formats: list[str | None] = _column(rows, "format")
+        self.tile_of: list[str] = [str(v) for v in _column(rows, "tile_of")]
         self.boxes = np.array([_column(rows, c) for c in BOX_COLUMNS], dtype=np.int64).T.reshape(-1, 5)
         self._whole: tuple[str, np.ndarray] | None = None
         self._tiff: tuple[str, TiffRegionReader] | None = None
+
+    def tile_records(self, rows: np.ndarray) -> np.ndarray:
+        """``feature_store.TILE_DTYPE`` records (image id and box) of the tiles at positions ``rows``."""
+        out = np.zeros(len(rows), TILE_DTYPE)
+        out["tile_of"] = [self.tile_of[i] for i in rows]
+        for k, name in enumerate(BOX_COLUMNS):
+            out[name] = self.boxes[rows, k]
+        return out
 
     def _tiff_reader(self, path: str) -> TiffRegionReader:
         """The open reader of ``path`` (the previous file's is closed first)."""

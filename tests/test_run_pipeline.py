@@ -83,7 +83,7 @@ def test_report_opens_in_chromium_without_errors(demo_run, tmp_path):
         counts[name] = int(m.group(1))
     images, ok = counts["images"], counts["images-ok"]
     assert images >= 2 + 5 and ok == images  # two PCA plots and a thumbnail per flagged file
-    for section in ("Per-class counts", "Flagged files", "PCA", "Time per stage", "Bottleneck stage"):
+    for section in ("Per-class counts", "Flagged files", "PCA", "Neighbours", "Time per stage", "Bottleneck stage"):
         assert section in dom
 
 

@@ -186,6 +186,17 @@ def test_manifest_tiles_featurize_and_verify_a_folder_of_large_images_among_phot
     run_featurize(cfg, str(out), str(feats), tiles=True)
     v = verify_run(str(out), str(feats), tiles=True)
     assert v.ok and v.feature_rows == len(tiles) and v.rejected == 0, v.problems
+    from imgfeat.metadata.contracts.feature_store import committed_shards, read_feature_shard, read_tile_boxes
+
+    by_tile = {t["tile_id"]: t for t in tiles}
+    for stem, marker in committed_shards(str(feats)).items():  # each shard names its tiles' images and boxes
+        ids, _ = read_feature_shard(str(feats), stem, marker)
+        boxes = read_tile_boxes(str(feats), stem, marker)
+        assert boxes is not None and len(boxes) == len(ids)
+        for tid, rec in zip(ids, boxes):
+            t = by_tile[str(tid)]
+            assert (rec["tile_of"], *(int(rec[c]) for c in ("level", "x", "y", "width", "height"))) == (
+                t["image_id"], t["level"], t["x"], t["y"], t["width"], t["height"])
     images = tmp_path / "feats"
     run_featurize(cfg, str(out), str(images))  # the whole-image run leaves the tiled images to their tiles
     v = verify_run(str(out), str(images))
@@ -249,10 +260,11 @@ def test_a_pyramid_level_that_does_not_exist_is_a_reason_and_level_one_tiles_its
 @pytest.mark.slow
 def test_a_run_with_tiles_pools_them_reports_the_grid_and_reconciles(spark, torch_home, tmp_path):
     import pyarrow.dataset as pads
-    from run_helpers import features_by_id
 
     from imgfeat.metadata.config import load_config
     from imgfeat.run import run_pipeline
+
+    from run_helpers import features_by_id
 
     src = tmp_path / "src"
     for i in range(4):
@@ -282,3 +294,21 @@ def test_a_run_with_tiles_pools_them_reports_the_grid_and_reconciles(spark, torc
     assert len(pooled) == 1 and pooled[0]["tiles"] == n and pooled[0]["image_id"] == tiles["image_id"][0].as_py()
     want = np.mean([by_id[t] for t in tiles["tile_id"].to_pylist()], axis=0)
     assert np.allclose(pooled[0]["features"], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["npy", "hdf5"])
+def test_a_tile_feature_shard_carries_its_tiles_images_and_boxes_in_both_formats(tmp_path, fmt):
+    from imgfeat.metadata.contracts import shards
+    from imgfeat.metadata.contracts.feature_store import TILE_DTYPE, read_feature_shard, read_tile_boxes, write_feature_shard
+
+    boxes = np.zeros(3, TILE_DTYPE)
+    boxes["tile_of"] = ["a" * 32, "a" * 32, "b" * 32]
+    boxes["x"], boxes["width"], boxes["height"], boxes["level"] = [0, 460, 0], 512, 512, [0, 0, 1]
+    marker = write_feature_shard(str(tmp_path), 7, ["t1", "t2", "t3"], np.ones((3, 4), np.float32), [], fmt, "fp",
+                                 tiles=boxes)
+    shards.verify_shard(str(tmp_path), "part-00007", marker)
+    ids, _ = read_feature_shard(str(tmp_path), "part-00007", marker)
+    got = read_tile_boxes(str(tmp_path), "part-00007", marker)
+    assert ids.tolist() == ["t1", "t2", "t3"] and got is not None and got.tolist() == boxes.tolist()
+    plain = write_feature_shard(str(tmp_path), 8, ["i1"], np.ones((1, 4), np.float32), [], fmt, "fp")
+    assert read_tile_boxes(str(tmp_path), "part-00008", plain) is None

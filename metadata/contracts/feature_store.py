@@ -28,6 +28,10 @@ from imgfeat.metadata import storage
 from imgfeat.metadata.contracts import shards
 
 ID_DTYPE = "<U32"
+TILE_DTYPE = np.dtype([("tile_of", ID_DTYPE), ("level", "<i4"), ("x", "<i4"), ("y", "<i4"), ("width", "<i4"),
+                       ("height", "<i4")])
+"""Per row of a tile feature shard: its image's id and its box in pixels of ``level`` (``{stem}.tiles.npy``, or
+the ``tiles`` dataset of the HDF5 file): a shard names its tiles' images and coordinates by itself."""
 
 
 def data_files(stem: str, fmt: str) -> list[str]:
@@ -50,8 +54,10 @@ def write_feature_shard(
     fmt: str,
     fingerprint: str,
     extra: dict[str, Any] | None = None,
+    tiles: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Write and commit one shard: data files (atomic each), rejects, then the marker. Returns the marker."""
+    """Write and commit one shard: data files (atomic each), rejects, then the marker. Returns the marker.
+    ``tiles`` (``TILE_DTYPE``, one per feature row): the image and box of each row of a tile shard."""
     stem = shards.shard_stem(shard)
     shards.fault_point("shard_start", storage.join(folder, stem))
     features = np.ascontiguousarray(features)
@@ -59,8 +65,14 @@ def write_feature_shard(
         raise ValueError(f"{stem}: features shape {features.shape} does not match {len(image_ids)} ids")
     ids = np.asarray(list(image_ids), dtype=ID_DTYPE)
     names = data_files(stem, fmt)
+    if tiles is not None and len(tiles) != len(ids):
+        raise ValueError(f"{stem}: {len(tiles)} tile boxes for {len(ids)} rows")
     if fmt == "npy":
-        for name, array in ((names[0], features), (names[1], ids)):
+        arrays = [(names[0], features), (names[1], ids)]
+        if tiles is not None:
+            names.insert(2, shards.TILES_NPY.format(stem=stem))
+            arrays.append((names[2], tiles.astype(TILE_DTYPE)))
+        for name, array in arrays:
             # np.save on a path would append ".npy" to the temporary name; a file handle keeps it.
             with storage.staged_file(storage.join(folder, name)) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, array)
@@ -71,6 +83,9 @@ def write_feature_shard(
             with h5py.File(tmp, "w") as h5:
                 h5.create_dataset("features", data=features, chunks=(min(len(ids) or 1, 1024), features.shape[1] or 1))
                 h5.create_dataset("image_id", data=ids.astype("S32"))
+                if tiles is not None:
+                    h5.create_dataset("tiles", data=tiles.astype(TILE_DTYPE).astype(
+                        [("tile_of", "S32"), *[(n, "<i4") for n in TILE_DTYPE.names[1:]]]))
                 h5.attrs["fingerprint"] = fingerprint
                 h5.attrs["shard"] = shard
     storage.write_bytes_atomic(
@@ -151,6 +166,21 @@ def read_feature_head(folder: str, stem: str, marker: dict[str, Any], rows: int)
     with fs.open(fsspec.core.url_to_fs(storage.join(folder, shards.FEATURES_H5.format(stem=stem)))[1], "rb") as fh:
         with h5py.File(fh, "r") as h5:
             return h5["features"][:take]
+
+
+def read_tile_boxes(folder: str, stem: str, marker: dict[str, Any]) -> np.ndarray | None:
+    """The ``TILE_DTYPE`` rows of a tile feature shard (None for a shard of whole images)."""
+    fs, _ = fsspec.core.url_to_fs(folder)
+    if marker.get("format") == "hdf5":
+        import h5py
+
+        with fs.open(fsspec.core.url_to_fs(storage.join(folder, shards.FEATURES_H5.format(stem=stem)))[1], "rb") as fh:
+            with h5py.File(fh, "r") as h5:
+                return h5["tiles"][:].astype(TILE_DTYPE) if "tiles" in h5 else None
+    name = shards.TILES_NPY.format(stem=stem)
+    if name not in (marker.get("files") or {}):
+        return None
+    return _load_npy(fs, fsspec.core.url_to_fs(storage.join(folder, name))[1])
 
 
 def read_rejects(folder: str, stem: str) -> list[dict[str, Any]]:

@@ -31,6 +31,8 @@ MARKER_FETCH_THREADS = 16
 # Feature shards (featurize): npy pair or one HDF5 file per shard.
 FEATURES_NPY = "{stem}.features.npy"
 IDS_NPY = "{stem}.ids.npy"
+TILES_NPY = "{stem}.tiles.npy"
+"""Tile feature shards: per row its image's id and box (``feature_store.TILE_DTYPE``)."""
 FEATURES_H5 = "{stem}.h5"
 FEATURES_SUMMARY = "featurize_summary.json"
 
