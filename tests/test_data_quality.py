@@ -1,4 +1,5 @@
-"""The near-duplicate search's candidate budget (``data_quality.fitting_distance``)."""
+"""The near-duplicate search's candidate budget (``near_duplicates.fitting_distance``, used by
+``data_quality.near_duplicate_summary``): Spark's count and numpy's against a plain count of the buckets."""
 from __future__ import annotations
 
 from collections import Counter
@@ -6,10 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from imgfeat.metadata.manifest.data_quality import candidate_pairs_at, fitting_distance
-from imgfeat.metadata.manifest.near_duplicates import band_values
-
-pytestmark = pytest.mark.spark
+from imgfeat.metadata.manifest.near_duplicates import band_join_size, band_values, candidate_pairs_at, fitting_distance
 
 
 def clustered_hashes(n: int = 300, seed: int = 0) -> np.ndarray:
@@ -19,18 +17,32 @@ def clustered_hashes(n: int = 300, seed: int = 0) -> np.ndarray:
     return np.unique(high | np.int64(0x155))
 
 
-def pairs_by_numpy(hashes: np.ndarray, distance: int) -> int:
+def pairs_by_counter(hashes: np.ndarray, distance: int) -> int:
+    if distance == 0:
+        return 0
     keys = band_values(hashes, distance)
     return sum(k * (k - 1) // 2 for band in range(keys.shape[1]) for k in Counter(keys[:, band].tolist()).values())
 
 
+@pytest.mark.spark
 def test_the_count_is_the_band_join_size_and_the_distance_falls_until_it_fits(spark):
     hashes = clustered_hashes()
     frame = spark.createDataFrame([(int(h),) for h in hashes], "phash long")
-    expect = {d: pairs_by_numpy(hashes, d) for d in range(5)}
+    expect = {d: pairs_by_counter(hashes, d) for d in range(5)}
     assert expect[4] >= len(hashes) * (len(hashes) - 1) // 2 > 5 * expect[3]
     for d in (4, 3, 1):
         assert candidate_pairs_at(frame, d) == expect[d]
-    assert fitting_distance(frame, 4, max_pairs=expect[4]) == (4, expect[4])
-    assert fitting_distance(frame, 4, max_pairs=expect[4] - 1) == (3, expect[3])
-    assert fitting_distance(frame, 4, max_pairs=0)[0] <= 1
+    for src in (frame, hashes):  # Spark's count (the big search) and numpy's (the one-task search)
+        assert fitting_distance(src, 4, max_pairs=expect[4]) == (4, expect[4])
+        assert fitting_distance(src, 4, max_pairs=expect[4] - 1) == (3, expect[3])
+        assert fitting_distance(src, 4, max_pairs=0)[0] <= 1
+
+
+@pytest.mark.parametrize("d", [0, 1, 2, 3, 4, 7, 63])
+def test_band_join_size_counts_every_bucket_pair(d: int) -> None:
+    rng = np.random.default_rng(d)
+    hashes = np.unique(np.concatenate([clustered_hashes(200, d), rng.integers(-(1 << 63), (1 << 63) - 1, 300,
+                                                                              dtype=np.int64, endpoint=True)]))
+    assert band_join_size(hashes, d) == pairs_by_counter(hashes, d)
+    assert band_join_size(hashes.view(np.uint64), d) == pairs_by_counter(hashes, d)
+    assert band_join_size(np.zeros(0, np.int64), d) == band_join_size(hashes[:1], d) == 0

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from imgfeat.metadata.manifest import near_duplicates as nd
 from imgfeat.metadata.manifest.near_duplicates import (
+    band_join_size,
     band_key_rows,
     band_keys,
     band_layout,
@@ -30,6 +31,7 @@ from imgfeat.metadata.manifest.near_duplicates import (
     connected_components,
     near_duplicate_counts,
     near_duplicate_groups,
+    near_duplicate_search,
     near_pairs,
 )
 
@@ -463,3 +465,38 @@ def test_near_duplicate_groups_without_the_broadcast(spark, monkeypatch: pytest.
     monkeypatch.setattr(nd, "BROADCAST_ROWS", 0)
     got = {r["image_id"]: r["near_duplicate_of"] for r in near_duplicate_groups(spark, df, 2).collect()}
     assert got == expected_groups(rows, 2) and got
+
+
+@pytest.mark.spark
+def test_near_duplicate_search_fits_the_distance_and_counts_its_materialized_groups(spark, tmp_path: Path) -> None:
+    """``near_duplicate_search``: the groups of ``near_duplicate_groups`` at the largest distance whose band
+    join fits ``max_pairs`` (counted in the one task or by Spark), with ``near_duplicate_counts``' numbers."""
+    rng = random.Random(14)
+    hs: list[int | None] = list(random_hashes(rng, 150, 4)) + [None] * 4
+    rows = [(f"{rng.getrandbits(40):010x}", f"/img/{rng.getrandbits(24):06x}-{k}.jpg", h, f"c{k:04d}")
+            for k, h in enumerate(hs)]
+    by_id = {r[0]: r for r in rows}
+    df = spark.createDataFrame(rows, "image_id string, path string, phash long, content_hash string")
+    distinct = np.array(sorted({h for h in hs if h is not None}), np.int64)
+    pairs = {d: band_join_size(distinct, d) for d in range(5)}
+    assert pairs[4] > pairs[3] > pairs[2]
+    for one_task in (nd.ONE_TASK_HASHES, 0):
+        for max_pairs, want_d in ((None, 4), (pairs[4], 4), (pairs[4] - 1, 3), (pairs[2], 2)):
+            scratch = tmp_path / f"s-{one_task}-{max_pairs}"
+            found = near_duplicate_search(spark, df, 4, str(scratch), max_pairs=max_pairs, one_task_hashes=one_task,
+                                          carry=("path", "content_hash"))
+            assert found.distance == want_d, (one_task, max_pairs)
+            assert found.candidate_pairs == (None if max_pairs is None else pairs[want_d])
+            out = found.groups.collect()
+            assert {r["image_id"]: r["near_duplicate_of"] for r in out} == expected_groups([r[:3] for r in rows], want_d)
+            for r in out:
+                assert (r["path"], r["content_hash"]) == by_id[r["image_id"]][1::2]
+                assert (r["rep_path"], r["rep_content_hash"]) == by_id[r["near_duplicate_of"]][1::2]
+            assert found.counts == near_duplicate_counts(found.groups) and found.counts["groups"] >= 3
+            assert any(p.name.startswith("groups-") for p in scratch.iterdir())
+    for one_task in (nd.ONE_TASK_HASHES, 0):  # nothing to group, and the guard of max_candidates
+        empty = near_duplicate_search(spark, df.limit(1), 4, max_pairs=0, one_task_hashes=one_task)
+        assert (empty.distance, empty.candidate_pairs, empty.counts, empty.groups.count()) == (
+            4, 0, {"groups": 0, "duplicates": 0, "members": 0}, 0)
+        with pytest.raises(ValueError, match=f"max_candidates={pairs[3] - 1}"):
+            near_duplicate_groups(spark, df, 3, max_candidates=pairs[3] - 1, one_task_hashes=one_task)

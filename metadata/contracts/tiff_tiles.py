@@ -31,6 +31,7 @@ of a stack or of an OME channel series).
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +39,9 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import numpy as np
+
+# A broken file is a row's reason here; tifffile's own warnings about it would repeat that once per file.
+logging.getLogger("tifffile").setLevel(logging.ERROR)
 
 MAX_SEGMENT_BYTES = 256 * 1024 * 1024
 """The largest decoded segment (tile or strip) read_region will hold; a level with a larger one is ``too_large``."""

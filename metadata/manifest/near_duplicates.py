@@ -39,35 +39,43 @@ The steps and what each costs as the data grows (``N`` rows with a hash, ``U`` d
    1,000 nodes 8 or 10, random graphs and trees of 2,000 nodes 4 to 6, a star 0 or 1.
 5. the answer (``near_duplicate_groups``): the components joined to the ``U``-row hash table, a
    ``groupBy`` per component with ``min(struct(path, image_id))`` (the representative) and ``sum(n)``
-   (the size), that joined back per hash: a per-hash map (``phash``, the representative's id), one row
-   per grouped hash, materialized (its row count comes with it), then one join of the ``N`` rows with it
-   on ``phash``, a broadcast join up to ``BROADCAST_ROWS`` rows of the map (no shuffle of the rows).
+   (the size), that joined back per hash: a per-hash map (``phash``, its ``n``, whether it holds the
+   representative, the representative's id), one row per grouped hash, materialized (its row count comes
+   with it), then one join of the ``N`` rows with it on ``phash``, a broadcast join up to
+   ``BROADCAST_ROWS`` rows of the map (no shuffle of the rows).
 
 Small inputs, one task (``near_duplicate_groups`` up to ``ONE_TASK_HASHES`` distinct hashes: the hash
 table's row count decides): steps 2-5 are the same algorithm in numpy in one task (``_search_task``:
 ``near_pairs`` for the band join, exact check and lowest-band rule; ``components_of`` for the components;
-a sort for the representatives), reading the materialized hash table once and writing the per-hash map.
+a sort for the representatives), reading the materialized hash table once and writing the per-hash map;
+a candidate count (``max_candidates``, or ``near_duplicate_search``'s ``max_pairs``) is one more job in one
+task over it (``band_join_size``), not an aggregation per distance.
 Spark's per-job and per-stage costs, not the arithmetic, were what the Spark plan spent at this size:
 on the Fruits-360 hashes x8 (59,392 rows, 4,450 distinct hashes, 396,287 candidate pairs at distance 4,
-195 groups) the search took 9 Spark jobs and its lazy answer 10 more to materialize; now 3 and 2
-(bench/RESULTS-quality-cost.md). The Spark plan stays for larger inputs, and the tests
-hold both to the same brute force.
+195 groups) the search took 9 Spark jobs and its lazy answer 10 more to materialize; now 3 and 2, and
+the manifest's whole near-duplicate summary (``near_duplicate_search``: distance fitted, groups
+materialized and counted) 11 where it took 26 (bench/RESULTS-quality-cost.md). The Spark plan stays for
+larger inputs, and the tests hold both to the same brute force.
 
-The driver sees counts only: the optional candidate estimate, the hash table's and the map's row counts,
-one count per round of step 4 and, from ``near_duplicate_counts``, three numbers (and a broadcast map of
-at most ``BROADCAST_ROWS`` rows goes through it, as Spark's own broadcast joins do). Materialized
-intermediates (the hash table, each round's edges, the per-hash map) are local checkpoints
-(``DataFrame.localCheckpoint``), or with ``scratch`` Parquet datasets written and read by the tasks
-through fsspec (``metadata/spark/parquet.py``): local checkpoints live on the executors (a lost executor
-fails the job; Spark's cleaner frees them), Parquet survives that, and the caller removes ``scratch`` once
-it has consumed the result.
+``near_duplicate_search`` materializes the answer and counts it from the per-hash map (members: the sum of
+``n``; groups: the hashes holding a representative), one aggregation, in one task below the limit.
+
+The driver sees counts only: the optional candidate counts, the hash table's and the map's row counts,
+one count per round of step 4 and, from ``near_duplicate_counts`` or ``near_duplicate_search``, three
+numbers (and a broadcast map of at most ``BROADCAST_ROWS`` rows goes through it, as Spark's own broadcast
+joins do). Materialized intermediates (the hash table, each round's edges, the per-hash map) are local
+checkpoints (``DataFrame.localCheckpoint``), or with ``scratch`` Parquet datasets written and read by the
+tasks through fsspec (``metadata/spark/parquet.py``): local checkpoints live on the executors (a lost
+executor fails the job; Spark's cleaner frees them), Parquet survives that, and the caller removes
+``scratch`` once it has consumed the result.
 """
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -192,14 +200,53 @@ def _valid(rows: DataFrame, *columns: str) -> DataFrame:
     return rows.filter(F.col("phash").isNotNull() & F.col("image_id").isNotNull()).select(*columns)
 
 
-def _check_candidates(keys: DataFrame, distance: int, max_candidates: int) -> None:
-    """Raise ``ValueError`` when the band join of ``keys`` (``band_key_rows``) would make more than
-    ``max_candidates`` candidate pairs (one aggregate job; the driver gets one number)."""
+def candidate_pairs_at(hashes: DataFrame, distance: int) -> int:
+    """How many candidate pairs the band join of the distinct ``phash`` values of ``hashes`` makes at
+    ``distance``: the sum of n(n-1)/2 over its (band, value) buckets, one aggregation (``B·U`` rows shuffled
+    with partial counts; one number to the driver). ``band_join_size`` is the same count in numpy."""
     from pyspark.sql import functions as F
 
-    sizes = keys.groupBy("band", "value").agg(F.count(F.lit(1)).alias("n"))
+    if distance == 0:
+        return 0
+    sizes = band_key_rows(hashes.select("phash"), distance).groupBy("band", "value").agg(F.count(F.lit(1)).alias("n"))
     row = sizes.agg(F.sum(F.col("n") * (F.col("n") - 1) / 2).alias("p")).first()
-    pairs = int(row["p"] or 0) if row is not None else 0
+    return int(row["p"] or 0) if row is not None else 0
+
+
+def band_join_size(phashes: np.ndarray, distance: int) -> int:
+    """``candidate_pairs_at`` for a 1-D array of distinct hashes (int64, or uint64 with the same bits), in
+    numpy (for one task): per band a sort and the sizes of its runs of equal values."""
+    if distance == 0:
+        return 0
+    bands = band_values(phashes, distance)
+    total = 0
+    for t in range(bands.shape[1]):
+        values = np.sort(bands[:, t])
+        if values.size < 2:
+            continue
+        starts = np.flatnonzero(np.concatenate([[True], values[1:] != values[:-1]]))
+        sizes = np.diff(np.append(starts, values.size))
+        total += int((sizes * (sizes - 1) // 2).sum())
+    return total
+
+
+def fitting_distance(hashes: DataFrame | np.ndarray, requested: int, max_pairs: int) -> tuple[int, int]:
+    """The largest distance up to ``requested`` whose band join makes at most ``max_pairs`` candidate
+    pairs, and that count (``hashes``: distinct ``phash`` values, a Spark frame (``candidate_pairs_at``,
+    one aggregation per distance tried) or an array (``band_join_size``)). Fewer bits of distance mean
+    fewer, wider bands, so the count falls steeply (for U uniform hashes about (d+1)·U²/2^(64/(d+1)+1))."""
+    for distance in range(requested, -1, -1):
+        if isinstance(hashes, np.ndarray):
+            pairs = band_join_size(hashes, distance)
+        else:
+            pairs = candidate_pairs_at(hashes, distance)
+        if pairs <= max_pairs:
+            return distance, pairs
+    return 0, 0
+
+
+def _check_pairs(pairs: int, distance: int, max_candidates: int) -> None:
+    """Log the band join's candidate count ``pairs`` and raise ``ValueError`` when over ``max_candidates``."""
     log.info("near duplicates at distance %d: %d candidate pairs from the band join", distance, pairs)
     if pairs > max_candidates:
         raise ValueError(f"near duplicates at distance {distance}: the band join would make {pairs} candidate pairs, "
@@ -213,9 +260,9 @@ def _near_edges(table: DataFrame, distance: int, max_candidates: int | None = No
 
     if distance == 0:  # one band, the whole hash: distinct hashes never share it
         return table.sparkSession.createDataFrame([], "a string, b string")
-    keys = band_key_rows(table.select("phash", "rep"), distance)
     if max_candidates is not None:
-        _check_candidates(keys, distance, max_candidates)
+        _check_pairs(candidate_pairs_at(table, distance), distance, max_candidates)
+    keys = band_key_rows(table.select("phash", "rep"), distance)
     left, right = keys.alias("l"), keys.alias("r")
     joined = left.join(right, (F.col("l.band") == F.col("r.band")) & (F.col("l.value") == F.col("r.value"))
                        & (F.col("l.phash") < F.col("r.phash")))
@@ -465,11 +512,29 @@ def components_of(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return parent
 
 
-def _search_task(distance: int, carry: tuple[str, ...] = ()):
+def _fit_task(requested: int, max_pairs: int | None) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The one-task candidate count: the hash table's ``phash`` in, one row ``(distance, pairs)`` out: with
+    ``max_pairs`` the ``fitting_distance`` of those hashes, else ``requested`` and its ``band_join_size``."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        phash = np.concatenate([np.zeros(0, np.int64)]
+                               + [b.column(0).to_numpy(zero_copy_only=False).astype(np.int64) for b in batches])
+        if max_pairs is None:
+            distance, pairs = requested, band_join_size(phash, requested)
+        else:
+            distance, pairs = fitting_distance(phash, requested, max_pairs)
+        yield pa.RecordBatch.from_arrays([pa.array([distance], pa.int32()), pa.array([pairs], pa.int64())],
+                                         names=["distance", "pairs"])
+
+    return run
+
+
+def _search_task(distance: int, carry: tuple[str, ...] = ()) -> Callable[[Iterator[pa.RecordBatch]],
+                                                                          Iterator[pa.RecordBatch]]:
     """The one-task search (``ONE_TASK_HASHES``): the hash table's rows (``phash``, ``n``, ``first``) in,
-    ``(phash, rep_id, rep_<c> for c in carry)`` out for every hash in a group of two or more rows,
-    ``rep_id`` being the image_id of the group's representative (the smallest ``first``: path, then
-    image_id; null paths first, as Spark orders structs)."""
+    ``(phash, n, holds_rep, rep_id, rep_<c> for c in carry)`` out for every hash in a group of two or more
+    rows, ``rep_id`` being the image_id of the group's representative (the smallest ``first``: path, then
+    image_id; null paths first, as Spark orders structs) and ``holds_rep`` whether this hash is its."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import pyarrow.compute as pc
@@ -493,11 +558,85 @@ def _search_task(distance: int, carry: tuple[str, ...] = ()):
         keep = np.flatnonzero(members[comp] >= 2)
         rep = order[best[comp[keep]]]
         take = pa.array(rep)
-        yield pa.RecordBatch.from_arrays([pa.array(phash[keep], pa.int64()), ids.take(take)]
-                                         + [first.field(c).take(take) for c in dict.fromkeys(carry)],
-                                         names=["phash", "rep_id", *(f"rep_{c}" for c in dict.fromkeys(carry))])
+        yield pa.RecordBatch.from_arrays(
+            [pa.array(phash[keep], pa.int64()), pa.array(size[keep], pa.int64()), pa.array(rep == keep),
+             ids.take(take)] + [first.field(c).take(take) for c in dict.fromkeys(carry)],
+            names=["phash", "n", "holds_rep", "rep_id", *(f"rep_{c}" for c in dict.fromkeys(carry))])
 
     return run
+
+
+class _Map(NamedTuple):
+    """The per-hash map of ``_per_hash_map``, materialized, and what it was made from."""
+
+    valid: DataFrame
+    per_hash: DataFrame
+    rows: int
+    one_task: bool
+    distance: int
+    candidate_pairs: int | None
+
+
+def _per_hash_map(spark: SparkSession, rows: DataFrame, distance: int, scratch: str | None, *,
+                  max_pairs: int | None, max_candidates: int | None, max_iterations: int,
+                  one_task_hashes: int, carry: tuple[str, ...]) -> _Map:
+    """The search of ``near_duplicate_groups`` up to its per-hash map (``phash``, ``n``, ``holds_rep``,
+    ``rep_id``, ``rep_<c>``: one row per grouped hash), materialized, with its row count; ``max_pairs``: search
+    at ``fitting_distance`` (one job in one task below ``one_task_hashes``, else Spark's count per distance)."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import BooleanType, LongType, StringType, StructField, StructType
+
+    tag = uuid.uuid4().hex[:12]
+    valid = _valid(rows, *dict.fromkeys(("image_id", "path", "phash", *carry)))
+    table, n_hashes = _materialize_counted(_hash_table(valid, with_first=True, carry=carry), scratch, f"hashes-{tag}")
+    one_task = n_hashes <= one_task_hashes
+    requested, pairs = distance, None
+    if max_pairs is not None or max_candidates is not None:
+        if n_hashes < 2 or distance == 0:
+            pairs = 0  # no two distinct hashes, or one band (the whole hash): no candidate at any distance
+        elif one_task:
+            row = table.select("phash").coalesce(1).mapInArrow(_fit_task(distance, max_pairs),
+                                                               "distance int, pairs long").first()
+            distance, pairs = (int(row["distance"]), int(row["pairs"])) if row is not None else (distance, 0)
+        elif max_pairs is not None:
+            distance, pairs = fitting_distance(table.select("phash"), distance, max_pairs)
+        else:
+            pairs = candidate_pairs_at(table, distance)
+        if max_pairs is not None and distance < requested:
+            log.info("near duplicates: distance %d would make more than %d candidate pairs; distance %d makes %d",
+                     requested, max_pairs, distance, pairs)
+        if max_candidates is not None:
+            _check_pairs(pairs, distance, max_candidates)
+    rep_carry = [F.col(f"rep_first.{c}").alias(f"rep_{c}") for c in carry]
+    if one_task:
+        log.info("near duplicates: %d distinct hashes, searched in one task", n_hashes)
+        types = {f.name: f.dataType for f in valid.schema.fields}
+        schema = StructType([StructField("phash", LongType()), StructField("n", LongType()),
+                             StructField("holds_rep", BooleanType()), StructField("rep_id", StringType()),
+                             *(StructField(f"rep_{c}", types[c]) for c in carry)])
+        per_hash = table.select("phash", "n", "first").coalesce(1).mapInArrow(_search_task(distance, carry), schema)
+    else:
+        comps = connected_components(spark, _near_edges(table, distance), max_iterations, scratch=scratch)
+        hashes = table.join(comps, F.col("rep") == F.col("id"), "left").select(
+            "phash", "first", "n", F.coalesce("component", "rep").alias("group"))
+        groups = hashes.groupBy("group").agg(F.sum("n").alias("size"), F.min("first").alias("rep_first")).filter(
+            F.col("size") >= 2)
+        per_hash = hashes.join(groups.select("group", F.col("rep_first.image_id").alias("rep_id"), *rep_carry),
+                               "group").select("phash", F.col("n").cast("long").alias("n"),
+                                               (F.col("first.image_id") == F.col("rep_id")).alias("holds_rep"),
+                                               "rep_id", *(f"rep_{c}" for c in carry))
+    tagged, n_tagged = _materialize_counted(per_hash, scratch, f"tagged-{tag}")
+    return _Map(valid, tagged, n_tagged, one_task, distance, pairs)
+
+
+def _members(found: _Map, carry: tuple[str, ...]) -> DataFrame:
+    """The rows of ``found.valid`` in a group, but its representative, joined to their representative."""
+    from pyspark.sql import functions as F
+
+    tagged = F.broadcast(found.per_hash) if found.rows <= BROADCAST_ROWS else found.per_hash
+    # image_id is unique and not null (``_valid``): the representative's own row is the one with its id.
+    return found.valid.join(tagged, "phash").filter(F.col("image_id") != F.col("rep_id")).select(
+        "image_id", F.col("rep_id").alias("near_duplicate_of"), *carry, *(f"rep_{c}" for c in carry))
 
 
 def near_duplicate_groups(spark: SparkSession, rows: DataFrame, distance: int, scratch: str | None = None, *,
@@ -521,40 +660,56 @@ def near_duplicate_groups(spark: SparkSession, rows: DataFrame, distance: int, s
     materialized, and the lazy join of the rows with it (broadcast up to ``BROADCAST_ROWS`` rows: the rows
     are not shuffled). The driver gets counts; the materialized parts are local checkpoints, or with
     ``scratch`` (a URL) Parquet datasets under it, which must outlive the result's use. ``max_candidates``:
-    see ``candidate_pairs``; ``max_iterations``: see ``connected_components``.
+    see ``candidate_pairs`` (counted in the search's task below ``one_task_hashes``); ``max_iterations``: see
+    ``connected_components``. ``near_duplicate_search`` is this materialized, with its counts.
     """
-    from pyspark.sql import functions as F
-    from pyspark.sql.types import LongType, StringType, StructField, StructType
-
     band_layout(distance)
     carry = tuple(dict.fromkeys(carry))
-    tag = uuid.uuid4().hex[:12]
-    valid = _valid(rows, *dict.fromkeys(("image_id", "path", "phash", *carry)))
-    table, n_hashes = _materialize_counted(_hash_table(valid, with_first=True, carry=carry), scratch, f"hashes-{tag}")
-    rep_carry = [F.col(f"rep_first.{c}").alias(f"rep_{c}") for c in carry]
-    if n_hashes <= one_task_hashes:
-        if max_candidates is not None and distance > 0:
-            _check_candidates(band_key_rows(table.select("phash"), distance), distance, max_candidates)
-        log.info("near duplicates: %d distinct hashes, searched in one task", n_hashes)
-        types = {f.name: f.dataType for f in valid.schema.fields}
-        schema = StructType([StructField("phash", LongType()), StructField("rep_id", StringType()),
-                             *(StructField(f"rep_{c}", types[c]) for c in carry)])
-        per_hash = table.select("phash", "n", "first").coalesce(1).mapInArrow(_search_task(distance, carry), schema)
-    else:
-        comps = connected_components(spark, _near_edges(table, distance, max_candidates), max_iterations,
-                                     scratch=scratch)
-        hashes = table.join(comps, F.col("rep") == F.col("id"), "left").select(
-            "phash", "first", "n", F.coalesce("component", "rep").alias("group"))
-        groups = hashes.groupBy("group").agg(F.sum("n").alias("size"), F.min("first").alias("rep_first")).filter(
-            F.col("size") >= 2)
-        per_hash = hashes.select("phash", "group").join(
-            groups.select("group", F.col("rep_first.image_id").alias("rep_id"), *rep_carry), "group").drop("group")
-    tagged, n_tagged = _materialize_counted(per_hash, scratch, f"tagged-{tag}")
-    if n_tagged <= BROADCAST_ROWS:
-        tagged = F.broadcast(tagged)
-    # image_id is unique and not null (``_valid``): the representative's own row is the one with its id.
-    return valid.join(tagged, "phash").filter(F.col("image_id") != F.col("rep_id")).select(
-        "image_id", F.col("rep_id").alias("near_duplicate_of"), *carry, *(f"rep_{c}" for c in carry))
+    found = _per_hash_map(spark, rows, distance, scratch, max_pairs=None, max_candidates=max_candidates,
+                          max_iterations=max_iterations, one_task_hashes=one_task_hashes, carry=carry)
+    return _members(found, carry)
+
+
+@dataclass(frozen=True)
+class NearDuplicates:
+    """What ``near_duplicate_search`` found."""
+
+    groups: DataFrame
+    """The rows of ``near_duplicate_groups``, materialized."""
+    distance: int
+    """The distance searched: the one asked for or, with ``max_pairs``, the largest that fits."""
+    candidate_pairs: int | None
+    """The band join's candidate pairs at ``distance``, where counted (``max_pairs`` or ``max_candidates``)."""
+    counts: dict[str, int]
+    """``near_duplicate_counts`` of ``groups``."""
+
+
+def near_duplicate_search(spark: SparkSession, rows: DataFrame, distance: int, scratch: str | None = None, *,
+                          max_pairs: int | None = None, max_candidates: int | None = None, max_iterations: int = 50,
+                          one_task_hashes: int = ONE_TASK_HASHES, carry: tuple[str, ...] = ()) -> NearDuplicates:
+    """``near_duplicate_groups`` (same arguments), materialized (``scratch/groups-*``, or a local checkpoint),
+    with its counts and, with ``max_pairs``, at the largest distance up to ``distance`` whose band join makes
+    at most ``max_pairs`` candidate pairs (``fitting_distance``).
+
+    Below ``one_task_hashes`` distinct hashes the candidate count is one job in one task (numpy, on the
+    materialized hash table), above it Spark's aggregation per distance tried; the counts are one aggregation
+    of the per-hash map (its ``n`` and ``holds_rep``: members and groups), in one task below the same limit."""
+    from pyspark.sql import functions as F
+
+    band_layout(distance)
+    if max_pairs is not None and max_pairs < 0:
+        raise ValueError(f"max_pairs must be >= 0, got {max_pairs!r}")
+    carry = tuple(dict.fromkeys(carry))
+    found = _per_hash_map(spark, rows, distance, scratch, max_pairs=max_pairs, max_candidates=max_candidates,
+                          max_iterations=max_iterations, one_task_hashes=one_task_hashes, carry=carry)
+    n_groups = members = 0
+    if found.rows:
+        per_hash = found.per_hash.coalesce(1) if found.one_task else found.per_hash  # one task: no shuffle
+        row = per_hash.agg(F.count(F.when(F.col("holds_rep"), 1)).alias("g"), F.sum("n").alias("m")).first()
+        n_groups, members = (int(row["g"]), int(row["m"] or 0)) if row is not None else (0, 0)
+    groups = materialize(_members(found, carry), scratch, f"groups-{uuid.uuid4().hex[:12]}")
+    return NearDuplicates(groups, found.distance, found.candidate_pairs,
+                          {"groups": n_groups, "duplicates": members - n_groups, "members": members})
 
 
 def near_duplicate_counts(groups: DataFrame) -> dict[str, int]:
