@@ -32,6 +32,8 @@ TILE_DTYPE = np.dtype([("tile_of", ID_DTYPE), ("level", "<i4"), ("x", "<i4"), ("
                        ("height", "<i4")])
 """Per row of a tile feature shard: its image's id and its box in pixels of ``level`` (``{stem}.tiles.npy``, or
 the ``tiles`` dataset of the HDF5 file): a shard names its tiles' images and coordinates by itself."""
+TILE_H5_DTYPE = np.dtype([("tile_of", "S32"), *[(n, "<i4") for n in ("level", "x", "y", "width", "height")]])
+"""``TILE_DTYPE`` as HDF5 stores it (fixed-length bytes: h5py has no numpy unicode type)."""
 
 
 def data_files(stem: str, fmt: str) -> list[str]:
@@ -84,8 +86,7 @@ def write_feature_shard(
                 h5.create_dataset("features", data=features, chunks=(min(len(ids) or 1, 1024), features.shape[1] or 1))
                 h5.create_dataset("image_id", data=ids.astype("S32"))
                 if tiles is not None:
-                    h5.create_dataset("tiles", data=tiles.astype(TILE_DTYPE).astype(
-                        [("tile_of", "S32"), *[(n, "<i4") for n in TILE_DTYPE.names[1:]]]))
+                    h5.create_dataset("tiles", data=tiles.astype(TILE_DTYPE).astype(TILE_H5_DTYPE))
                 h5.attrs["fingerprint"] = fingerprint
                 h5.attrs["shard"] = shard
     storage.write_bytes_atomic(

@@ -60,6 +60,10 @@ def format_summary(s: dict[str, Any]) -> str:
             lines.append(f"{label[:23]:<24}" + "".join(f"{per.get(sp, 0):>10}" for sp in splits)
                          + f"{sum(per.values()):>10}")
     lines += _data_quality_lines(s)
+    if s.get("tiles"):
+        t = s["tiles"]
+        lines += ["", f"tiles: {t['images']} tiled image(s) (ok, no image shard), {t['tiles']} tiles in {t['shards']} "
+                  "shard(s) in tiles/ (imgfeat featurize --tiles)"]
     if s.get("incremental"):
         lines.append("")
         lines.append("incremental: " + ", ".join(f"{k} {v}" for k, v in s["incremental"].items()))
