@@ -27,14 +27,13 @@ from imgfeat.metadata.contracts import shards
 from imgfeat.metadata.contracts.schema import STATUS_OK, manifest_path, read_manifest
 from imgfeat.metadata.contracts.shard_index import read_dataset_shard_index
 from imgfeat.metadata.contracts.tiles import TILE_SCHEMA, tiles_path
+from imgfeat.preprocess.tile_dataset import as_tile_rows
 
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ["image_id", "path", "label", "label_index", "split", "format", "width", "height", "status", "shard"]
 TILE_KEY = "tile_id"
-TILE_OF = "tile_of"
-"""Tile rows as featurize reads them: ``tile_id`` renamed ``image_id`` (the key of every feature shard) and
-the tile's own ``image_id`` renamed ``tile_of``; the box columns (``level, x, y, width, height``) stay."""
+"""The key of the tile table (read as ``image_id``: ``preprocess.tile_dataset.as_tile_rows``)."""
 
 _fallback_logged = False
 
@@ -64,7 +63,7 @@ ShardCatalog = Mapping[int, ShardEntry]
 
 @dataclass
 class ShardWork:
-    """One manifest shard: its rows in a fixed order (by image_id), independent of the reader."""
+    """One manifest shard: its rows in a fixed order (by image_id; tiles by image and box), independent of the reader."""
 
     shard: int
     rows: pa.Table
@@ -211,10 +210,7 @@ def read_shard_rows(manifest: str, wanted: Sequence[int], split: str | None = No
     wanted_columns = TILE_SCHEMA.names if tiles else MANIFEST_COLUMNS
     columns = [c for c in wanted_columns if c in dataset.schema.names]
     table = dataset.to_table(columns=columns, filter=shard_filter(wanted) & _usable(split))
-    if tiles:
-        renamed = {"image_id": TILE_OF, TILE_KEY: "image_id"}
-        table = table.rename_columns([renamed.get(c, c) for c in table.column_names])
-    table = table.sort_by([("shard", "ascending"), ("image_id", "ascending")])
+    table = as_tile_rows(table) if tiles else table.sort_by([("shard", "ascending"), ("image_id", "ascending")])
     out = {s: ShardWork(s, part) for s, part in _groups(table)}
     missing = [s for s in wanted if s not in out]
     if missing:

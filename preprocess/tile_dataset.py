@@ -30,6 +30,9 @@ from imgfeat.preprocess.dataset import ManifestDataset, _column, decode_rgb
 from imgfeat.preprocess.decode import DecodeError
 
 BOX_COLUMNS = ("level", "x", "y", "width", "height")
+SEGMENT_CACHE_BYTES = 64 * 1024 * 1024
+"""Decoded TIFF tiles a worker keeps (about a row of 512 px RGB tiles across 40,000 px): overlapping boxes read
+in row order decode each TIFF tile about once (bench/RESULTS-tiles.md)."""
 
 
 def _padded(region: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -60,6 +63,7 @@ class TileDataset(ManifestDataset):
         self.boxes = np.array([_column(rows, c) for c in BOX_COLUMNS], dtype=np.int64).T.reshape(-1, 5)
         self._whole: tuple[str, np.ndarray] | None = None
         self._tiff: tuple[str, TiffRegionReader] | None = None
+        self.segment_cache_bytes = SEGMENT_CACHE_BYTES
 
     def tile_records(self, rows: np.ndarray) -> np.ndarray:
         """``feature_store.TILE_DTYPE`` records (image id and box) of the tiles at positions ``rows``."""
@@ -74,7 +78,7 @@ class TileDataset(ManifestDataset):
         if self._tiff is not None and self._tiff[0] == path:
             return self._tiff[1]
         self.close_files()
-        reader = TiffRegionReader(fsspec.open(path, "rb").open)
+        reader = TiffRegionReader(fsspec.open(path, "rb").open, cache_bytes=self.segment_cache_bytes)
         self._tiff = (path, reader)
         return reader
 
@@ -121,7 +125,15 @@ def read_tile_rows(out: str, split: str | None = None) -> pa.Table:
     expr = pads.field("status") == "ok"
     if split:
         expr = expr & (pads.field("split") == split)
-    table = pads.dataset(path, filesystem=fs, format="parquet", ignore_prefixes=["_", "."]).to_table(filter=expr)
+    return as_tile_rows(pads.dataset(path, filesystem=fs, format="parquet", ignore_prefixes=["_", "."]).to_table(filter=expr))
+
+
+def as_tile_rows(table: pa.Table) -> pa.Table:
+    """Tile table rows as the tile datasets read them: ``tile_id`` renamed ``image_id`` (the key of every feature
+    or prep shard), the image's ``image_id`` renamed ``tile_of``; in reading order: by shard, then image and box
+    row by row, so a worker reads neighbouring boxes of one file in turn (its open file and decoded TIFF tiles
+    serve the next box)."""
     renamed = {"image_id": "tile_of", "tile_id": "image_id"}
     table = table.rename_columns([renamed.get(c, c) for c in table.column_names])
-    return table.sort_by([("shard", "ascending"), ("image_id", "ascending")])
+    return table.sort_by([("shard", "ascending"), ("tile_of", "ascending"), ("level", "ascending"),
+                          ("y", "ascending"), ("x", "ascending")])
