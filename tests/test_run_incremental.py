@@ -118,7 +118,8 @@ def test_no_change_rerun_recomputes_and_republishes_nothing(history):
     assert stages["featurize"]["skipped"] and stages["pca"]["skipped"]
     changes = same["report"]["changes"]
     assert (changes["added"], changes["changed"], changes["removed"]) == (0, 0, 0)
-    assert changes["stages"] == {"manifest": "skipped", "featurize": "skipped", "pca": "skipped"}
+    assert changes["stages"] == {"manifest": "skipped", "featurize": "skipped", "pca": "skipped",
+                                 "neighbors": "skipped"}  # configs/demo.toml turns neighbours on
 
 
 def test_rerun_accounts_for_exactly_the_current_files(history):
@@ -191,7 +192,7 @@ def test_report_shows_the_changes(history):
         len(history["added"]), len(history["changed"]), len(history["removed"]), unchanged)
     assert after["summary"]["incremental"] == {"unchanged": unchanged, "new": len(history["added"]),
                                                "changed": len(history["changed"]), "removed": len(history["removed"])}
-    assert changes["stages"] == {"manifest": "ran", "featurize": "ran", "pca": "ran"}
+    assert changes["stages"] == {"manifest": "ran", "featurize": "ran", "pca": "ran", "neighbors": "ran"}
     assert changes["manifest_published"] is True
     assert changes["feature_shards_dropped"] >= 1  # the shard whose every file was removed
     page = (history["run"] / "report.html").read_text()
