@@ -25,12 +25,11 @@ For each data set and validation mode (``--modes``): ``run_manifest`` in one Spa
 near_duplicates = "off"`` and ``"flag"``, alternating, from a cold page cache, ``--repeats`` runs each (the
 machine is shared: the load average is recorded before every run). Reported: the median total wall time of
 each, their ratio against the goal (issue "Data quality at Spark scale": flag / off <= 1.25), and where the
-time goes, from the job's own ``timings`` (``check_s``: the check job; ``quality_s``: everything
-``near_duplicates = "flag"`` adds after it; ``organize_s``, and the rest), ``quality_s`` split into the
-quality summary and the near-duplicate search with its summary (the two ``data_quality`` calls, timed around
-them here). Then the CPU per file of the check's parts outside Spark (one process, warm cache): the decode
-of each mode, ``image_signals``, and the whole ``check_entry``. Writes bench/RESULTS-quality-cost.md
-(``--results`` to change it).
+time goes, from the job's own ``timings`` (``check_s``: the check job; ``quality_s``: the quality summary
+and the near-duplicate search with its summary, in the organize task up to ``job.ONE_TASK_ROWS`` rows, else
+Spark jobs before organize; ``organize_s`` without it, and the rest). Then the CPU per file of the check's
+parts outside Spark (one process, warm cache): the decode of each mode, ``image_signals``, and the whole
+``check_entry``. Writes bench/RESULTS-quality-cost.md (``--results`` to change it).
 """
 from __future__ import annotations
 
@@ -97,26 +96,6 @@ def make_views(dst: Path, copies: int, width: int = 500, quality: int = 90, work
             for c in range(copies) for i, p in enumerate(photos)]
     with get_context("spawn").Pool(workers) as pool:
         return sum(pool.imap_unordered(_view, jobs, chunksize=256))
-
-
-def _timed_calls(job_module: Any) -> dict[str, float]:
-    """Time the job's two data-quality calls (``quality_summary``, ``near_duplicate_summary``) in place:
-    seconds per name, summed over the run, cleared by the caller."""
-    spent: dict[str, float] = {}
-    for name in ("quality_summary", "near_duplicate_summary"):
-        fn = getattr(job_module, name, None)
-        if fn is None:
-            continue
-
-        def timed(*a: Any, _fn: Any = fn, _name: str = name, **k: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return _fn(*a, **k)
-            finally:
-                spent[_name] = spent.get(_name, 0.0) + time.perf_counter() - t
-
-        setattr(job_module, name, timed)
-    return spent
 
 
 def cpu_per_file(folder: Path, sample: int = 1500, reps: int = 5) -> dict[str, float]:
@@ -191,7 +170,6 @@ def main() -> None:
     from imgfeat.metadata.manifest import image_signals as sig_mod
     from imgfeat.metadata.manifest import job as job_mod
 
-    spent = _timed_calls(job_mod)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="imgfeat-quality-"))
     keep = args.work is not None
     sections: list[str] = []
@@ -226,14 +204,11 @@ def main() -> None:
                                                  "manifest": {"validation": mode, "near_duplicates": near}})
                         cache = cold_cache()
                         load = _load()
-                        spent.clear()
                         out = work / f"out_{name}_{mode}_{near}"
                         summary = job_mod.run_manifest(cfg, [str(src)], str(out))
                         shutil.rmtree(out, ignore_errors=True)
                         tm = dict(summary["timings"])
-                        tm.update({"quality summary": spent.get("quality_summary", 0.0),
-                                   "near-duplicate search + summary": spent.get("near_duplicate_summary", 0.0),
-                                   "load": load[0], "near": summary.get("near_duplicates") or {}})
+                        tm.update({"load": load[0], "near": summary.get("near_duplicates") or {}})
                         runs[near].append(tm)
                         print(f"  {mode} {near}: {tm['total_s']:.1f} s (check {tm['check_s']:.1f}, quality "
                               f"{tm.get('quality_s', 0):.1f}, organize {tm.get('organize_s', 0):.1f}); load {load[0]:.1f}",
@@ -256,11 +231,9 @@ def main() -> None:
                 for near in ("off", "flag"):
                     breakdown.append(
                         f"| {mode} | {near} | {med(near, 'total_s'):.1f} | {med(near, 'check_s'):.1f} "
-                        f"| {med(near, 'quality summary'):.1f} | {med(near, 'near-duplicate search + summary'):.1f} "
                         f"| {med(near, 'quality_s'):.1f} | {med(near, 'organize_s'):.1f} | {other(near):.1f} |")
                 extra = on - off
-                deltas = [med("flag", "check_s") - med("off", "check_s"), med("flag", "quality summary"),
-                          med("flag", "near-duplicate search + summary"), med("flag", "quality_s"),
+                deltas = [med("flag", "check_s") - med("off", "check_s"), med("flag", "quality_s"),
                           med("flag", "organize_s") - med("off", "organize_s"), other("flag") - other("off")]
                 breakdown.append(f"| {mode} | flag - off | {extra:.1f} | "
                                  + " | ".join(f"{v:.1f} ({100 * v / extra:.0f} %)" if extra > 0 else f"{v:.1f}"
@@ -285,9 +258,9 @@ def main() -> None:
                 "",
                 "Where the time goes (medians, seconds; `flag - off`: the share of the extra time):",
                 "",
-                "| validation | run | total | check job | quality summary | near-dup search + summary | quality_s (both) "
+                "| validation | run | total | check job | quality and near-duplicate summaries (`quality_s`) "
                 "| organize | listing, start, write |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+                "|---|---|---:|---:|---:|---:|---:|",
                 *breakdown,
                 "",
                 *(["CPU per file of the check's parts outside Spark (one process, warm cache, median of 5):",
@@ -317,7 +290,7 @@ def main() -> None:
         "`off` (the default): no perceptual hash and no quality signals (`full` decodes JPEGs at 1/8 scale only to "
         "check them; `header` does not decode). `flag`: the check's decode keeps the shorter side >= 128 px and "
         "computes the hash and the signals from it, then the quality summary and the near-duplicate search run "
-        "on Spark before organize (`quality_s`).",
+        "(`quality_s`): in the organize task up to 500,000 rows (`job.ONE_TASK_ROWS`), else on Spark before organize.",
         "",
     ])
     print(text)

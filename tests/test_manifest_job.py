@@ -435,3 +435,34 @@ def test_near_duplicates_across_folder_splits_are_reported_and_drop_mode_keeps_o
     assert (member["status"], member["shard"]) == ("near_duplicate", None)
     assert member["status_detail"] == "near duplicate of " + rep["path"]
     assert sum(r["shard"] is not None for r in rows.values()) == 6
+
+
+@pytest.mark.parametrize("mode", ["flag", "drop"])
+def test_data_quality_in_the_organize_task_equals_the_spark_path(spark, tmp_path, monkeypatch, mode):
+    """Up to ONE_TASK_ROWS the organize task computes the quality and near-duplicate summaries itself (no Spark
+    job of their own); above, Spark does before organize: the same rows and the same summary either way."""
+    import cv2
+
+    from imgfeat.metadata.manifest import job as manifest_job
+
+    src = tmp_path / "src"
+    for i in range(5):
+        write_image(src / "Training" / "cat" / f"{i}.jpg", _blocks(i), IMWRITE_JPEG_QUALITY=95)
+    write_image(src / "Test" / "dog" / "leak.jpg", cv2.resize(_blocks(3), (60, 45), interpolation=cv2.INTER_AREA),
+                IMWRITE_JPEG_QUALITY=70)
+    write_image(src / "Test" / "cat" / "night.png", (_blocks(9) // 12).astype(np.uint8), ".png")
+    (src / "Test" / "cat" / "same.jpg").write_bytes((src / "Training" / "cat" / "1.jpg").read_bytes())
+    (src / "Test" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    cfg = load_config(None, {"manifest": {"near_duplicates": mode, "rows_per_shard": 3}})
+    one = manifest_job.run_manifest(cfg, [str(src)], str(tmp_path / "one"))
+    assert "quality_s" in one["timings"]
+    monkeypatch.setattr(manifest_job, "ONE_TASK_ROWS", 0)
+    spread = manifest_job.run_manifest(cfg, [str(src)], str(tmp_path / "spread"))
+    key = lambda r: r["path"]  # noqa: E731
+    assert sorted(read_manifest(str(tmp_path / "one")).to_pylist(), key=key) == sorted(
+        read_manifest(str(tmp_path / "spread")).to_pylist(), key=key)
+    skip = ("timings", "files_per_s", "version")
+    assert {k: v for k, v in one.items() if k not in skip} == {k: v for k, v in spread.items() if k not in skip}
+    assert one["near_duplicates"]["groups"] == 1 and one["near_duplicates"]["crossing_pairs"] == 1
+    assert one["quality"]["outliers"]["dark"] == 1 and one["label_conflicts"]["families"] == 1
+    assert one["by_status"].get("near_duplicate", 0) == (mode == "drop")

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -500,3 +501,57 @@ def test_near_duplicate_search_fits_the_distance_and_counts_its_materialized_gro
             4, 0, {"groups": 0, "duplicates": 0, "members": 0}, 0)
         with pytest.raises(ValueError, match=f"max_candidates={pairs[3] - 1}"):
             near_duplicate_groups(spark, df, 3, max_candidates=pairs[3] - 1, one_task_hashes=one_task)
+
+
+# ---- the Arrow search, for a task that holds the rows (the manifest's one-task organize) ----
+
+def test_near_duplicate_search_table_equals_brute_force_and_fits_the_distance() -> None:
+    """``near_duplicate_search_table``: no Spark, the same groups, carried columns, fitted distance and counts
+    as ``near_duplicate_search`` promises (brute force), nulls never grouped."""
+    rng = random.Random(15)
+    hs: list[int | None] = list(random_hashes(rng, 150, 4)) + [None] * 4
+    rows = [(f"{rng.getrandbits(40):010x}", f"/img/{rng.getrandbits(24):06x}-{k}.jpg", h, f"c{k:04d}")
+            for k, h in enumerate(hs)]
+    by_id = {r[0]: r for r in rows}
+    table = pa.table({"image_id": [r[0] for r in rows], "path": [r[1] for r in rows],
+                      "phash": pa.array([r[2] for r in rows], pa.int64()), "content_hash": [r[3] for r in rows]})
+    distinct = np.array(sorted({h for h in hs if h is not None}), np.int64)
+    pairs = {d: band_join_size(distinct, d) for d in range(5)}
+    for max_pairs, want_d in ((None, 4), (pairs[4], 4), (pairs[4] - 1, 3), (pairs[2], 2)):
+        found = nd.near_duplicate_search_table(table.take(np.random.default_rng(want_d).permutation(len(rows))), 4,
+                                               max_pairs=max_pairs, carry=("path", "content_hash"))
+        assert (found.distance, found.candidate_pairs) == (want_d, None if max_pairs is None else pairs[want_d])
+        out = found.groups.to_pylist()
+        want = expected_groups([r[:3] for r in rows], want_d)
+        assert {r["image_id"]: r["near_duplicate_of"] for r in out} == want and len(out) == len(want)
+        for r in out:
+            assert (r["path"], r["content_hash"]) == by_id[r["image_id"]][1::2]
+            assert (r["rep_path"], r["rep_content_hash"]) == by_id[r["near_duplicate_of"]][1::2]
+        reps = set(want.values())
+        assert found.counts == {"groups": len(reps), "duplicates": len(want), "members": len(want) + len(reps)}
+    empty = nd.near_duplicate_search_table(table.slice(0, 1), 4, max_pairs=0, carry=("path",))
+    assert (empty.distance, empty.candidate_pairs, empty.counts, empty.groups.num_rows) == (
+        4, 0, {"groups": 0, "duplicates": 0, "members": 0}, 0)
+    assert empty.groups.column_names == ["image_id", "near_duplicate_of", "path", "rep_path"]
+
+
+@pytest.mark.spark
+def test_near_duplicate_search_table_equals_the_spark_search(spark, tmp_path: Path) -> None:
+    rng = random.Random(16)
+    hs: list[int | None] = list(random_hashes(rng, 200, 3)) + [None] * 3
+    rows = [(f"{rng.getrandbits(40):010x}", f"/img/{rng.getrandbits(8):02x}/{k}.jpg", h, f"c{k:04d}")
+            for k, h in enumerate(hs)]
+    schema = "image_id string, path string, phash long, content_hash string"
+    df = spark.createDataFrame(rows, schema)
+    table = pa.Table.from_pylist([dict(zip(("image_id", "path", "phash", "content_hash"), r)) for r in rows],
+                                 schema=pa.schema([("image_id", pa.string()), ("path", pa.string()),
+                                                   ("phash", pa.int64()), ("content_hash", pa.string())]))
+    for one_task in (nd.ONE_TASK_HASHES, 0):
+        spark_found = near_duplicate_search(spark, df, 3, str(tmp_path / f"s{one_task}"), max_pairs=10**6,
+                                            one_task_hashes=one_task, carry=("path", "content_hash"))
+        found = nd.near_duplicate_search_table(table, 3, max_pairs=10**6, carry=("path", "content_hash"))
+        key = lambda r: r["image_id"]  # noqa: E731
+        assert sorted(found.groups.to_pylist(), key=key) == sorted((r.asDict() for r in spark_found.groups.collect()),
+                                                                   key=key)
+        assert (found.distance, found.candidate_pairs, found.counts) == (
+            spark_found.distance, spark_found.candidate_pairs, spark_found.counts)

@@ -1,6 +1,11 @@
 """Data-quality figures of the checked rows for the manifest summary: quality outliers and near-duplicates.
 
-Both run on Spark over the check job's output, before organize, and bring only aggregates to the driver:
+Each comes twice: on Spark over the check job's output, before organize, bringing only aggregates to the
+driver; and on an Arrow table in one task (``quality_summary_table``, ``near_duplicate_summary_table``), for
+the manifest's one-task organize (up to ``job.ONE_TASK_ROWS`` rows), which holds every checked row anyway:
+there the Spark jobs' fixed costs were most of the time (camera-size photos, 59,392 files, 2 cores: 11-13 s
+of Spark jobs against about 1 s in the task; bench/RESULTS-quality-cost.md). Same keys and values (the
+tests hold the two paths equal), but the percentiles, exact in one task and within 1 % of rank on Spark:
 
 * ``quality_summary``: per signal (``image_signals``) the number of ``ok`` rows past its outlier threshold
   (``image_signals.OUTLIER_THRESHOLDS``), the smallest such path as an example, and percentiles of each
@@ -18,7 +23,12 @@ Cost: one scan of the checked rows each, the shuffles of the near-duplicate sear
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from imgfeat.metadata.manifest.image_signals import OUTLIER_THRESHOLDS
 
@@ -31,17 +41,28 @@ EXAMPLES = 5
 """Example paths per list in the summary."""
 
 
+_OUTLIERS: dict[str, tuple[str, str, str]] = {
+    "blurry": ("blur", "<", "blur_below"),
+    "dark": ("brightness", "<", "brightness_below"),
+    "bright": ("brightness", ">", "brightness_above"),
+    "low_contrast": ("contrast", "<", "contrast_below"),
+    "low_entropy": ("entropy", "<", "entropy_below"),
+}
+"""Each outlier: (signal column, comparison, its threshold's key in ``OUTLIER_THRESHOLDS``)."""
+
+_SIGNALS = ("blur", "brightness", "contrast", "entropy")
+_PERCENTILES = (("p1", 0.01), ("p50", 0.5), ("p99", 0.99))
+
+
 def _outlier_conditions() -> dict[str, Column]:
     from pyspark.sql import functions as F
 
-    t = OUTLIER_THRESHOLDS
-    return {
-        "blurry": F.col("blur") < t["blur_below"],
-        "dark": F.col("brightness") < t["brightness_below"],
-        "bright": F.col("brightness") > t["brightness_above"],
-        "low_contrast": F.col("contrast") < t["contrast_below"],
-        "low_entropy": F.col("entropy") < t["entropy_below"],
-    }
+    return {name: (F.col(col) < OUTLIER_THRESHOLDS[key]) if op == "<" else (F.col(col) > OUTLIER_THRESHOLDS[key])
+            for name, (col, op, key) in _OUTLIERS.items()}
+
+
+def _empty_quality() -> dict[str, Any]:
+    return {"rows": 0, "thresholds": dict(OUTLIER_THRESHOLDS), "outliers": {}, "examples": {}, "percentiles": {}}
 
 
 def quality_summary(checked: DataFrame) -> dict[str, Any]:
@@ -53,18 +74,18 @@ def quality_summary(checked: DataFrame) -> dict[str, Any]:
     aggs = [F.count(F.lit(1)).alias("_n")]
     for name, cond in conds.items():
         aggs += [F.sum(F.when(cond, 1).otherwise(0)).alias(f"n_{name}"), F.min(F.when(cond, F.col("path"))).alias(f"x_{name}")]
-    for col in ("blur", "brightness", "contrast", "entropy"):
-        aggs.append(F.percentile_approx(col, [0.01, 0.5, 0.99], 100).alias(f"p_{col}"))
+    for col in _SIGNALS:
+        aggs.append(F.percentile_approx(col, [q for _, q in _PERCENTILES], 100).alias(f"p_{col}"))
     row = ok.agg(*aggs).first()
     if row is None or not row["_n"]:
-        return {"rows": 0, "thresholds": dict(OUTLIER_THRESHOLDS), "outliers": {}, "examples": {}, "percentiles": {}}
+        return _empty_quality()
     return {
         "rows": int(row["_n"]),
         "thresholds": dict(OUTLIER_THRESHOLDS),
         "outliers": {name: int(row[f"n_{name}"] or 0) for name in conds},
         "examples": {name: row[f"x_{name}"] for name in conds if row[f"x_{name}"] is not None},
-        "percentiles": {col: dict(zip(("p1", "p50", "p99"), (round(float(v), 3) for v in row[f"p_{col}"])))
-                        for col in ("blur", "brightness", "contrast", "entropy") if row[f"p_{col}"] is not None},
+        "percentiles": {col: dict(zip((k for k, _ in _PERCENTILES), (round(float(v), 3) for v in row[f"p_{col}"])))
+                        for col in _SIGNALS if row[f"p_{col}"] is not None},
     }
 
 
@@ -89,10 +110,6 @@ def near_duplicate_summary(spark: SparkSession, checked: DataFrame, distance: in
     # The groups carry each member's and its representative's path and content hash: no join back.
     found = near_duplicate_search(spark, originals, distance, scratch, max_pairs=max_pairs,
                                   carry=("path", "content_hash"))
-    if found.distance < distance:
-        log.warning("near duplicates: distance %d would make more than %d candidate pairs "
-                    "(manifest.near_duplicate_max_pairs); searched at distance %d (%d pairs)",
-                    distance, max_pairs, found.distance, found.candidate_pairs)
     url = join(scratch, "near_map")
     write_parquet_dataset(found.groups.select("content_hash", F.col("rep_content_hash").alias("rep_hash"),
                                               F.col("near_duplicate_of").alias("rep_id"), "rep_path"),
@@ -101,3 +118,59 @@ def near_duplicate_summary(spark: SparkSession, checked: DataFrame, distance: in
     return {"distance": found.distance, "requested_distance": distance,
             "candidate_pairs": found.candidate_pairs, **found.counts,
             "examples": [{"path": r["path"], "near_duplicate_of": r["rep_path"]} for r in examples]}, url
+
+
+def _percentile(values: np.ndarray, q: float) -> float:
+    """The smallest value whose rank is at least ``q`` of ``values`` (sorted): what ``percentile_approx``
+    approximates (its rank ``ceil(q * n)``), exactly."""
+    return float(values[max(math.ceil(q * len(values)) - 1, 0)])
+
+
+def quality_summary_table(checked: pa.Table) -> dict[str, Any]:
+    """``quality_summary`` in one task, on an Arrow table of checked rows: the same keys, counts and
+    examples; its percentiles exact where Spark's are within 1 % of rank."""
+    ok = checked.filter(pc.and_(pc.equal(checked["status"], "ok"), pc.is_valid(checked["phash"])))
+    if not ok.num_rows:
+        return _empty_quality()
+    outliers, examples = {}, {}
+    for name, (col, op, key) in _OUTLIERS.items():
+        values = ok[col]
+        hit = (pc.less if op == "<" else pc.greater)(values, OUTLIER_THRESHOLDS[key]).fill_null(False)
+        outliers[name] = int(pc.sum(hit.cast(pa.int64())).as_py() or 0)
+        first = pc.min(ok["path"].filter(hit)).as_py() if outliers[name] else None
+        if first is not None:
+            examples[name] = first
+    percentiles = {}
+    for col in _SIGNALS:
+        values = np.sort(ok[col].drop_null().to_numpy())
+        if len(values):
+            percentiles[col] = {k: round(_percentile(values, q), 3) for k, q in _PERCENTILES}
+    return {"rows": ok.num_rows, "thresholds": dict(OUTLIER_THRESHOLDS), "outliers": outliers, "examples": examples,
+            "percentiles": percentiles}
+
+
+def near_duplicate_summary_table(checked: pa.Table, distance: int,
+                                 max_pairs: int | None = None) -> tuple[dict[str, Any], pa.Table]:
+    """``near_duplicate_summary`` in one task, on an Arrow table of checked rows (for the manifest's one-task
+    organize, which holds them all anyway): the same summary and the near-duplicate map as a table
+    (``organize.NEAR_SCHEMA``), with no Spark job. Exact duplicates are collapsed to their original (the
+    smallest path of each content hash) first, as there."""
+    from imgfeat.metadata.manifest.near_duplicates import near_duplicate_search_table
+    from imgfeat.metadata.manifest.organize import NEAR_SCHEMA
+
+    ok = checked.filter(pc.and_(pc.equal(checked["status"], "ok"), pc.is_valid(checked["content_hash"])))
+    ok = ok.select(["content_hash", "path", "image_id", "phash"])
+    ok = ok.take(pc.sort_indices(ok, sort_keys=[("content_hash", "ascending", "at_start"),
+                                                ("path", "ascending", "at_start"), ("image_id", "ascending", "at_start")]))
+    content = ok["content_hash"].combine_chunks()
+    heads = np.flatnonzero(np.concatenate([[True], pc.not_equal(content[1:], content[:-1]).to_numpy(
+        zero_copy_only=False)])) if ok.num_rows else np.zeros(0, np.int64)
+    originals = ok.take(pa.array(heads, pa.int64()))
+    found = near_duplicate_search_table(originals, distance, max_pairs=max_pairs, carry=("path", "content_hash"))
+    groups = found.groups
+    near_map = pa.Table.from_arrays([groups["content_hash"], groups["rep_content_hash"], groups["near_duplicate_of"],
+                                     groups["rep_path"]], schema=NEAR_SCHEMA)
+    first = groups.take(pc.sort_indices(groups, sort_keys=[("path", "ascending")]))[:EXAMPLES]
+    examples = [{"path": p, "near_duplicate_of": r} for p, r in zip(first["path"].to_pylist(), first["rep_path"].to_pylist())]
+    return {"distance": found.distance, "requested_distance": distance, "candidate_pairs": found.candidate_pairs,
+            **found.counts, "examples": examples}, near_map

@@ -10,6 +10,8 @@
    task does it with pyarrow and writes the manifest as one file; above, Spark's shuffles and sorts
    (``manifest.organize_spark``: the same manifest, no task holds more than its share). Either way the
    manifest is clustered by shard, and the shard index (``contracts.shard_index``) is written beside it.
+   With ``near_duplicates`` on, the quality and near-duplicate summaries (``manifest.data_quality``) run
+   in that one task too, before it organizes; above the limit, on Spark before organize.
 
 The driver sees SRC names, folder names, file names of the work datasets, label names and counts.
 Every file found is exactly one row.
@@ -42,7 +44,12 @@ from imgfeat.metadata.contracts.tiles import tiles_path
 from imgfeat.metadata.manifest import labels as labels_mod
 from imgfeat.metadata.manifest import organize as org
 from imgfeat.metadata.manifest.checks import check_entry, prefetched
-from imgfeat.metadata.manifest.data_quality import near_duplicate_summary, quality_summary
+from imgfeat.metadata.manifest.data_quality import (
+    near_duplicate_summary,
+    near_duplicate_summary_table,
+    quality_summary,
+    quality_summary_table,
+)
 from imgfeat.metadata.manifest.discover import (
     list_on_spark,
     listed_batches,
@@ -95,6 +102,7 @@ ONE_TASK_ROWS = 500_000
 
 _BATCH_ROWS = 4096
 _ORGANIZED = "organized.json"
+_QUALITY_COLUMNS = ["path", "image_id", "status", "content_hash", *SIGNAL_COLUMNS]
 _INDEX_ROWS = "index_rows.parquet"
 
 
@@ -231,15 +239,18 @@ def _read_parts(files: list[str], columns: list[str] | None = None) -> list[pa.T
     return tables
 
 
-def _make_organizer(cfg: Config, files: list[str], work: str, previous: str | None, previous_rows: int,
-                    near_map: str | None = None):
-    """The organize task (one, up to ``ONE_TASK_ROWS`` rows): duplicates, splits, shards and counts over
-    all checked rows; yields the whole manifest sorted by (shard, path), rows without a shard last, so a
-    featurize rank's shard filter skips the other row groups. The counts go to ``work/organized.json``
-    and the shard index rows to ``work/index_rows.parquet``."""
+def _make_organizer(cfg: Config, files: list[str], work: str, previous: str | None, previous_rows: int):
+    """The organize task (one, up to ``ONE_TASK_ROWS`` rows): the data-quality summaries and the
+    near-duplicate map when ``near_duplicates`` is on (``data_quality``'s one-task forms), then duplicates,
+    splits, shards and counts over all checked rows; yields the whole manifest sorted by (shard, path),
+    rows without a shard last, so a featurize rank's shard filter skips the other row groups. The counts
+    (with ``quality`` and ``near_duplicates``) go to ``work/organized.json`` and the shard index rows to
+    ``work/index_rows.parquet``."""
     mc = cfg.manifest
     ratios, seed, per_shard = dict(mc.split_ratios), mc.split_seed, mc.rows_per_shard
     drop = mc.near_duplicates == "drop"
+    signals = mc.near_duplicates != "off"
+    distance, max_pairs = mc.near_duplicate_distance, mc.near_duplicate_max_pairs
 
     def organize(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for _ in batches:
@@ -249,8 +260,17 @@ def _make_organizer(cfg: Config, files: list[str], work: str, previous: str | No
             top = pc.max(pa.concat_tables(_read_parts(dataset_files(previous), ["shard"]))["shard"]).as_py()
             base = 0 if top is None else top + 1
         parts = _read_parts(files)
-        near = pa.concat_tables(_read_parts(dataset_files(near_map))).cast(org.NEAR_SCHEMA) if near_map else None
+        quality = near_summary = near = seconds = None
+        if signals:
+            t0 = time.perf_counter()
+            checked = pa.concat_tables([p.select(_QUALITY_COLUMNS) for p in parts])
+            found = quality_summary_table(checked)
+            quality = found if found["rows"] else None
+            near_summary, near = near_duplicate_summary_table(checked, distance, max_pairs)
+            del checked
+            seconds = time.perf_counter() - t0
         plans, counts = org.organize(parts, ratios, seed, per_shard, base, previous_rows, near, drop)
+        counts.update(quality=quality, near_duplicates=near_summary, quality_s=seconds)
         write_json_atomic(join(work, _ORGANIZED), counts)
         names = counts["label_names"]
         table = pa.concat_tables([org.finish(t, p, names, MANIFEST_SCHEMA) for t, p in zip(parts, plans)])
@@ -334,20 +354,26 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
         files = [join(work, "checked/" + f) for f in checked["files"]]
         timings["check_s"] = time.perf_counter() - t1
 
-        t2 = time.perf_counter()
-        quality, near, near_map = _data_quality(spark, cfg, join(work, "checked"), join(work, "near"), slices)
-        timings["quality_s"] = time.perf_counter() - t2
-
-        t2 = time.perf_counter()
         one_task = checked["rows"] <= ONE_TASK_ROWS
-        if one_task:
-            organizer = _make_organizer(cfg, files, work, previous, previous_rows, near_map)
+        if one_task:  # the organize task computes the data-quality summaries too: no Spark job of their own
+            t2 = time.perf_counter()
+            organizer = _make_organizer(cfg, files, work, previous, previous_rows)
             write_parquet_dataset(spark.range(0, 1, 1, 1), staging, schema=MANIFEST_SCHEMA, transform=organizer)
             counts = read_json_required(join(work, _ORGANIZED))
+            quality, near, seconds = counts.pop("quality"), counts.pop("near_duplicates"), counts.pop("quality_s")
+            timings["organize_s"] = time.perf_counter() - t2
+            if seconds is not None:  # the task's data-quality part, counted as on the Spark path
+                timings["quality_s"] = seconds
+                timings["organize_s"] -= seconds
         else:
+            t2 = time.perf_counter()
+            quality, near, near_map = _data_quality(spark, cfg, join(work, "checked"), join(work, "near"), slices)
+            timings["quality_s"] = time.perf_counter() - t2
+            t2 = time.perf_counter()
             counts = organize_on_spark(spark, files, staging, cfg, previous, previous_rows, partitions=slices,
                                        near=near_map)
-        timings["organize_s"] = time.perf_counter() - t2
+            timings["organize_s"] = time.perf_counter() - t2
+        _log_near_duplicates(near)
 
         t3 = time.perf_counter()
         published = previous is None or not _same_as_previous(spark, out, previous, staging, join(work, "checked"), counts,
@@ -426,9 +452,19 @@ def _data_quality(spark: SparkSession, cfg: Config, checked: str, scratch: str,
     quality = found if found["rows"] else None
     near, near_map = near_duplicate_summary(spark, frame, cfg.manifest.near_duplicate_distance, scratch,
                                             cfg.manifest.near_duplicate_max_pairs)
+    return quality, near, near_map
+
+
+def _log_near_duplicates(near: dict[str, Any] | None) -> None:
+    """Log the near-duplicate search's outcome (on the driver, whichever path computed it)."""
+    if near is None:
+        return
+    if near["distance"] < near["requested_distance"]:
+        log.warning("near duplicates: distance %d would make more than manifest.near_duplicate_max_pairs "
+                    "candidate pairs; searched at distance %d (%s pairs)", near["requested_distance"],
+                    near["distance"], near["candidate_pairs"])
     if near["groups"]:
         log.info("manifest: %d near-duplicate groups (%d files)", near["groups"], near["members"])
-    return quality, near, near_map
 
 
 def _kept_summary(cfg: Config, out: str, roots: list[str], listing: str, labels_sha: str | None,

@@ -529,39 +529,45 @@ def _fit_task(requested: int, max_pairs: int | None) -> Callable[[Iterator[pa.Re
     return run
 
 
+def search_hash_table(table: pa.Table, distance: int, carry: tuple[str, ...] = ()) -> pa.Table:
+    """The one-task search (``ONE_TASK_HASHES``) over a hash table's rows (``phash``, ``n``, ``first``: the
+    struct ``(path, image_id, *carry)`` of its smallest path): ``(phash, n, holds_rep, rep_id, rep_<c> for c in
+    carry)`` for every hash in a group of two or more rows, ``rep_id`` being the image_id of the group's
+    representative (the smallest ``first``: path, then image_id; null paths first, as Spark orders structs)
+    and ``holds_rep`` whether this hash is its."""
+    import pyarrow.compute as pc
+
+    carry = tuple(dict.fromkeys(carry))
+    phash = table.column("phash").to_numpy()
+    size = table.column("n").to_numpy()
+    first = table.column("first").combine_chunks()
+    paths, ids = first.field("path"), first.field("image_id")
+    comp = components_of(len(phash), *near_pairs(phash, distance))
+    members = np.bincount(comp, weights=size, minlength=len(phash))  # rows per component (at its root)
+    keys = pa.table({"has_path": pc.is_valid(paths), "p": paths, "i": ids})  # False (a null path) first
+    order = pc.sort_indices(keys, sort_keys=[("has_path", "ascending"), ("p", "ascending"),
+                                             ("i", "ascending")]).to_numpy()
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    best = np.full(len(order), len(order), np.int64)
+    np.minimum.at(best, comp, rank)
+    keep = np.flatnonzero(members[comp] >= 2)
+    rep = order[best[comp[keep]]]
+    take = pa.array(rep, pa.int64())
+    return pa.Table.from_arrays(
+        [pa.array(phash[keep], pa.int64()), pa.array(size[keep], pa.int64()), pa.array(rep == keep),
+         ids.take(take)] + [first.field(c).take(take) for c in carry],
+        names=["phash", "n", "holds_rep", "rep_id", *(f"rep_{c}" for c in carry)])
+
+
 def _search_task(distance: int, carry: tuple[str, ...] = ()) -> Callable[[Iterator[pa.RecordBatch]],
                                                                           Iterator[pa.RecordBatch]]:
-    """The one-task search (``ONE_TASK_HASHES``): the hash table's rows (``phash``, ``n``, ``first``) in,
-    ``(phash, n, holds_rep, rep_id, rep_<c> for c in carry)`` out for every hash in a group of two or more
-    rows, ``rep_id`` being the image_id of the group's representative (the smallest ``first``: path, then
-    image_id; null paths first, as Spark orders structs) and ``holds_rep`` whether this hash is its."""
+    """``search_hash_table`` as a Spark task: the hash table's rows in, the per-hash map out."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        import pyarrow.compute as pc
-
         table = pa.Table.from_batches(list(batches))
-        if table.num_rows == 0:
-            return
-        phash = table.column("phash").to_numpy()
-        size = table.column("n").to_numpy()
-        first = table.column("first").combine_chunks()
-        paths, ids = first.field("path"), first.field("image_id")
-        comp = components_of(len(phash), *near_pairs(phash, distance))
-        members = np.bincount(comp, weights=size, minlength=len(phash))  # rows per component (at its root)
-        keys = pa.table({"has_path": pc.is_valid(paths), "p": paths, "i": ids})  # False (a null path) first
-        order = pc.sort_indices(keys, sort_keys=[("has_path", "ascending"), ("p", "ascending"),
-                                                 ("i", "ascending")]).to_numpy()
-        rank = np.empty(len(order), np.int64)
-        rank[order] = np.arange(len(order))
-        best = np.full(len(order), len(order), np.int64)
-        np.minimum.at(best, comp, rank)
-        keep = np.flatnonzero(members[comp] >= 2)
-        rep = order[best[comp[keep]]]
-        take = pa.array(rep)
-        yield pa.RecordBatch.from_arrays(
-            [pa.array(phash[keep], pa.int64()), pa.array(size[keep], pa.int64()), pa.array(rep == keep),
-             ids.take(take)] + [first.field(c).take(take) for c in dict.fromkeys(carry)],
-            names=["phash", "n", "holds_rep", "rep_id", *(f"rep_{c}" for c in dict.fromkeys(carry))])
+        if table.num_rows:
+            yield from search_hash_table(table, distance, carry).to_batches()
 
     return run
 
@@ -721,3 +727,71 @@ def near_duplicate_counts(groups: DataFrame) -> dict[str, int]:
     row = groups.agg(F.count(F.lit(1)).alias("d"), F.countDistinct("near_duplicate_of").alias("g")).first()
     dups, n_groups = (int(row["d"]), int(row["g"])) if row is not None else (0, 0)
     return {"groups": n_groups, "duplicates": dups, "members": dups + n_groups}
+
+
+@dataclass(frozen=True)
+class NearDuplicateTable:
+    """What ``near_duplicate_search_table`` found (the Arrow form of ``NearDuplicates``)."""
+
+    groups: pa.Table
+    """``near_duplicate_groups``' rows: ``image_id``, ``near_duplicate_of``, ``carry``, ``rep_<c>``."""
+    distance: int
+    candidate_pairs: int | None
+    counts: dict[str, int]
+
+
+def hash_table_rows(valid: pa.Table, carry: tuple[str, ...] = ()) -> pa.Table:
+    """``_hash_table(with_first=True)`` in Arrow, for one task: one row per distinct ``phash`` of ``valid``
+    (no null hash or id), with ``n`` (its rows) and ``first`` (the struct ``(path, image_id, *carry)`` of its
+    smallest path, then image_id; null paths first, as Spark orders structs)."""
+    import pyarrow.compute as pc
+
+    order = pc.sort_indices(valid, sort_keys=[("phash", "ascending", "at_start"), ("path", "ascending", "at_start"),
+                                              ("image_id", "ascending", "at_start")])
+    table = valid.take(order)
+    phash = table.column("phash").to_numpy()
+    starts = np.flatnonzero(np.concatenate([[True], phash[1:] != phash[:-1]])) if len(phash) else np.zeros(0, np.int64)
+    sizes = np.diff(np.append(starts, len(phash)))
+    heads = table.take(pa.array(starts, pa.int64()))
+    fields = ["path", "image_id", *_extra(carry)]
+    first = pa.StructArray.from_arrays([heads.column(f).combine_chunks() for f in fields], names=fields)
+    return pa.table({"phash": pa.array(phash[starts], pa.int64()), "n": pa.array(sizes, pa.int64()), "first": first})
+
+
+def near_duplicate_search_table(rows: pa.Table, distance: int, *, max_pairs: int | None = None,
+                                carry: tuple[str, ...] = ()) -> NearDuplicateTable:
+    """``near_duplicate_search`` in one task, on an Arrow table of rows (``image_id``, ``path``, ``phash`` and
+    ``carry``), for a caller that holds them all anyway (the manifest's one-task organize): the same hash
+    table, fitted distance, search (``search_hash_table``), members and counts, with no Spark job. Memory:
+    the rows, their hash table and the band join's candidates (``ONE_TASK_HASHES`` says what that costs)."""
+    import pyarrow.compute as pc
+
+    band_layout(distance)
+    if max_pairs is not None and max_pairs < 0:
+        raise ValueError(f"max_pairs must be >= 0, got {max_pairs!r}")
+    carry = tuple(dict.fromkeys(carry))
+    cols = list(dict.fromkeys(("image_id", "path", "phash", *carry)))
+    valid = rows.select(cols).filter(pc.and_(pc.is_valid(rows["phash"]), pc.is_valid(rows["image_id"])))
+    table = hash_table_rows(valid, carry)
+    pairs = None
+    if max_pairs is not None:
+        if table.num_rows < 2 or distance == 0:
+            pairs = 0
+        else:
+            distance, pairs = fitting_distance(table.column("phash").to_numpy(), distance, max_pairs)
+    per_hash = search_hash_table(table, distance, carry) if table.num_rows else None
+    groups_n = members_n = 0
+    names = ["image_id", "near_duplicate_of", *carry, *(f"rep_{c}" for c in carry)]
+    if per_hash is None or not per_hash.num_rows:
+        types = [valid.schema.field("image_id").type, pa.string(), *(valid.schema.field(c).type for c in carry),
+                 *(valid.schema.field(c).type for c in carry)]
+        groups = pa.Table.from_arrays([pa.array([], t) for t in types], names=names)
+    else:
+        groups_n = int(pc.sum(per_hash["holds_rep"].cast(pa.int64())).as_py() or 0)
+        members_n = int(pc.sum(per_hash["n"]).as_py() or 0)
+        joined = valid.join(per_hash.drop_columns(["n", "holds_rep"]), "phash")
+        joined = joined.filter(pc.not_equal(joined["image_id"], joined["rep_id"]))
+        groups = pa.Table.from_arrays([joined[c] for c in ("image_id", "rep_id", *carry, *(f"rep_{c}" for c in carry))],
+                                      names=names)
+    return NearDuplicateTable(groups, distance, pairs,
+                              {"groups": groups_n, "duplicates": members_n - groups_n, "members": members_n})
