@@ -1,17 +1,13 @@
 """Per-image signals for data quality: a 64-bit perceptual hash and four quality numbers, from one grey image.
 
 Meant for the manifest check, from the decode it does anyway (a reduced-size greyscale JPEG decode, see
-``reduced_gray_flag``; other formats as ``cv2.IMREAD_UNCHANGED`` turned grey by ``gray_of``). Hash and
-signals together cost, per image of real photo content (CPU, one thread, a 2-core machine shared with
-other work; the fastest / the median 25-image chunk of 40, alternating with the implementation before,
-"was"): 0.14 / 0.24 ms at 100x100 (a 100 px JPEG's full grey decode; was 0.24 /
-0.41), 0.20 / 0.33 ms at 170x128 (1/8 of 1360x1020; was 0.29 / 0.52), 0.20 / 0.31 ms at 250x188 (1/2 of
-500x375; was 0.31 / 0.47) and 0.25 / 0.29 ms at 500x375 (1/8 of 4000x3000; was 0.36 / 0.41). About 40
-numpy and cv2 calls per image, whose fixed cost (1-3 µs each here) and cache misses, not the arithmetic,
-are most of it: hence one integral image, one gather for both box grids (``_grid_sums``), reused scratch
-memory (``_Workspace``) and float64 arithmetic that stays exact. In the manifest job the decode costs as
-much again (bench/RESULTS-quality-cost.md). Pure numpy + cv2 (imported through ``contracts.cv2_env``);
-no Spark, no torch.
+``reduced_gray_flag``; other formats as ``cv2.IMREAD_UNCHANGED`` turned grey by ``gray_of``). What hash
+and signals cost per image, beside the decode and the whole check: bench/RESULTS-quality-cost.md (its CPU
+per file tables). About 20 numpy and cv2 calls per image, whose fixed cost (1-3 µs each here) and cache
+misses after the decode, not the arithmetic, are most of it: hence one integral image and one small gather
+for the hash's grid (``_grid_sums``), reused scratch memory (``_Workspace``), float64 arithmetic that stays
+exact for the hash, and one OpenCV resize for the signals' copy. Pure numpy + cv2 (imported through
+``contracts.cv2_env``); no Spark, no torch.
 
 Perceptual hash (``perceptual_hash``; DCT pHash)
     1. The grey image is box-averaged to 32x32 (exactly what ``cv2.INTER_AREA`` computes, including
@@ -45,8 +41,9 @@ Perceptual hash (``perceptual_hash``; DCT pHash)
     move many of their bits; photos do not behave so.
 
 Quality signals (``image_signals``), all from one normalized box-averaged copy whose shorter side is
-``SIGNAL_SIDE`` px (aspect kept, longer side capped at ``MAX_SIGNAL_ASPECT`` x that), float64, not
-rounded, so they do not depend on how much the decode was reduced:
+``SIGNAL_SIDE`` px (aspect kept, longer side capped at ``MAX_SIGNAL_ASPECT`` x that; ``_signal_copy``:
+OpenCV's area resize in float32, kept at 1/256 grey level, within 1/512 of the exact box average), so they
+hardly depend on how much the decode was reduced:
     ``blur``       variance of the 4-neighbour Laplacian over the interior pixels (grey levels squared;
                    low = little detail at that scale: blurred or featureless);
     ``brightness`` the mean grey level, 0..255 (exact, from the integral image at decode size);
@@ -135,7 +132,6 @@ _EXACT = 2.0**53
 """float64 holds every integer below this exactly: sums and products of such integers need no rounding."""
 _CELL_BOUND = _MEAN_UNITS * HASH_SIDE * HASH_SIDE
 """The hash block's sums are up to 255 * h * w * this (``_hash_block``): ``_float_exact`` bounds with it."""
-_MAX_SIGNAL_CELLS = SIGNAL_SIDE * SIGNAL_SIDE * MAX_SIGNAL_ASPECT
 
 
 @dataclass(frozen=True)
@@ -180,12 +176,11 @@ def _check_gray(gray: np.ndarray) -> np.ndarray:
     return gray if gray.flags.c_contiguous else np.ascontiguousarray(gray)
 
 
-def _float_exact(h: int, w: int, cells: int = _MAX_SIGNAL_CELLS) -> bool:
+def _float_exact(h: int, w: int) -> bool:
     """Whether every value of the float64 path (``_grid_sums``, the hash block in 1/256 units) of an h x w
-    image is an integer below 2**53: 255 * h * w times the signal copy's cell count (``cells``; at most
-    64 x 1024 with the default side) or times 256 * 32 * 32 (the hash block's scaling), whichever is more.
-    True up to about 1.3e8 pixels."""
-    return 255.0 * h * w * max(cells, _CELL_BOUND) < _EXACT
+    image is an integer below 2**53: 255 * h * w * 256 * 32 * 32 (the hash block's scaling) must be. True up
+    to about 1.3e8 pixels."""
+    return 255.0 * h * w * _CELL_BOUND < _EXACT
 
 
 def _integral(gray: np.ndarray) -> np.ndarray:
@@ -305,21 +300,6 @@ def _grid_sums(gray: np.ndarray, grids: tuple[tuple[int, int], ...]) -> tuple[fl
     return float(integral[h, w]), out
 
 
-def _cell_sums(cells: np.ndarray, fy: int, fx: int) -> np.ndarray:
-    """The 32x32 hash grid's sums from a (32*fy) x (32*fx) grid's ``_grid_sums`` over the same image: each
-    hash cell is fy x fx of its cells, whose sums are the hash cell's (times 1024) times fy*fx in all, so
-    adding them up and dividing by fy*fx gives exactly the hash grid's integers. Strided additions: numpy's
-    multi-axis ``sum`` costs several times more at this size."""
-    if fy * fx > 16:  # a panorama's copy: one reduction beats many additions
-        return cells.reshape(HASH_SIDE, fy, HASH_SIDE, fx).sum(axis=(1, 3)) / (fy * fx)
-    out = cells[0::fy, 0::fx].copy()
-    for dy in range(fy):
-        for dx in range(fx):
-            if dy or dx:
-                out += cells[dy::fy, dx::fx]
-    return out / (fy * fx) if fy * fx > 1 else out
-
-
 def _block_of(sums: np.ndarray, scale: float) -> np.ndarray:
     """The hash block in 1/256 grey levels, ``floor(sums * 256 / scale)``, from float64 integer sums (each a
     cell's sum times 1024) and ``scale`` = h * w. Exact under ``_float_exact``: ``sums * 256`` is an integer
@@ -381,14 +361,20 @@ def _hash_from_block(block: np.ndarray) -> int:
     return int.from_bytes(np.packbits(bits, bitorder="little").tobytes(), "little", signed=True)
 
 
-def perceptual_hash(gray: np.ndarray) -> int:
-    """64-bit DCT perceptual hash of a 2-D uint8 grey image, as a signed int64 (see the module docstring)."""
-    gray = _check_gray(gray)
+def _hash_and_sum(gray: np.ndarray) -> tuple[int, float]:
+    """The perceptual hash of a checked grey image and its pixel sum, from one integral image."""
     h, w = gray.shape
     if h >= HASH_SIDE and w >= HASH_SIDE and _float_exact(h, w):
-        _, (sums,) = _grid_sums(gray, ((HASH_SIDE, HASH_SIDE),))
-        return _hash_from_block(_block_of(sums, float(h * w)))
-    return _hash_from_block(_hash_block(gray))
+        total, (sums,) = _grid_sums(gray, ((HASH_SIDE, HASH_SIDE),))
+        return _hash_from_block(_block_of(sums, float(h * w))), total
+    integral = _integral(gray)
+    block = _hash_block(gray, integral if h >= HASH_SIDE and w >= HASH_SIDE else None)
+    return _hash_from_block(block), float(integral[h, w])
+
+
+def perceptual_hash(gray: np.ndarray) -> int:
+    """64-bit DCT perceptual hash of a 2-D uint8 grey image, as a signed int64 (see the module docstring)."""
+    return _hash_and_sum(_check_gray(gray))[0]
 
 
 def hamming(a: int, b: int) -> int:
@@ -408,19 +394,28 @@ def signal_size(h: int, w: int, side: int = SIGNAL_SIDE) -> tuple[int, int]:
     return min(max(side, round(h * side / w)), side * MAX_SIGNAL_ASPECT), side
 
 
-def _signal_copy(gray: np.ndarray, integral: np.ndarray, side: int) -> np.ndarray:
+def _signal_copy(gray: np.ndarray, side: int) -> np.ndarray:
+    """The normalized copy the quality signals are computed from (``signal_size``), float32 at 1/256 grey
+    level: the box average (``cv2.INTER_AREA`` of the image as float32) when both sides shrink, else
+    ``cv2.INTER_LINEAR`` of the uint8 image. Rounding the area average to 1/256 (far coarser than float32's
+    weights' error, ~1e-5 grey levels) makes a flat image's copy exactly flat and the values the same on
+    every SIMD path; every Laplacian of such values is exact in float32."""
+    cv2 = _cv2()
     h, w = gray.shape
     oh, ow = signal_size(h, w, side)
-    if h >= oh and w >= ow:
-        return _box_sums(integral, oh, ow) / float(h * w)
-    cv2 = _cv2()
-    return cv2.resize(gray, (ow, oh), interpolation=cv2.INTER_LINEAR).astype(np.float64)
+    if h < oh or w < ow:
+        return cv2.resize(gray, (ow, oh), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    copy = cv2.resize(gray.astype(np.float32), (ow, oh), interpolation=cv2.INTER_AREA)
+    copy *= _MEAN_UNITS
+    np.rint(copy, out=copy)
+    copy *= 1.0 / _MEAN_UNITS  # a power of two: exact
+    return copy
 
 
 def _quality(copy: np.ndarray) -> tuple[float, float, float]:
-    """(blur, contrast, entropy) of a float64 grey copy."""
+    """(blur, contrast, entropy) of a float32 grey copy."""
     cv2 = _cv2()
-    lap = cv2.Laplacian(copy, cv2.CV_64F, ksize=1)[1:-1, 1:-1]  # 4-neighbour kernel; interior only
+    lap = cv2.Laplacian(copy, cv2.CV_32F, ksize=1)[1:-1, 1:-1]  # 4-neighbour kernel; interior only
     blur = float(cv2.meanStdDev(lap)[1][0, 0] ** 2) if lap.size else 0.0
     contrast = float(cv2.meanStdDev(copy)[1][0, 0])
     hist = np.bincount((copy + 0.5).astype(np.uint8).ravel(), minlength=256)  # copy is within 0..255
@@ -430,36 +425,20 @@ def _quality(copy: np.ndarray) -> tuple[float, float, float]:
 
 
 def image_signals(gray: np.ndarray, side: int = SIGNAL_SIDE) -> ImageSignals:
-    """The hash and the quality signals of a 2-D uint8 grey image, from one integral image.
+    """The hash and the quality signals of a 2-D uint8 grey image.
 
     ``side``: the shorter side of the signal copy; keep the default (thresholds are chosen for it).
 
-    Both box-averaged grids (the hash's 32x32 and the signal copy) come from one integral image in one
-    ``_grid_sums`` call where ``_float_exact`` holds (every image up to ~1.3e8 pixels whose sides are both
-    >= 32 and >= the copy's); the int64 reference path otherwise. The two give identical values. When the
-    copy's sides are multiples of 32 (a square image: 64 x 64) every hash cell is exactly fy x fx copy
-    cells: a cell's sum times oh*ow is the hash cell's sum times 1024, times fy*fx, so adding them up and
-    dividing by fy*fx gives the hash grid's integers exactly, without a second gather."""
+    The hash's 32x32 box averages and the brightness come from one integral image (``_grid_sums``, exact,
+    where ``_float_exact`` holds: every image up to ~1.3e8 pixels whose sides are both >= 32; the int64
+    reference path otherwise, with identical values); the other signals from ``_signal_copy``, one OpenCV
+    resize (it replaced a second, larger gather from the integral image, exact to the last bit but 2-3x the
+    cost at these sizes: bench/RESULTS-quality-cost.md)."""
     gray = _check_gray(gray)
     h, w = gray.shape
-    oh, ow = signal_size(h, w, side)
-    if h >= oh and w >= ow and h >= HASH_SIDE and w >= HASH_SIDE and _float_exact(h, w, oh * ow):
-        if oh % HASH_SIDE == 0 and ow % HASH_SIDE == 0:  # the hash's grid is part of the copy's: add its cells up
-            total, (cells,) = _grid_sums(gray, ((oh, ow),))
-            sums = _cell_sums(cells, oh // HASH_SIDE, ow // HASH_SIDE)
-        else:
-            total, (sums, cells) = _grid_sums(gray, ((HASH_SIDE, HASH_SIDE), (oh, ow)))
-        scale = float(h * w)
-        phash = _hash_from_block(_block_of(sums, scale))
-        copy = cells / scale
-    else:
-        integral = _integral(gray)
-        phash = _hash_from_block(_hash_block(gray, integral if h >= HASH_SIDE and w >= HASH_SIDE else None))
-        copy = _signal_copy(gray, integral, side)
-        total = float(integral[h, w])
-    blur, contrast, entropy = _quality(copy)
-    brightness = total / (h * w)
-    return ImageSignals(phash=phash, blur=blur, brightness=brightness, contrast=contrast, entropy=entropy)
+    phash, total = _hash_and_sum(gray)
+    blur, contrast, entropy = _quality(_signal_copy(gray, side))
+    return ImageSignals(phash=phash, blur=blur, brightness=total / (h * w), contrast=contrast, entropy=entropy)
 
 
 def reduced_gray_flag(width: int | None, height: int | None, fmt: str | None,
