@@ -287,7 +287,7 @@ def main() -> None:
         *[f"* {v}" for v in verdicts],
         "",
         *sections,
-        "`off` (the default): no perceptual hash and no quality signals (`full` decodes JPEGs at 1/8 scale only to "
+        "`off`: no perceptual hash and no quality signals (`full` decodes JPEGs at 1/8 scale only to "
         "check them; `header` does not decode). `flag`: the check's decode keeps the shorter side >= 128 px and "
         "computes the hash and the signals from it, then the quality summary and the near-duplicate search run "
         "(`quality_s`): in the organize task up to 500,000 rows (`job.ONE_TASK_ROWS`), else on Spark before organize.",

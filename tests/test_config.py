@@ -38,10 +38,10 @@ def test_one_decode_section_read_by_both_stages(tmp_path, caplog):
 
 def test_stage_fingerprints_unchanged_by_the_decode_section():
     """Fingerprints hash the [decode] keys inside the sections that read them, as before the section
-    existed (value pinned when near_duplicate_max_pairs and table_format were added: the manifest gained near_duplicate_of
-    and label_conflict then, so older run folders rebuild it once)."""
+    existed (value pinned when near_duplicates became "flag" by default: the default manifest gained the
+    perceptual hash, the quality signals and near_duplicate_of then, so older run folders rebuild it once)."""
     cfg = Config()
-    assert cfg.fingerprint("manifest") == "920a1830b534c871"
+    assert cfg.fingerprint("manifest") == "2d47205c22b0e2e2"
     assert cfg.fingerprint("manifest") != Config(decode=DecodeConfig(max_pixels=5)).fingerprint("manifest")
     assert cfg.fingerprint("featurize", "preprocess") != Config(decode=DecodeConfig(max_pixels=5)).fingerprint(
         "featurize", "preprocess")

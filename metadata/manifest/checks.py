@@ -4,10 +4,10 @@ Returns a plain dict (one manifest row without label, split, duplicate and shard
 raises for a bad file: every problem becomes a status code with a human-readable detail. With
 ``signals`` the decode is the reduced grey one of ``image_signals.reduced_gray_flag`` and the row gets
 the perceptual hash and the quality signals from it (no second read or decode). What that costs per file
-(CPU, one thread, a shared 2-core machine; bench/RESULTS-quality-cost.md): 0.35 ms for a 100x100 JPEG
-against 0.10 ms for ``full`` validation alone (its full-size grey decode, where validation decodes at 1/8,
-and 0.14 ms of signals), 0.81 against 0.28 ms at 500x375 (a 1/2 decode against 1/8), 2.06 against 1.65 ms
-at 1360x1020 (the same 1/8 decode: only the signals are extra).
+(CPU, one thread, warm cache; bench/RESULTS-quality-cost.md, 2026-12-03): 0.30 ms for a 100x100 JPEG
+against 0.11 ms for ``full`` validation alone (a full-size grey decode, where validation decodes at 1/8,
+and 0.15 ms of signals), 0.90 against 0.37 ms at 500x375 (a 1/2 decode against 1/8, and 0.3 ms of
+signals), 1.86 against 1.53 ms at 1360x1020 (the same 1/8 decode: only the signals are extra).
 """
 from __future__ import annotations
 

@@ -322,6 +322,9 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
         kept = _kept_summary(cfg, out, roots, listing, labels_sha, t0)
         if kept is not None:
             return kept
+    if cfg.manifest.validation == "header" and cfg.manifest.near_duplicates != "off":
+        log.info("manifest: header validation with near_duplicates = %r decodes every image for its hash and "
+                 "signals; set manifest.near_duplicates = 'off' for a header-only check", cfg.manifest.near_duplicates)
     spark = get_spark(cfg.spark, master)
     timings["spark_start_s"] = time.perf_counter() - t0
     previous, previous_rows = previous_manifest(out, cfg.fingerprint("manifest")) if incremental else (None, 0)
