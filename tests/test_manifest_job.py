@@ -466,3 +466,21 @@ def test_data_quality_in_the_organize_task_equals_the_spark_path(spark, tmp_path
     assert one["near_duplicates"]["groups"] == 1 and one["near_duplicates"]["crossing_pairs"] == 1
     assert one["quality"]["outliers"]["dark"] == 1 and one["label_conflicts"]["families"] == 1
     assert one["by_status"].get("near_duplicate", 0) == (mode == "drop")
+
+
+def test_data_quality_with_no_ok_image_on_both_paths(spark, tmp_path, monkeypatch):
+    """Nothing decodable: no hash to search, on the one-task path and on Spark's; every file still one row."""
+    from imgfeat.metadata.manifest import job as manifest_job
+
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    (src / "notes.txt").write_text("not an image")
+    cfg = load_config(None, {"manifest": {"near_duplicates": "flag"}})
+    for limit in (manifest_job.ONE_TASK_ROWS, 0):
+        monkeypatch.setattr(manifest_job, "ONE_TASK_ROWS", limit)
+        summary = manifest_job.run_manifest(cfg, [str(tmp_path / "src")], str(tmp_path / f"out{limit}"))
+        assert summary["total"] == 2 and "ok" not in summary["by_status"]
+        assert summary["quality"] is None
+        assert {k: summary["near_duplicates"][k] for k in ("groups", "members", "examples")} == {
+            "groups": 0, "members": 0, "examples": []}

@@ -565,9 +565,9 @@ def _search_task(distance: int, carry: tuple[str, ...] = ()) -> Callable[[Iterat
     """``search_hash_table`` as a Spark task: the hash table's rows in, the per-hash map out."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        table = pa.Table.from_batches(list(batches))
-        if table.num_rows:
-            yield from search_hash_table(table, distance, carry).to_batches()
+        chunks = list(batches)  # none at all when there is no hash
+        if chunks and sum(b.num_rows for b in chunks):
+            yield from search_hash_table(pa.Table.from_batches(chunks), distance, carry).to_batches()
 
     return run
 
