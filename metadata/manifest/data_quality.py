@@ -156,15 +156,13 @@ def near_duplicate_summary_table(checked: pa.Table, distance: int,
     (``organize.NEAR_SCHEMA``), with no Spark job. Exact duplicates are collapsed to their original (the
     smallest path of each content hash) first, as there."""
     from imgfeat.metadata.manifest.near_duplicates import near_duplicate_search_table
-    from imgfeat.metadata.manifest.organize import NEAR_SCHEMA
+    from imgfeat.metadata.manifest.organize import NEAR_SCHEMA, _group_starts
 
     ok = checked.filter(pc.and_(pc.equal(checked["status"], "ok"), pc.is_valid(checked["content_hash"])))
     ok = ok.select(["content_hash", "path", "image_id", "phash"])
     ok = ok.take(pc.sort_indices(ok, sort_keys=[("content_hash", "ascending", "at_start"),
                                                 ("path", "ascending", "at_start"), ("image_id", "ascending", "at_start")]))
-    content = ok["content_hash"].combine_chunks()
-    heads = np.flatnonzero(np.concatenate([[True], pc.not_equal(content[1:], content[:-1]).to_numpy(
-        zero_copy_only=False)])) if ok.num_rows else np.zeros(0, np.int64)
+    heads = np.flatnonzero(_group_starts(ok["content_hash"].combine_chunks()))
     originals = ok.take(pa.array(heads, pa.int64()))
     found = near_duplicate_search_table(originals, distance, max_pairs=max_pairs, carry=("path", "content_hash"))
     groups = found.groups
