@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from imgfeat.metadata.config import REDUCED_DECODE_MODES, DecodeConfig, PreprocessConfig
-from imgfeat.metadata.contracts.cv2_env import cv2_error_verdict, decoder_cv2, quiet_decoder
+from imgfeat.metadata.contracts.cv2_env import cv2_error_verdict, decoder_cv2, decoder_damage, quiet_decoder
 from imgfeat.metadata.contracts.samples import to_uint8
 from imgfeat.metadata.contracts.sniff import HeaderInfo, parse_header
 
@@ -87,7 +87,7 @@ def decode_image(data: bytes, cfg: PreprocessConfig, target: int | None = None,
     cv2 = decoder_cv2(limits.max_pixels)
     buf = np.frombuffer(data, np.uint8)
     try:
-        with quiet_decoder():
+        with quiet_decoder() as said:
             if info.format == "jpeg":
                 img = _decode_jpeg(cv2, buf, info, cfg, target)
             else:
@@ -96,6 +96,9 @@ def decode_image(data: bytes, cfg: PreprocessConfig, target: int | None = None,
         raise DecodeError(*cv2_error_verdict(exc)) from None
     if img is None or img.size == 0:
         raise DecodeError("undecodable", f"OpenCV could not decode the {info.format} data")
+    damage = decoder_damage(said.text)
+    if damage is not None:
+        raise DecodeError(*damage)
     return to_rgb8(cv2, img, cfg)
 
 

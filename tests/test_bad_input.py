@@ -106,6 +106,11 @@ def build_corpus(root: Path, pngsuite: Path | None = None) -> list[Case]:
         put(f"a/cut-{cut}.jpg", jpeg[:cut], "truncated", f"JPEG cut at byte {cut} of {len(jpeg)}")
     for cut in (20, 40, len(png) // 2, len(png) - 12):
         put(f"a/cut-{cut}.png", png[:cut], "truncated", f"PNG cut at byte {cut} of {len(png)}")
+    zeroed = bytearray(jpeg)
+    sos = zeroed.find(b"\xff\xda")
+    zeroed[sos + 200 : sos + 600] = bytes(400)
+    put("a/zeroed-scan.jpg", bytes(zeroed), "undecodable",
+        "400 zeroed bytes inside the scan (libjpeg warns \"Corrupt JPEG data\" and returns a garbled picture)")
     gif = _pil(Image.fromarray(gradient_image(30, 40)).convert("P"), "GIF")
     put("a/cut.gif", gif[: len(gif) // 2], "truncated", "GIF cut in half")
     put("a/random.jpg", np.random.default_rng(7).bytes(5000), "not_image", "random bytes named .jpg")

@@ -13,6 +13,7 @@ import random
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 import pyarrow as pa
@@ -88,14 +89,20 @@ def uf_components(edges: Iterable[tuple[str | None, str | None]]) -> dict[str, s
     return uf.components()
 
 
+def searched(h: int | None) -> TypeGuard[int]:
+    """The search's contract on one hash: present, with at least ``MIN_HASH_BITS`` bits set."""
+    return h is not None and (h & MASK64).bit_count() >= nd.MIN_HASH_BITS
+
+
 def expected_edges(rows: list[tuple[str, int | None]], d: int) -> set[tuple[str, str]]:
     """``candidate_pairs``' contract by brute force: a star per equal hash, then every pair of distinct
-    hashes within ``d`` (all O(U²) of them) as an edge between their smallest ids."""
+    hashes within ``d`` (all O(U²) of them) as an edge between their smallest ids; hashes that are not
+    ``searched`` are in no edge."""
     reps: dict[int, str] = {}
     for i, h in rows:
-        if h is not None:
+        if searched(h):
             reps[h] = min(reps.get(h, i), i)
-    edges = {(reps[h], i) for i, h in rows if h is not None and i != reps[h]}
+    edges = {(reps[h], i) for i, h in rows if searched(h) and i != reps[h]}
     hs = sorted(reps)
     for x in range(len(hs)):
         for y in range(x + 1, len(hs)):
@@ -106,8 +113,9 @@ def expected_edges(rows: list[tuple[str, int | None]], d: int) -> set[tuple[str,
 
 
 def expected_groups(rows: list[tuple[str, str, int | None]], d: int) -> dict[str, str]:
-    """image_id -> representative's image_id for the non-representative members, by brute force."""
-    hashed = [(i, p, h) for i, p, h in rows if h is not None]
+    """image_id -> representative's image_id for the non-representative members, by brute force (rows whose
+    hash is not ``searched`` are in no group)."""
+    hashed = [(i, p, h) for i, p, h in rows if searched(h)]
     uf = UnionFind()
     for i, _, _ in hashed:
         uf.find(i)
@@ -127,9 +135,14 @@ def expected_groups(rows: list[tuple[str, str, int | None]], d: int) -> dict[str
     return out
 
 
+COMMON = 0x0F0F_0F0F_0F0F_0F0E
+"""A hash with 31 bits set, as a photo's: ``random_hashes`` repeats it many times (a big equal-hash star)."""
+
+
 def random_hashes(rng: random.Random, n: int, d: int) -> list[int]:
     """``n`` hashes: random ones (half with the sign bit set), near variants (<= d flips, some of bit 63),
-    far variants sharing band 0, a blank hash many times and a repeated negative hash."""
+    far variants sharing band 0, a common hash many times, a blank one (0: never searched) a few times and
+    a repeated negative hash."""
     hs: list[int] = []
     width0 = band_layout(d)[0][1]
     while len(hs) < n:
@@ -143,6 +156,8 @@ def random_hashes(rng: random.Random, n: int, d: int) -> list[int]:
             hs.append(flip(rng.choice(hs), bits))
         elif kind < 0.7 and width0 < 64:  # agrees on band 0 but further than d
             hs.append(flip(rng.choice(hs), rng.sample(range(width0, 64), min(d + 1 + rng.randint(0, 2), 64 - width0))))
+        elif kind < 0.8:
+            hs.append(COMMON)
         elif kind < 0.85:
             hs.append(0)
         else:
@@ -243,7 +258,7 @@ def test_candidate_pairs_equal_brute_force(spark, d: int) -> None:
     hs = random_hashes(rng, 300, d)
     ids = [f"{rng.getrandbits(40):010x}" for _ in hs]
     rows: list[tuple[str, int | None]] = list(zip(ids, hs)) + [("nohash-a", None), ("nohash-b", None)]
-    assert sum(h == 0 for h in hs) > 30 and any(h < 0 for h in hs)
+    assert sum(h == COMMON for h in hs) > 20 and 0 in hs and any(h < 0 for h in hs)
     got_rows = candidate_pairs(spark.createDataFrame(rows, "image_id string, phash long"), d).collect()
     got = [(r["a"], r["b"]) for r in got_rows]
     assert len(got) == len(set(got)), "each pair once"
@@ -251,16 +266,18 @@ def test_candidate_pairs_equal_brute_force(spark, d: int) -> None:
     want = expected_edges(rows, d)
     assert set(got) == want
     # The equal-hash stars: n - 1 edges per hash, not n² pairs.
-    assert sum(1 for a, b in got if dict(rows)[a] == dict(rows)[b]) == len(hs) - len(set(hs))
+    kept = [h for h in hs if searched(h)]
+    assert sum(1 for a, b in got if dict(rows)[a] == dict(rows)[b]) == len(kept) - len(set(kept))
     # Same groups as all O(n²) row pairs within d.
-    all_pairs = [(ids[x], ids[y]) for x in range(len(hs)) for y in range(x + 1, len(hs)) if popcount(hs[x], hs[y]) <= d]
+    all_pairs = [(ids[x], ids[y]) for x in range(len(hs)) for y in range(x + 1, len(hs))
+                 if searched(hs[x]) and searched(hs[y]) and popcount(hs[x], hs[y]) <= d]
     assert uf_components(got) == uf_components(all_pairs)
 
 
 @pytest.mark.spark
 def test_candidate_pairs_guard_raises_before_a_huge_join(spark) -> None:
-    # 64 distinct hashes, one bit set in each: those whose bit is in another band share the band's value 0.
-    rows = [(f"i{k}", flip(0, [k])) for k in range(64)]
+    # 64 distinct hashes, COMMON with one bit flipped: those whose bit is in another band share its value.
+    rows = [(f"i{k}", flip(COMMON, [k])) for k in range(64)]
     df = spark.createDataFrame(rows, "image_id string, phash long")
     with pytest.raises(ValueError, match="max_candidates=100"):
         candidate_pairs(df, 1, max_candidates=100)
@@ -333,8 +350,11 @@ def test_near_duplicate_groups_representative_and_nulls(spark, tmp_path: Path) -
         ("id-a", "/z/last.jpg", base),
         ("id-z", "/a/first.jpg", flip(base, [0, 1])),  # smallest path: the representative, though not the smallest id
         ("id-m", "/m/mid.jpg", flip(base, [0, 1, 2, 3])),  # 4 bits from base, 2 from id-z: joined through it
-        ("id-b", "/b/blank1.png", 0),  # equal hashes: one group at any distance
-        ("id-c", "/b/blank0.png", 0),
+        ("id-b", "/b/same1.png", 0x3333_3333_3333_3332),  # equal hashes: one group at any distance
+        ("id-c", "/b/same0.png", 0x3333_3333_3333_3332),
+        ("id-e", "/b/blank1.png", 0),  # a flat image's hash (no bit set): never searched, even when equal
+        ("id-f", "/b/blank0.png", 0),
+        ("id-g", "/b/gradient.png", 0x54),  # a few bits from the blank ones: no group either
         ("id-y", "/y/alone.jpg", -1),  # far from everything: no group
         ("id-0", "/0/nohash.jpg", None),  # never in a group, even with a path that sorts first
         ("id-1", "/0/nohash2.jpg", None),
@@ -478,7 +498,7 @@ def test_near_duplicate_search_fits_the_distance_and_counts_its_materialized_gro
             for k, h in enumerate(hs)]
     by_id = {r[0]: r for r in rows}
     df = spark.createDataFrame(rows, "image_id string, path string, phash long, content_hash string")
-    distinct = np.array(sorted({h for h in hs if h is not None}), np.int64)
+    distinct = np.array(sorted({h for h in hs if searched(h)}), np.int64)
     pairs = {d: band_join_size(distinct, d) for d in range(5)}
     assert pairs[4] > pairs[3] > pairs[2]
     for one_task in (nd.ONE_TASK_HASHES, 0):
@@ -515,7 +535,7 @@ def test_near_duplicate_search_table_equals_brute_force_and_fits_the_distance() 
     by_id = {r[0]: r for r in rows}
     table = pa.table({"image_id": [r[0] for r in rows], "path": [r[1] for r in rows],
                       "phash": pa.array([r[2] for r in rows], pa.int64()), "content_hash": [r[3] for r in rows]})
-    distinct = np.array(sorted({h for h in hs if h is not None}), np.int64)
+    distinct = np.array(sorted({h for h in hs if searched(h)}), np.int64)
     pairs = {d: band_join_size(distinct, d) for d in range(5)}
     for max_pairs, want_d in ((None, 4), (pairs[4], 4), (pairs[4] - 1, 3), (pairs[2], 2)):
         found = nd.near_duplicate_search_table(table.take(np.random.default_rng(want_d).permutation(len(rows))), 4,

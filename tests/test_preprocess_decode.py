@@ -235,18 +235,35 @@ def test_truncated_png_and_tiny_files():
         assert err.value.reason in (reason, "undecodable"), (blob, err.value.reason)
 
 
-def test_corrupt_scan_data_is_undecodable_or_decodes():
-    # Garbage inside the entropy-coded data: either OpenCV refuses (undecodable) or returns an image;
-    # never any other exception.
-    data = bytearray(pil_bytes(Image.fromarray(gradient_image(64, 64)), "JPEG", quality=90))
+def test_corrupt_scan_data_is_a_reason_not_a_picture():
+    """libjpeg decodes past garbage in the entropy-coded data with only a warning on stderr ("Corrupt JPEG
+    data: ..."); the decode catches that line and refuses the picture. The next clean decode is clean."""
+    clean = pil_bytes(Image.fromarray(gradient_image(96, 128)), "JPEG", quality=90)
+    data = bytearray(clean)
     sos = data.find(b"\xff\xda")
-    for k in range(sos + 20, len(data) - 10, 7):
+    data[sos + 200 : sos + 600] = bytes(400)  # zeroed bytes inside the scan
+    with pytest.raises(DecodeError) as err:
+        decode_image(bytes(data), CFG)
+    assert err.value.reason == "undecodable" and "libjpeg: Corrupt JPEG data" in err.value.detail
+    check_rgb(decode_image(clean, CFG), 96, 128)
+    data = bytearray(clean)
+    for k in range(sos + 20, len(data) - 10, 7):  # garbage all through the scan
         data[k] = 0xFF if k % 2 else 0x00
-    try:
-        out = decode_image(bytes(data), CFG)
-        check_rgb(out, 64, 64)
-    except DecodeError as exc:
-        assert exc.reason in ("undecodable", "truncated")
+    with pytest.raises(DecodeError) as err:
+        decode_image(bytes(data), CFG)
+    assert err.value.reason in ("undecodable", "truncated")
+
+
+def test_decoder_damage_reads_libjpeg_lines():
+    from imgfeat.metadata.contracts.cv2_env import decoder_damage
+
+    assert decoder_damage("") is None
+    assert decoder_damage("libpng warning: iCCP: known incorrect sRGB profile\n") is None
+    assert decoder_damage("Corrupt JPEG data: bad ICC marker\n") is None
+    assert decoder_damage("Corrupt JPEG data: 46 extraneous bytes before marker 0xd9\n") == (
+        "undecodable", "libjpeg: Corrupt JPEG data: 46 extraneous bytes before marker 0xd9")
+    assert decoder_damage("Warning: unknown JFIF revision number 2.01\nPremature end of JPEG file\n") == (
+        "truncated", "libjpeg: Premature end of JPEG file")
 
 
 def test_format_allowlist():

@@ -6,8 +6,10 @@ that decodes (Spark Python workers, DataLoader workers) imports cv2 through here
 Decoders talk: OpenCV logs through its own logger, and libpng (and others) write warnings straight to
 file descriptor 2. A manifest run over a decoder test suite printed about 1,100 such lines, while the
 verdict for each file is already in its row. So by default OpenCV's logger is silent and every decode
-runs inside ``quiet_decoder()``; ``IMGFEAT_DECODER_LOGS=1`` (set in the environment of the workers; the
-manifest job passes it on to Spark executors) shows all of it again for debugging.
+runs inside ``quiet_decoder()``, which catches that output; ``IMGFEAT_DECODER_LOGS=1`` (set in the
+environment of the workers; the manifest job passes it on to Spark executors) shows all of it again for
+debugging. Some of it is a verdict: libjpeg reports damaged data only as a warning and decodes the rest
+anyway (grey or garbled parts), so ``decoder_damage`` turns those lines into the file's status.
 """
 from __future__ import annotations
 
@@ -76,36 +78,79 @@ def decoder_logs() -> bool:
     return os.environ.get(DECODER_LOGS_ENV, "") not in ("", "0")
 
 
-_lock = threading.Lock()
-_depth = 0
-_saved_fd: int | None = None
-_null_fd: int | None = None
+_lock = threading.RLock()
+_capture: tuple[int, int] | None = None
+"""(pid, fd) of this process's capture file: a forked child makes its own (a shared one would mix texts)."""
+_CAPTURE_LIMIT = 4096
+
+
+class DecoderOutput:
+    """What the decoders wrote to file descriptor 2 during one ``quiet_decoder`` block (``text``, set when the
+    block ends; at most its first 4 KiB)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self) -> None:
+        self.text = ""
+
+
+def _capture_fd() -> int:
+    global _capture
+    if _capture is None or _capture[0] != os.getpid():
+        fd = os.memfd_create("imgfeat-decoder") if hasattr(os, "memfd_create") else _temp_fd()
+        _capture = (os.getpid(), fd)
+    return _capture[1]
+
+
+def _temp_fd() -> int:
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="imgfeat-decoder-")
+    os.unlink(path)
+    return fd
 
 
 @contextlib.contextmanager
-def quiet_decoder() -> Iterator[None]:
-    """Send file descriptor 2 to /dev/null while a decoder runs (C libraries write there directly).
+def quiet_decoder() -> Iterator[DecoderOutput]:
+    """Catch what the C decoders write to file descriptor 2 while one runs, off the terminal.
 
-    Costs a few system calls per decode. Nested and concurrent uses share one redirection, restored when
-    the last one leaves. A no-op with ``IMGFEAT_DECODER_LOGS=1``."""
-    global _depth, _saved_fd, _null_fd
-    if decoder_logs():
-        yield
-        return
+    libjpeg reports damaged data only there, as warnings ("Corrupt JPEG data: ...") after which OpenCV
+    still returns a picture: the yielded ``DecoderOutput`` keeps the text for ``decoder_damage``. Blocks
+    run one at a time per process (a lock), so each text is its own decode's; costs a few system calls per
+    decode. With ``IMGFEAT_DECODER_LOGS=1`` the text is also written to the real stderr."""
+    out = DecoderOutput()
     with _lock:
-        if _depth == 0:
-            sys.stderr.flush()
-            if _null_fd is None:
-                _null_fd = os.open(os.devnull, os.O_WRONLY)
-            _saved_fd = os.dup(2)
-            os.dup2(_null_fd, 2)
-        _depth += 1
-    try:
-        yield
-    finally:
-        with _lock:
-            _depth -= 1
-            if _depth == 0 and _saved_fd is not None:
-                os.dup2(_saved_fd, 2)
-                os.close(_saved_fd)
-                _saved_fd = None
+        sys.stderr.flush()
+        fd = _capture_fd()
+        saved = os.dup(2)
+        os.dup2(fd, 2)
+        try:
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            size = os.lseek(fd, 0, os.SEEK_END)
+            if size:
+                raw = os.pread(fd, min(size, _CAPTURE_LIMIT), 0)
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+                out.text = raw.decode("utf-8", "replace")
+                if decoder_logs():
+                    os.write(2, raw)
+
+
+_JPEG_DAMAGE = ("Corrupt JPEG data", "Premature end of JPEG file")
+_JPEG_HARMLESS = ("Corrupt JPEG data: bad ICC marker",)
+
+
+def decoder_damage(text: str) -> tuple[str, str] | None:
+    """A manifest (status, detail) for damaged data that libjpeg reported in a decode's ``DecoderOutput``
+    text and decoded anyway (its warnings "Corrupt JPEG data: ..." and "Premature end of JPEG file"; a bad
+    ICC profile marker aside), else None. Such a picture has grey or garbled parts: ``truncated`` when the
+    data ends early, ``undecodable`` otherwise; the detail is libjpeg's first such line."""
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith(_JPEG_DAMAGE) and not line.startswith(_JPEG_HARMLESS):
+            status = "truncated" if line.startswith("Premature end") else "undecodable"
+            return status, f"libjpeg: {line[:200]}"
+    return None

@@ -20,7 +20,7 @@ import fsspec
 import numpy as np
 
 from imgfeat.metadata.config import TilesConfig
-from imgfeat.metadata.contracts.cv2_env import cv2_error_verdict, decoder_cv2, quiet_decoder
+from imgfeat.metadata.contracts.cv2_env import cv2_error_verdict, decoder_cv2, decoder_damage, quiet_decoder
 from imgfeat.metadata.contracts.schema import SIGNAL_COLUMNS, image_id_for
 from imgfeat.metadata.contracts.sniff import DEFAULT_MAX_JPEG_SCANS, parse_header
 from imgfeat.metadata.manifest.image_signals import gray_of, image_signals, reduced_gray_flag
@@ -230,12 +230,15 @@ def _decode(data: bytes, max_pixels: int, flag: int) -> tuple[str, str, Any]:
     """Decode with OpenCV under ``flag``: (status, detail, the image or None)."""
     cv2 = decoder_cv2(max_pixels)
     try:
-        with quiet_decoder():
+        with quiet_decoder() as said:
             img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     except cv2.error as exc:
         return (*cv2_error_verdict(exc), None)
     if img is None or img.size == 0:
         return "undecodable", "OpenCV could not decode the data", None
+    damage = decoder_damage(said.text)
+    if damage is not None:
+        return (*damage, None)
     return "ok", "", img
 
 

@@ -7,9 +7,11 @@ there the Spark jobs' fixed costs were most of the time (camera-size photos, 59,
 of Spark jobs against about 1 s in the task; bench/RESULTS-quality-cost.md). Same keys and values (the
 tests hold the two paths equal), but the percentiles, exact in one task and within 1 % of rank on Spark:
 
-* ``quality_summary``: per signal (``image_signals``) the number of ``ok`` rows past its outlier threshold
+* ``quality_summary``: per signal (``image_signals``) the number of ``ok`` images past its outlier threshold
   (``image_signals.OUTLIER_THRESHOLDS``), the smallest such path as an example, and percentiles of each
-  signal (one aggregation job; Spark's approximate percentiles, 1% accuracy).
+  signal, over the originals (each content hash once, at its smallest path: an exact duplicate is the same
+  picture, counted once, as the near-duplicate summary counts it; one aggregation job after a
+  ``groupBy(content_hash)``; Spark's approximate percentiles, 1% accuracy).
 * ``near_duplicate_summary``: exact duplicates collapsed to their original (``groupBy(content_hash)``),
   then ``near_duplicates.near_duplicate_search`` over the originals' perceptual hashes (its materialized
   groups carry each member's and representative's path and content hash): the number of groups and
@@ -66,10 +68,12 @@ def _empty_quality() -> dict[str, Any]:
 
 
 def quality_summary(checked: DataFrame) -> dict[str, Any]:
-    """Outlier counts, examples and signal percentiles of the ``ok`` rows of ``checked`` that have signals."""
+    """Outlier counts, examples and signal percentiles of the ``ok`` images of ``checked`` that have signals,
+    exact duplicates counted once (each content hash at its smallest path)."""
     from pyspark.sql import functions as F
 
-    ok = checked.where((F.col("status") == "ok") & F.col("phash").isNotNull())
+    ok = checked.where((F.col("status") == "ok") & F.col("phash").isNotNull() & F.col("content_hash").isNotNull())
+    ok = ok.groupBy("content_hash").agg(F.min(F.struct("path", *_SIGNALS)).alias("f")).select("f.*")
     conds = _outlier_conditions()
     aggs = [F.count(F.lit(1)).alias("_n")]
     for name, cond in conds.items():
@@ -126,10 +130,24 @@ def _percentile(values: np.ndarray, q: float) -> float:
     return float(values[max(math.ceil(q * len(values)) - 1, 0)])
 
 
+def _originals_table(keep: pa.ChunkedArray, checked: pa.Table, columns: list[str]) -> pa.Table:
+    """The rows of ``checked`` where ``keep`` holds and that have a content hash, each content hash once, at its
+    smallest path (paths are unique), with ``content_hash`` and ``columns``: what ``groupBy(content_hash)`` with
+    ``min(struct(path, ...))`` keeps on Spark."""
+    from imgfeat.metadata.manifest.organize import _group_starts
+
+    rows = checked.filter(pc.and_(keep, pc.is_valid(checked["content_hash"])))
+    rows = rows.select(list(dict.fromkeys(["content_hash", "path", *columns])))
+    rows = rows.take(pc.sort_indices(rows, sort_keys=[("content_hash", "ascending"), ("path", "ascending")]))
+    heads = np.flatnonzero(_group_starts(rows["content_hash"].combine_chunks()))
+    return rows.take(pa.array(heads, pa.int64())).select(list(dict.fromkeys(["content_hash", *columns])))
+
+
 def quality_summary_table(checked: pa.Table) -> dict[str, Any]:
     """``quality_summary`` in one task, on an Arrow table of checked rows: the same keys, counts and
     examples; its percentiles exact where Spark's are within 1 % of rank."""
-    ok = checked.filter(pc.and_(pc.equal(checked["status"], "ok"), pc.is_valid(checked["phash"])))
+    ok = _originals_table(pc.and_(pc.equal(checked["status"], "ok"), pc.is_valid(checked["phash"])), checked,
+                          ["path", *_SIGNALS])
     if not ok.num_rows:
         return _empty_quality()
     outliers, examples = {}, {}
@@ -156,14 +174,9 @@ def near_duplicate_summary_table(checked: pa.Table, distance: int,
     (``organize.NEAR_SCHEMA``), with no Spark job. Exact duplicates are collapsed to their original (the
     smallest path of each content hash) first, as there."""
     from imgfeat.metadata.manifest.near_duplicates import near_duplicate_search_table
-    from imgfeat.metadata.manifest.organize import NEAR_SCHEMA, _group_starts
+    from imgfeat.metadata.manifest.organize import NEAR_SCHEMA
 
-    ok = checked.filter(pc.and_(pc.equal(checked["status"], "ok"), pc.is_valid(checked["content_hash"])))
-    ok = ok.select(["content_hash", "path", "image_id", "phash"])
-    ok = ok.take(pc.sort_indices(ok, sort_keys=[("content_hash", "ascending", "at_start"),
-                                                ("path", "ascending", "at_start"), ("image_id", "ascending", "at_start")]))
-    heads = np.flatnonzero(_group_starts(ok["content_hash"].combine_chunks()))
-    originals = ok.take(pa.array(heads, pa.int64()))
+    originals = _originals_table(pc.equal(checked["status"], "ok"), checked, ["path", "image_id", "phash"])
     found = near_duplicate_search_table(originals, distance, max_pairs=max_pairs, carry=("path", "content_hash"))
     groups = found.groups
     near_map = pa.Table.from_arrays([groups["content_hash"], groups["rep_content_hash"], groups["near_duplicate_of"],
