@@ -21,8 +21,9 @@ HELP = "model features for every manifest row, as resumable shards (one process,
 EPILOG = """\
 Several GPUs or nodes: torchrun --nproc-per-node=N -m imgfeat.featurize --manifest OUT --out FEAT
 (add --nnodes/--node-rank/--rdzv-endpoint for several nodes). Rerun the same command to resume.
-Weights are read from the torch cache ($TORCH_HOME/hub/checkpoints); nothing is downloaded here:
-seed the cache or pass --weights-path FILE.
+Weights are read from the torch cache ($TORCH_HOME/hub/checkpoints) or an installed offline-weights
+package; when they are in neither, one download is tried before any work starts. Offline: seed the
+cache, pass --weights-path FILE, or --weights none for random weights.
 """
 
 
@@ -68,10 +69,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def run(args: argparse.Namespace) -> int:
     """Run the stage for parsed ``args``; expected errors raise ``ValueError`` (one line from the CLI)."""
     from imgfeat.featurize.runner import run_featurize
+    from imgfeat.featurize.weights import check_weights
     from imgfeat.metadata.contracts.schema import read_summary
+    from imgfeat.metadata.storage import check_writable
 
     cfg = config_from_args(args)
     summary = read_summary(args.manifest)  # a clear error before the model loads when there is no manifest
+    check_writable(args.out, "--out")
+    check_weights(cfg.featurize)
     if args.tiles and not (summary.get("tiles") or {}).get("tiles"):
         raise ValueError(f"--tiles: the manifest at {args.manifest} has no tiles (run `imgfeat manifest` with "
                          "[tiles] enabled = true on images with a side >= tiles.min_side)")

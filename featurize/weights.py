@@ -19,6 +19,8 @@ from imgfeat.metadata.storage import file_sha256
 if TYPE_CHECKING:  # torchvision has no type information: to mypy this is Any, to readers the real type
     from torchvision.models import WeightsEnum
 
+    from imgfeat.metadata.config import FeaturizeConfig
+
 log = logging.getLogger(__name__)
 
 NO_WEIGHTS = ("", "none", "None", "NONE", "random")
@@ -132,3 +134,48 @@ def resolve_weights(model: str, weights: str, weights_path: str = "") -> Resolve
         ) from exc
     digest = file_sha256(target) if os.path.exists(target) else ""
     return ResolvedWeights("torchvision", enum.name, digest, state, enum)
+
+
+def _check_file(url: str, key: str) -> None:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.isfile(path):
+        raise ValueError(f"{key}: no such file {url!r}")
+
+
+def check_weights(fcfg: FeaturizeConfig) -> None:
+    """The model and its weights can be had on this machine, checked without loading them (before a run's
+    heavy work; ``imgfeat run`` and ``imgfeat featurize`` call it first).
+
+    torchvision weights must be in the torch cache or in an installed offline-weights package; otherwise
+    torchvision's own download into the cache is tried now, once: offline it fails (at once, or after the
+    network's connect timeout) with one line saying how to provide them."""
+    if fcfg.model_path:
+        _check_file(fcfg.model_path, "featurize.model_path")
+        return
+    from torchvision.models import list_models
+
+    if fcfg.model not in list_models():
+        raise ValueError(f"featurize.model: {fcfg.model!r} is not a torchvision model (see torchvision.models.list_models())")
+    if fcfg.weights_path:
+        _check_file(fcfg.weights_path, "featurize.weights_path")
+        return
+    if fcfg.weights in NO_WEIGHTS:
+        return
+    enum = weights_enum(fcfg.model, fcfg.weights)
+    target = cached_checkpoint(enum)
+    if os.path.exists(target) or seed_cache_from_packages(enum, target):
+        return
+    name = os.path.basename(enum.url)
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        torch.hub.download_url_to_file(enum.url, target, progress=False)
+        return
+    except Exception as exc:  # offline: URLError, timeouts, proxies refusing
+        reason = f"{type(exc).__name__}: {exc}"
+    raise WeightsUnavailableError(
+        f"featurize.weights: {fcfg.model} weights {enum} are not in the torch cache ({target}) and could not be "
+        f"downloaded ({reason}). Pass --weights-path FILE (a local state_dict), copy {name} to {target} "
+        f"($TORCH_HOME chooses the cache), or --weights none for random weights."
+    )

@@ -42,7 +42,9 @@ def _field(key: str) -> tuple[Any, str]:
     cls = _sections().get(section)
     if cls is None or name not in typing.get_type_hints(cls):
         raise ValueError(f"no config key {key!r} to make a flag of")
-    doc = field_docs(cls).get(name, "").replace("``", "").rstrip(".")
+    doc = field_docs(cls).get(name, "").replace("``", "")
+    if doc.endswith(".") and not doc.endswith("..."):  # a sentence's full stop, not an ellipsis
+        doc = doc[:-1]
     return typing.get_type_hints(cls)[name], doc
 
 

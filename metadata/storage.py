@@ -39,6 +39,26 @@ def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
+def check_writable(url: str, option: str) -> None:
+    """Create ``url`` as a folder if needed and prove it takes a file (written and removed again); else raise
+    ``ValueError`` naming ``option`` (an existing file there, a file on the way, no permission, ...). Meant
+    for a command's output folder before any Spark or torch work starts."""
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as exc:  # an unknown protocol, or its package missing
+        raise ValueError(f"{option} {url}: {exc}") from None
+    try:
+        if fs.isfile(root):
+            raise ValueError(f"{option} {url}: is a file, not a folder")
+        fs.makedirs(root, exist_ok=True)
+        probe = join(root, f".imgfeat-write-probe-{uuid.uuid4().hex[:8]}")
+        with fs.open(probe, "wb") as fh:
+            fh.write(b"ok")
+        fs.rm(probe)
+    except OSError as exc:
+        raise ValueError(f"{option} {url}: cannot write there ({type(exc).__name__}: {exc})") from None
+
+
 def canonical_digest(obj: Any, length: int = 16) -> str:
     """The first ``length`` hex chars of sha256 over ``obj`` as canonical JSON (sorted keys, no spaces).
 

@@ -33,13 +33,15 @@ def add_prep_args(parser: argparse.ArgumentParser) -> None:
 def register(subparsers: Any) -> None:
     """Add the ``prep`` subcommand to an ``add_subparsers()`` object."""
     parser = subparsers.add_parser("prep", help="export resized uint8 training arrays (HDF5 or .npy shards)",
-                                   description=__doc__)
+                                   description="Export resized uint8 arrays of the manifest's ok rows for training: "
+                                   "imgfeat prep --manifest OUT --out PREP; imgfeat prep --show PREP to look at them.")
     add_prep_args(parser)
     parser.set_defaults(func=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
     """Run ``prep`` from parsed flags; returns the exit code. Config mistakes raise ValueError."""
+    from imgfeat.metadata.storage import check_writable
     from imgfeat.preprocess.export import run_prep
     from imgfeat.preprocess.show import show_prep
 
@@ -51,6 +53,7 @@ def run_command(args: argparse.Namespace) -> int:
     if not args.manifest or not args.out:
         raise ValueError("prep needs --manifest OUT and --out PREP (or --show PREP)")
     cfg = build_config(args, config_overrides(args))
+    check_writable(args.out, "--out")
     summary = run_prep(cfg, args.manifest, args.out, overwrite=args.overwrite, tiles=args.tiles)
     log.info("prep: %d written, %d rejected of %d selected in %d shards (%d skipped as complete)",
              summary["written"], summary["rejected"], summary["selected"], summary["shards"], summary["shards_skipped"])

@@ -75,17 +75,60 @@ def test_run_without_weights_fails_at_once_in_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("args, message", [
     (["run", "/no/such/folder", "--out", "{tmp}/r", "--set", "featurize.weights=none"], "SRC '/no/such/folder': no such folder"),
-    (["run", "{tmp}", "--out", "{tmp}/r", "--set", "pca.kk=1"], "unknown key pca.kk"),
-    (["run", "{tmp}", "--out", "{tmp}/r", "--weights-path", "{tmp}/missing.pth"], "featurize.weights_path: no such file"),
-    (["run", "{tmp}", "--out", "{tmp}/r", "--model", "resnet_fifty"], "featurize.model: 'resnet_fifty' is not a torchvision model"),
+    (["run", "{tmp}/src", "--out", "{tmp}/r", "--set", "pca.kk=1"], "unknown key pca.kk"),
+    (["run", "{tmp}/src", "--out", "{tmp}/r", "--weights-path", "{tmp}/missing.pth"], "featurize.weights_path: no such file"),
+    (["run", "{tmp}/src", "--out", "{tmp}/r", "--model", "resnet_fifty"], "featurize.model: 'resnet_fifty' is not a torchvision model"),
     (["featurize", "--manifest", "{tmp}", "--out", "{tmp}/f"], "no manifest_summary.json there"),
     (["manifest", "{tmp}", "--out", "{tmp}/m", "--set", "manifest.validation=deep"], "manifest.validation must be"),
 ])
 def test_expected_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    (tmp_path / "src").mkdir()
     proc = imgfeat(*[a.replace("{tmp}", str(tmp_path)) for a in args])
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("imgfeat: error: "), proc.stderr
     assert message in lines[0], lines[0]
+
+
+def test_featurize_without_weights_fails_before_reading_the_manifest_rows(tmp_path: Path) -> None:
+    """``imgfeat featurize`` runs the same weights check as ``imgfeat run``: one line naming the fixes."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "manifest_summary.json").write_text("{}")
+    proc = imgfeat("featurize", "--manifest", str(tmp_path / "m"), "--out", str(tmp_path / "f"), "--model", "resnet18",
+                   env={"TORCH_HOME": str(tmp_path / "th"), "https_proxy": "http://127.0.0.1:9",
+                        "HTTPS_PROXY": "http://127.0.0.1:9"})
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("imgfeat: error: featurize.weights: resnet18") and "--weights none" in lines[0], lines[0]
+    assert not list((tmp_path / "f").iterdir())  # the folder was only proven writable
+
+
+@pytest.mark.parametrize("args, message", [
+    (["manifest", "{tmp}/src", "--out", "{tmp}/afile"], "--out {tmp}/afile: is a file, not a folder"),
+    (["manifest", "{tmp}/src", "--out", "{tmp}/afile/sub"], "--out {tmp}/afile/sub: cannot write there"),
+    (["manifest", "{tmp}/src", "--out", "{tmp}/src/out"], "--out '{tmp}/src/out' is inside SRC"),
+    (["manifest", "--show", "{tmp}/afile"], "--show {tmp}/afile: no manifest_summary.json there"),
+    (["featurize", "--manifest", "{tmp}/m", "--out", "{tmp}/afile"], "--out {tmp}/afile: is a file, not a folder"),
+    (["prep", "--manifest", "{tmp}/m", "--out", "{tmp}/afile"], "--out {tmp}/afile: is a file, not a folder"),
+    (["pca", "--manifest", "{tmp}/m", "--features", "{tmp}/nofeat", "--out", "{tmp}/p"], "--features {tmp}/nofeat: no such folder"),
+    (["pca", "--manifest", "{tmp}/m", "--features", "{tmp}/m", "--out", "{tmp}/afile"], "--out {tmp}/afile: is a file"),
+    (["neighbors", "--manifest", "{tmp}/m", "--features", "{tmp}/m", "--out", "{tmp}/afile"], "--out {tmp}/afile: is a file"),
+])
+def test_output_folder_mistakes_are_found_before_heavy_work(tmp_path: Path, args: list[str], message: str) -> None:
+    """An --out that is a file, lies under a file or inside a source folder, and a --features folder that is not
+    there: one line, exit 2, before Spark or a model starts (seconds), nothing written."""
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "a" / "x.jpg").write_bytes(b"\xff\xd8\xff")
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "manifest_summary.json").write_text("{}")
+    t = time.perf_counter()
+    proc = imgfeat(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    seconds = time.perf_counter() - t
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("imgfeat: error: "), proc.stderr
+    assert message.replace("{tmp}", str(tmp_path)) in lines[0], lines[0]
+    assert not (tmp_path / "src" / "out").exists() and (tmp_path / "afile").read_text() == "not a folder"
+    assert seconds < 30, seconds  # no Spark session and no model: a Spark start alone takes longer here
 
 
 def test_verbose_shows_the_traceback(tmp_path: Path) -> None:

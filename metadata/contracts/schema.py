@@ -124,16 +124,17 @@ class ManifestSummary:
         )
 
 
-def read_summary(out: str) -> dict[str, Any]:
-    """The manifest summary JSON of the manifest at ``out`` (a local path or fsspec URL)."""
+def read_summary(out: str, option: str = "--manifest") -> dict[str, Any]:
+    """The manifest summary JSON of the manifest at ``out`` (a local path or fsspec URL); a missing one raises
+    ``ValueError`` naming ``option``, the flag that gave ``out``."""
     import fsspec
 
     path = join(out, SUMMARY_FILE)
     try:
         with fsspec.open(path, "rt", encoding="utf-8") as fh:
             return json.load(fh)
-    except FileNotFoundError:
-        raise ValueError(f"--manifest {out}: no {SUMMARY_FILE} there; run `imgfeat manifest` first") from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise ValueError(f"{option} {out}: no {SUMMARY_FILE} there; run `imgfeat manifest` first") from None
 
 
 def read_manifest(out: str, columns: list[str] | None = None, filters: Any = None) -> pa.Table:

@@ -28,7 +28,7 @@ def add_manifest_arguments(parser: argparse.ArgumentParser) -> None:
 def manifest_command(args: argparse.Namespace) -> int:
     """Run the manifest job (or show a summary); returns the exit code."""
     if args.show:
-        summary = read_summary(args.show)
+        summary = read_summary(args.show, "--show")
         print(json.dumps(summary, indent=1) if args.json else format_summary(summary) + _delta_lines(args.show))
         return 0
     if not args.out:
@@ -98,7 +98,10 @@ def _data_quality_lines(s: dict[str, Any]) -> list[str]:
     if near:
         lines += ["", f"near-duplicates (distance <= {near['distance']}): {near['groups']} groups, {near['members']} "
                   f"images; {near.get('crossing_pairs', 0)} member(s) in another split than their representative"]
-        lines += [f"  {x['path']}\n    ~ {x['near_duplicate_of']}" for x in near.get("examples", [])]
+        shown = near.get("examples", [])
+        if shown and len(shown) < near.get("duplicates", 0):
+            lines.append(f"  the first {len(shown)} of {near['duplicates']} members by path (all: column near_duplicate_of):")
+        lines += [f"  {x['path']}\n    ~ {x['near_duplicate_of']}" for x in shown]
         for x in near.get("crossing_examples", []):
             lines.append(f"  leak: {x['path']} ({x['split']})\n    ~ {x['near_duplicate_of']} ({x['representative_split']})")
     if conflicts and conflicts.get("families"):

@@ -57,7 +57,7 @@ from imgfeat.metadata.manifest.discover import (
     listed_files,
     write_listing,
 )
-from imgfeat.metadata.manifest.listing import Entry, check_source
+from imgfeat.metadata.manifest.listing import Entry, check_out_outside_sources, check_source
 from imgfeat.metadata.manifest.organize_spark import ROW_GROUP_ROWS, organize_on_spark
 from imgfeat.metadata.manifest.row_guard import failed_row, to_record_batch
 from imgfeat.metadata.manifest.store import (
@@ -73,6 +73,7 @@ from imgfeat.metadata.manifest.tiles_table import write_tile_table
 from imgfeat.metadata.spark.parquet import dataset_files, files_frame, read_parquet_dataset, write_parquet_dataset
 from imgfeat.metadata.spark.session import get_spark, num_tasks
 from imgfeat.metadata.storage import (
+    check_writable,
     is_local,
     join,
     read_json,
@@ -170,7 +171,9 @@ def _make_checker(cfg: Config) -> Callable[[Iterator[pa.RecordBatch]], Iterator[
             for item in listed:
                 e = listed_entry(item)
                 p = item.get("prev")
-                if p is not None and e.error is None and p["size_bytes"] == e.size and p["mtime"] == e.mtime:
+                # Unchanged: the same size and mtime, or (a link) still unlistable for the same reason.
+                if p is not None and (p["size_bytes"] == e.size and p["mtime"] == e.mtime if e.error is None
+                                      else p["status"] == "unreadable" and p["status_detail"] == e.error):
                     row = _kept_row(p)
                     label(row)  # labels from a CSV may have changed since
                     kept.append(row)
@@ -309,6 +312,8 @@ def run_manifest(cfg: Config, sources: list[str], out: str, master: str | None =
         for b in roots:
             if a != b and a.startswith(b.rstrip("/") + "/"):
                 raise ValueError(f"SRC {a!r} is inside SRC {b!r}: give each folder once")
+    check_out_outside_sources(out, roots)
+    check_writable(out, "--out")
     if cfg.manifest.label_from == "csv":
         _check_labels_csv(cfg.manifest.labels_csv)
     if cfg.manifest.table_format == "delta" and not is_local(out):

@@ -76,6 +76,21 @@ def check_source(src: str) -> str:
     return uri
 
 
+def check_out_outside_sources(out: str, roots: list[str]) -> None:
+    """Fail, naming both, when the output folder ``out`` is one of the source folders ``roots`` (normalized
+    URIs, as ``check_source`` returns them) or inside one: every later run would list the manifest's own
+    files as inputs. Local paths are compared after resolving symlinks."""
+    def real(uri: str) -> str:
+        return "file://" + os.path.realpath(_local_path(uri)) if uri.startswith("file://") else uri.rstrip("/")
+
+    target = real(normalize_uri(out))
+    for root in roots:
+        folder = real(root)
+        if target == folder or target.startswith(folder.rstrip("/") + "/"):
+            raise ValueError(f"--out {out!r} is inside SRC {root!r}: a later run would list the manifest's own files "
+                             "as images; choose an output folder outside the sources")
+
+
 def _is_loop(child: str, folder: str) -> bool:
     """True when the folder ``child`` resolves to ``folder`` itself or one of its ancestors."""
     real_child, real_folder = os.path.realpath(child), os.path.realpath(folder)

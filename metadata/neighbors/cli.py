@@ -39,9 +39,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run the subcommand; returns the exit status (bad options raise ValueError: one line from the CLI)."""
     from imgfeat.metadata.neighbors.job import NeighborParams, run_neighbors
+    from imgfeat.metadata.storage import check_writable
 
     cfg = build_config(args, config_overrides(args))
     params = NeighborParams.from_config(cfg.neighbors).validate()
+    check_writable(args.out, "--out")
     summary = run_neighbors(cfg, args.manifest, args.features, args.out, params)
     print(json.dumps({"neighbors": summary["neighbors"], "output_rows": summary["output_rows"],
                       "near_duplicate_pairs": summary["near_duplicates"]["pairs"],

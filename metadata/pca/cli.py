@@ -43,8 +43,17 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(args, config_overrides(args))
     if given(args, "pca.k") is not None:
         cfg.pca.variance = 0.0  # an explicit --k wins over a variance from --config
-    from imgfeat.metadata.spark.session import get_spark
+    import fsspec
 
+    from imgfeat.metadata.spark.session import get_spark
+    from imgfeat.metadata.storage import check_writable
+
+    if not args.apply and not args.manifest:
+        raise ValueError("--manifest is required (unless --apply MODEL is given)")
+    fs, root = fsspec.core.url_to_fs(args.features)
+    if not fs.isdir(root):  # found before Spark starts
+        raise ValueError(f"--features {args.features}: no such folder (the output of imgfeat featurize)")
+    check_writable(args.out, "--out")
     if args.apply:
         from imgfeat.metadata.pca.job import apply_pca
 
@@ -52,8 +61,6 @@ def run(args: argparse.Namespace) -> int:
         summary = apply_pca(args.apply, args.features, args.out, spark, manifest=args.manifest,
                             allow_extra=cfg.pca.allow_extra, partitions=cfg.spark.partitions or None)
     else:
-        if not args.manifest:
-            raise ValueError("--manifest is required (unless --apply MODEL is given)")
         from imgfeat.metadata.pca.job import run_pca
 
         summary = run_pca(cfg, args.manifest, args.features, args.out, method=args.method, plots=not args.no_plots)

@@ -49,7 +49,10 @@ def get_spark(cfg: SparkConfig, master: str | None = None):
         builder = builder.config("spark.sql.shuffle.partitions", str(cfg.partitions or 8))
     if decoder_logs():  # executors on other machines do not inherit the driver's environment
         builder = builder.config(f"spark.executorEnv.{DECODER_LOGS_ENV}", "1")
-    for key, value in cfg.conf.items():
+    java_options = cfg.conf.get("spark.driver.extraJavaOptions", "")
+    if "log4j2.configurationFile" not in java_options:
+        java_options = f"{java_options} -Dlog4j2.configurationFile=file:{_log4j_config()}".strip()
+    for key, value in {**cfg.conf, "spark.driver.extraJavaOptions": java_options}.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
@@ -58,6 +61,37 @@ def get_spark(cfg: SparkConfig, master: str | None = None):
         spark.sparkContext.addPyFile(_package_zip())
     log.info("Spark %s on %s (default parallelism %d)", spark.version, master, spark.sparkContext.defaultParallelism)
     return spark
+
+
+_LOG4J = """\
+rootLogger.level = error
+rootLogger.appenderRef.stderr.ref = console
+appender.console.type = Console
+appender.console.name = console
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n%ex
+logger.submit.name = org.apache.spark.deploy.SparkSubmit
+logger.submit.level = error
+logger.gateway.name = org.apache.spark.api.python.PythonGatewayServer
+logger.gateway.level = error
+"""
+"""The driver JVM's log4j2 configuration: errors only, from its first line. With Spark's default profile it
+printed its start-up banner ("Using Spark's default log4j profile", "Setting default log level") and warnings
+before ``setLogLevel`` could run, even under ``-q``. Naming the two loggers Spark's shell logic reads (the
+one it starts from) stops its "Setting default log level" notice."""
+
+
+def _log4j_config() -> str:
+    """The path of a file holding ``_LOG4J`` (written once per content, in the temp folder)."""
+    import hashlib
+
+    path = Path(tempfile.gettempdir()) / f"imgfeat-log4j2-{hashlib.sha256(_LOG4J.encode()).hexdigest()[:12]}.properties"
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(_LOG4J)
+        os.replace(tmp, path)
+    return str(path)
 
 
 def _package_zip() -> str:

@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the subcommand; bad options raise ValueError (one line from the CLI)."""
     from imgfeat.metadata.contracts.feature_store import committed_shards
     from imgfeat.metadata.contracts.schema import read_summary
+    from imgfeat.metadata.storage import check_writable
     from imgfeat.metadata.tiles.pool import pool_tiles
 
     cfg = build_config(args, config_overrides(args))
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--manifest {args.manifest}: the manifest has no tiles ([tiles] enabled = true)")
     if not committed_shards(args.features, verify=False):
         raise ValueError(f"--features {args.features}: no committed feature shards (run imgfeat featurize --tiles)")
+    check_writable(args.out, "--out")
     summary = pool_tiles(cfg, args.manifest, args.features, args.out)
     print(json.dumps({"images": summary["images"], "out": args.out}))
     return 0
