@@ -204,8 +204,8 @@ def test_report_shows_the_changes(history):
 
 def test_manifest_rechecks_without_a_new_version_when_outcomes_repeat(spark, tmp_path):
     """Sources that list as before need no check job. Without that record (object stores, older run folders)
-    the job checks a broken link again (no size or mtime to compare): same row, so the same version. A file
-    rewritten with the same bytes keeps its shard, so its features are kept."""
+    the check job runs, and a broken link that fails to list for the same reason as before is unchanged: the
+    same version. A file rewritten with the same bytes keeps its shard, so its features are kept."""
     from imgfeat.metadata.config import load_config
     from imgfeat.metadata.contracts.schema import read_manifest
     from imgfeat.metadata.manifest.job import run_manifest
@@ -223,7 +223,7 @@ def test_manifest_rechecks_without_a_new_version_when_outcomes_repeat(spark, tmp
     summary = json.loads((out / "manifest_summary.json").read_text())
     (out / "manifest_summary.json").write_text(json.dumps(dict(summary, listing_digest=None)))
     again = run_manifest(cfg, [str(src)], str(out), incremental=True)
-    assert again["incremental"] == {"unchanged": 6, "new": 0, "changed": 1, "removed": 0}
+    assert again["incremental"] == {"unchanged": 7, "new": 0, "changed": 0, "removed": 0}
     assert (again["version"], again["published"], "check_s" in again["timings"]) == (first["version"], False, True)
     assert not (out / "manifest_history").exists()
 
