@@ -6,7 +6,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = ("manifest", "manifest-realsize", "listing", "preprocess", "decode", "featurize", "featurize-scale", "incremental",
-         "near-duplicates", "quality-cost", "signal-budget", "pca", "neighbors", "tiles", "reliability", "scale-run", "scale")
+         "near-duplicates", "hash-bits", "quality-cost", "signal-budget", "pca", "neighbors", "tiles", "reliability", "scale-run", "scale")
 
 
 def main() -> None:
