@@ -140,6 +140,9 @@ def verify_command(args: argparse.Namespace) -> int:
     features = args.features or (run_paths(args.run)["features"] if args.run else None)
     if not manifest or not features:
         raise ValueError("give RUN, or both --manifest and --features")
+    fs, root = fsspec.core.url_to_fs(features)
+    if not fs.isdir(root):
+        raise ValueError(f"--features {features}: no such folder (the output of imgfeat featurize)")
     v = verify_run(manifest, features, checksums=not args.no_checksums, tiles=args.tiles)
     tiled = f" + tiled {v.tiled}" if v.tiled else ""
     print(f"{'tile' if args.tiles else 'manifest'} rows {v.manifest_rows} = feature rows {v.feature_rows} + rejected "

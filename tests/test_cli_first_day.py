@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from imgfeat.metadata.config import Config, load_config, parse_setting
@@ -112,6 +113,7 @@ def test_featurize_without_weights_fails_before_reading_the_manifest_rows(tmp_pa
     (["pca", "--manifest", "{tmp}/m", "--features", "{tmp}/nofeat", "--out", "{tmp}/p"], "--features {tmp}/nofeat: no such folder"),
     (["pca", "--manifest", "{tmp}/m", "--features", "{tmp}/m", "--out", "{tmp}/afile"], "--out {tmp}/afile: is a file"),
     (["neighbors", "--manifest", "{tmp}/m", "--features", "{tmp}/m", "--out", "{tmp}/afile"], "--out {tmp}/afile: is a file"),
+    (["verify", "--manifest", "{tmp}/m", "--features", "{tmp}/nofeat"], "--features {tmp}/nofeat: no such folder"),
 ])
 def test_output_folder_mistakes_are_found_before_heavy_work(tmp_path: Path, args: list[str], message: str) -> None:
     """An --out that is a file, lies under a file or inside a source folder, and a --features folder that is not
@@ -129,6 +131,22 @@ def test_output_folder_mistakes_are_found_before_heavy_work(tmp_path: Path, args
     assert message.replace("{tmp}", str(tmp_path)) in lines[0], lines[0]
     assert not (tmp_path / "src" / "out").exists() and (tmp_path / "afile").read_text() == "not a folder"
     assert seconds < 30, seconds  # no Spark session and no model: a Spark start alone takes longer here
+
+
+def test_pca_k_wider_than_the_features_is_found_before_spark(tmp_path: Path) -> None:
+    """`pca --k` above the width written in the shards' markers: one line naming pca.k, before Spark starts."""
+    from imgfeat.metadata.contracts import feature_store
+
+    ids = [f"id{i}" for i in range(6)]
+    feature_store.write_feature_shard(str(tmp_path / "f"), 0, ids, np.ones((6, 4), np.float32), [], "npy", "test")
+    (tmp_path / "m").mkdir()
+    t = time.perf_counter()
+    proc = imgfeat("pca", "--manifest", str(tmp_path / "m"), "--features", str(tmp_path / "f"), "--out",
+                   str(tmp_path / "p"), "--k", "8")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("imgfeat: error: pca.k = 8 exceeds the feature width 4"), lines[0]
+    assert time.perf_counter() - t < 30
 
 
 def test_verbose_shows_the_traceback(tmp_path: Path) -> None:

@@ -79,12 +79,14 @@ def run_pca(cfg: Config, manifest: str, features: str, out: str, master: str | N
                          "to local folders in this release)")
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
+    markers = read_markers(features)  # before Spark starts: a wrong folder or k is told at once
+    dim = int(next(iter(markers.values()))["dim"])
+    if cfg.pca.variance <= 0 and cfg.pca.k > dim:
+        raise ValueError(f"pca.k = {cfg.pca.k} exceeds the feature width {dim} of --features {features}")
     if spark is None:
         from imgfeat.metadata.spark.session import get_spark
 
         spark = get_spark(cfg.spark, master)
-    markers = read_markers(features)
-    dim = int(next(iter(markers.values()))["dim"])
     parts = _partitions(spark, cfg, len(markers))
     drop_scratch(out)  # left by a killed run
     cached: list[DataFrame] = []
