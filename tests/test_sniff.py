@@ -46,6 +46,17 @@ def test_text_and_html_are_not_images():
     assert parse_header(b"").status == "zero_bytes"
 
 
+def test_damaged_signatures_are_undecodable_not_text():
+    """A photo whose first bytes were hit is a damaged image of its format, as for PNG, not 'not_image'."""
+    jpg = encode(".jpg", gradient_image(32, 32))
+    for damaged in (jpg[:2] + b"\x00" + jpg[3:], b"\x00" + jpg[1:]):
+        info = parse_header(damaged)
+        assert (info.status, info.format) == ("undecodable", "jpeg"), damaged[:12]
+        assert "jpeg: damaged signature" in info.detail
+    png = encode(".png", gradient_image(8, 8))
+    assert (parse_header(b"\x00" + png[1:]).status, parse_header(b"\x00" + png[1:]).format) == ("undecodable", "png")
+
+
 def test_jpeg_scans_are_counted():
     import io
 

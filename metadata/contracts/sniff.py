@@ -96,6 +96,8 @@ def parse_header(data: bytes, formats: tuple[str, ...] | list[str] = KNOWN_IMAGE
     fmt = sniff_format(data[:64])
     if fmt is None and b"IHDR" in data[8:24] and (data[1:4] == b"PNG" or data[:1] == b"\x89"):
         return HeaderInfo("undecodable", f"png: damaged signature {data[:8]!r}", "png")
+    if fmt is None and (data[:2] == b"\xff\xd8" or data[6:10] in (b"JFIF", b"Exif")):
+        return HeaderInfo("undecodable", f"jpeg: damaged signature {data[:8]!r}", "jpeg")
     if fmt is None:
         kind = "text" if _looks_like_text(data[:512]) else "binary data"
         return HeaderInfo("not_image", f"no image signature ({kind}, starts {data[:8]!r})")
