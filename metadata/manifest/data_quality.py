@@ -7,20 +7,22 @@ there the Spark jobs' fixed costs were most of the time (camera-size photos, 59,
 of Spark jobs against about 1 s in the task; bench/RESULTS-quality-cost.md). Same keys and values (the
 tests hold the two paths equal), but the percentiles, exact in one task and within 1 % of rank on Spark:
 
+* ``originals`` (Spark): the ``ok`` rows, each content hash once at its smallest path (an exact duplicate is
+  the same picture, counted once by both summaries): one ``groupBy(content_hash)`` shuffle, materialized,
+  read by both summaries below.
 * ``quality_summary``: per signal (``image_signals``) the number of ``ok`` images past its outlier threshold
   (``image_signals.OUTLIER_THRESHOLDS``), the smallest such path as an example, and percentiles of each
-  signal, over the originals (each content hash once, at its smallest path: an exact duplicate is the same
-  picture, counted once, as the near-duplicate summary counts it; one aggregation job after a
-  ``groupBy(content_hash)``; Spark's approximate percentiles, 1% accuracy).
-* ``near_duplicate_summary``: exact duplicates collapsed to their original (``groupBy(content_hash)``),
-  then ``near_duplicates.near_duplicate_search`` over the originals' perceptual hashes (its materialized
+  signal, over the originals (one aggregation job; Spark's approximate percentiles, 1% accuracy).
+* ``near_duplicate_summary``: ``near_duplicates.near_duplicate_search`` over the originals' perceptual
+  hashes (its materialized
   groups carry each member's and representative's path and content hash): the number of groups and
   members and a few (member, representative) path pairs, and the near-duplicate map that organize reads
   (label conflicts and crossing splits are counted there, where splits are known), both written or taken
   from those groups with no join back to the originals.
 
-Cost: one scan of the checked rows each, the shuffles of the near-duplicate search (see
-``near_duplicates``), and at most ``EXAMPLES`` rows per list to the driver.
+Cost on Spark: one scan and one shuffle of the checked rows (``originals``), one scan of the originals per
+summary, the shuffles of the near-duplicate search (see ``near_duplicates``), and at most ``EXAMPLES`` rows
+per list to the driver.
 """
 from __future__ import annotations
 
@@ -67,13 +69,25 @@ def _empty_quality() -> dict[str, Any]:
     return {"rows": 0, "thresholds": dict(OUTLIER_THRESHOLDS), "outliers": {}, "examples": {}, "percentiles": {}}
 
 
-def quality_summary(checked: DataFrame) -> dict[str, Any]:
-    """Outlier counts, examples and signal percentiles of the ``ok`` images of ``checked`` that have signals,
-    exact duplicates counted once (each content hash at its smallest path)."""
+def originals(checked: DataFrame, scratch: str | None) -> DataFrame:
+    """The ``ok`` rows of ``checked`` with a content hash, each content hash once at its smallest path
+    (``content_hash, path, image_id, phash`` and the signals): the one ``groupBy(content_hash)`` shuffle that
+    both summaries read, materialized (Parquet ``scratch/originals``; a local checkpoint without ``scratch``)."""
     from pyspark.sql import functions as F
 
-    ok = checked.where((F.col("status") == "ok") & F.col("phash").isNotNull() & F.col("content_hash").isNotNull())
-    ok = ok.groupBy("content_hash").agg(F.min(F.struct("path", *_SIGNALS)).alias("f")).select("f.*")
+    from imgfeat.metadata.manifest.near_duplicates import materialize
+
+    ok = checked.where((F.col("status") == "ok") & F.col("content_hash").isNotNull())
+    first = F.min(F.struct("path", "image_id", "phash", *_SIGNALS)).alias("f")
+    return materialize(ok.groupBy("content_hash").agg(first).select("content_hash", "f.*"), scratch, "originals")
+
+
+def quality_summary(originals: DataFrame) -> dict[str, Any]:
+    """Outlier counts, examples and signal percentiles of the images of ``originals`` (``originals``: exact
+    duplicates counted once) that have signals."""
+    from pyspark.sql import functions as F
+
+    ok = originals.where(F.col("phash").isNotNull())
     conds = _outlier_conditions()
     aggs = [F.count(F.lit(1)).alias("_n")]
     for name, cond in conds.items():
@@ -93,24 +107,21 @@ def quality_summary(checked: DataFrame) -> dict[str, Any]:
     }
 
 
-def near_duplicate_summary(spark: SparkSession, checked: DataFrame, distance: int,
+def near_duplicate_summary(spark: SparkSession, originals: DataFrame, distance: int,
                            scratch: str, max_pairs: int | None = None) -> tuple[dict[str, Any], str]:
-    """Near-duplicate groups among the ``ok`` rows of ``checked`` (exact duplicates counted with their
-    original): the summary's counts and example pairs, and the URL of the near-duplicate map under
+    """Near-duplicate groups among ``originals`` (``originals``: exact duplicates stand for their copies):
+    the summary's counts and example pairs, and the URL of the near-duplicate map under
     ``scratch`` (``organize.NEAR_SCHEMA``: per member original, its representative), which organize
     reads to keep each group in one split. ``max_pairs``: search at the largest distance up to ``distance``
     whose band join makes at most that many candidate pairs (``near_duplicates.fitting_distance``)."""
     from pyspark.sql import functions as F
 
-    from imgfeat.metadata.manifest.near_duplicates import materialize, near_duplicate_search
+    from imgfeat.metadata.manifest.near_duplicates import near_duplicate_search
     from imgfeat.metadata.manifest.organize import NEAR_SCHEMA
     from imgfeat.metadata.spark.parquet import write_parquet_dataset
     from imgfeat.metadata.storage import join
 
-    ok = checked.where((F.col("status") == "ok") & F.col("content_hash").isNotNull())
-    # Read twice by the search (its hash table, its rows' join): computed once (Parquet under scratch).
-    originals = materialize(ok.groupBy("content_hash").agg(F.min(F.struct("path", "image_id", "phash")).alias("f"))
-                            .select("content_hash", "f.*"), scratch, "originals")
+    originals = originals.select("content_hash", "path", "image_id", "phash")
     # The groups carry each member's and its representative's path and content hash: no join back.
     found = near_duplicate_search(spark, originals, distance, scratch, max_pairs=max_pairs,
                                   carry=("path", "content_hash"))

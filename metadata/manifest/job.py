@@ -47,6 +47,7 @@ from imgfeat.metadata.manifest.checks import check_entry, prefetched
 from imgfeat.metadata.manifest.data_quality import (
     near_duplicate_summary,
     near_duplicate_summary_table,
+    originals,
     quality_summary,
     quality_summary_table,
 )
@@ -456,9 +457,10 @@ def _data_quality(spark: SparkSession, cfg: Config, checked: str, scratch: str,
         return None, None, None
     frame = read_parquet_dataset(spark, checked, columns=["path", "image_id", "status", "label", "content_hash",
                                                           *SIGNAL_COLUMNS], num_partitions=tasks)
-    found = quality_summary(frame)
+    firsts = originals(frame, scratch)
+    found = quality_summary(firsts)
     quality = found if found["rows"] else None
-    near, near_map = near_duplicate_summary(spark, frame, cfg.manifest.near_duplicate_distance, scratch,
+    near, near_map = near_duplicate_summary(spark, firsts, cfg.manifest.near_duplicate_distance, scratch,
                                             cfg.manifest.near_duplicate_max_pairs)
     return quality, near, near_map
 
