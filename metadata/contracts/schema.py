@@ -28,7 +28,7 @@ STATUS_CODES: dict[str, str] = {
     "not_image": "no image signature (text, HTML, random bytes, ...)",
     "unsupported_format": "an image format that is not accepted",
     "truncated": "the file is cut short (no end marker, or shorter than its header says)",
-    "undecodable": "the decoder rejected the data",
+    "undecodable": "the decoder rejected the data, or the file's first bytes are a damaged JPEG or PNG signature",
     "too_large": "over the byte cap or the pixel cap",
     "duplicate": "the same bytes as an earlier file (see duplicate_of)",
     "near_duplicate": "a near-duplicate of another image (manifest.near_duplicates = \"drop\"; see near_duplicate_of)",
