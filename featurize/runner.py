@@ -102,6 +102,8 @@ def run_featurize(cfg: Config, manifest: str, out: str, split: str | None = None
         fields = fp_mod.run_fingerprint(cfg, info)
         if tiles:  # a folder of tile features is never taken for one of image features, nor the reverse
             fields["rows"] = "tiles"
+        if split:  # the shards hold this split's rows only: another split is another folder (and verify reads it)
+            fields["split"] = split
         digest = fp_mod.digest(fields)
         digests = ctx.all_gather(digest)
         if len(set(digests)) > 1:

@@ -34,6 +34,8 @@ class Verification:
     rejected: int = 0
     shards_checked: int = 0
     tiled: int = 0
+    other_splits: int = 0
+    """ok rows of other splits, when the features were made with ``featurize --split``."""
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -41,15 +43,27 @@ class Verification:
         return not self.problems
 
 
+def _run_fields(features: str, tiles: bool) -> dict[str, Any]:
+    """The fingerprint fields of ``FEAT/_run.json`` (empty for a folder without one), after checking that
+    the folder holds the kind of rows asked for: tile features only with ``--tiles``."""
+    fields = (storage.read_json(storage.join(features, shards.RUN_FILE)) or {}).get("fields") or {}
+    holds_tiles = fields.get("rows") == "tiles"
+    if holds_tiles and not tiles:
+        raise ValueError(f"--features {features} holds tile features (imgfeat featurize --tiles): add --tiles")
+    if tiles and fields and not holds_tiles:
+        raise ValueError(f"--features {features} holds image features, not tile features: drop --tiles")
+    return fields
+
+
 def _rows(manifest: str, tiles: bool) -> tuple[pa.Table, int | None]:
-    """``image_id, status, shard, tiles`` of every manifest row (``tiles``: every tile row, its ``tile_id`` as
-    ``image_id``), and the row count the summary promises."""
+    """``image_id, status, shard, tiles, split`` of every manifest row (``tiles``: every tile row, its
+    ``tile_id`` as ``image_id``, no split), and the row count the summary promises."""
     summary = read_summary(manifest)
     if not tiles:
         try:
-            table = read_manifest(manifest, columns=["image_id", "status", "shard", "tiles"])
+            table = read_manifest(manifest, columns=["image_id", "status", "shard", "tiles", "split"])
         except (KeyError, pa.ArrowInvalid):  # a manifest written before the tiles column
-            table = read_manifest(manifest, columns=["image_id", "status", "shard"])
+            table = read_manifest(manifest, columns=["image_id", "status", "shard", "split"])
             table = table.append_column("tiles", pa.nulls(table.num_rows, pa.int32()))
         return table, summary.get("total")
     import pyarrow.dataset as ds
@@ -61,22 +75,27 @@ def _rows(manifest: str, tiles: bool) -> tuple[pa.Table, int | None]:
     table = ds.dataset(path, filesystem=fs, format="parquet", ignore_prefixes=["_", "."]).to_table(
         columns=["tile_id", "status", "shard"])
     table = table.rename_columns(["image_id", "status", "shard"]).append_column("tiles", pa.nulls(table.num_rows, pa.int32()))
+    table = table.append_column("split", pa.nulls(table.num_rows, pa.string()))
     return table, (summary.get("tiles") or {}).get("tiles")
 
 
 def verify_run(manifest: str, features: str, checksums: bool = True, tiles: bool = False) -> Verification:
     """Check the feature folder ``features`` against the manifest at ``manifest`` (``tiles``: a folder of tile
-    features against its tile table)."""
+    features against its tile table). Features made with ``featurize --split`` (recorded in ``FEAT/_run.json``)
+    account for that split's rows; the ok rows of the others are counted as ``other_splits``."""
     v = Verification()
+    split = _run_fields(features, tiles).get("split")
     table, promised = _rows(manifest, tiles)
     v.manifest_rows = table.num_rows
     if promised != table.num_rows:
         what = "tile table" if tiles else "manifest"
         v.problems.append(f"{what}: summary says {promised} rows, the Parquet has {table.num_rows}")
     expected: dict[int, set[str]] = {}
-    cols = (table.column(c).to_pylist() for c in ("image_id", "status", "shard", "tiles"))
-    for image_id, status, shard, n_tiles in zip(*cols):
-        if status == "ok" and shard is not None:
+    cols = (table.column(c).to_pylist() for c in ("image_id", "status", "shard", "tiles", "split"))
+    for image_id, status, shard, n_tiles, row_split in zip(*cols):
+        if status == "ok" and split is not None and row_split != split:
+            v.other_splits += 1
+        elif status == "ok" and shard is not None:
             expected.setdefault(int(shard), set()).add(image_id)
         elif status == "ok" and n_tiles is not None:
             v.tiled += 1
@@ -119,9 +138,9 @@ def verify_run(manifest: str, features: str, checksums: bool = True, tiles: bool
     dups = [i for i, n in seen.items() if n > 1]
     if dups:
         v.problems.append(f"image_id {dups[0]} appears {seen[dups[0]]} times ({len(dups)} ids repeated)")
-    if v.feature_rows + v.rejected + v.flagged + v.tiled != v.manifest_rows and not v.problems:
+    if v.feature_rows + v.rejected + v.flagged + v.tiled + v.other_splits != v.manifest_rows and not v.problems:
         v.problems.append(f"total: {v.feature_rows} features + {v.rejected} rejects + {v.flagged} flagged "
-                          f"+ {v.tiled} tiled != {v.manifest_rows} manifest rows")
+                          f"+ {v.tiled} tiled + {v.other_splits} of other splits != {v.manifest_rows} manifest rows")
     return v
 
 
@@ -145,6 +164,7 @@ def verify_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--features {features}: no such folder (the output of imgfeat featurize)")
     v = verify_run(manifest, features, checksums=not args.no_checksums, tiles=args.tiles)
     tiled = f" + tiled {v.tiled}" if v.tiled else ""
+    tiled += f" + other splits {v.other_splits}" if v.other_splits else ""
     print(f"{'tile' if args.tiles else 'manifest'} rows {v.manifest_rows} = feature rows {v.feature_rows} + rejected "
           f"{v.rejected} + flagged {v.flagged}{tiled}  ({v.shards_checked} shards checked)")
     if v.ok:

@@ -100,6 +100,27 @@ def test_fingerprint_refusal_and_overwrite(tmp_path, manifest, clean) -> None:
     assert min(cos) > 0.99  # bf16 autocast: close to fp32, not equal
 
 
+def test_split_features_are_their_own_folder_and_verify(tmp_path, fruits_dir, torch_home) -> None:
+    """`featurize --split val` writes the val rows only, records the split in _run.json (so `verify` accounts
+    for the other splits' rows), and refuses to fill the same folder with another split."""
+    from imgfeat.verify import verify_run
+
+    files = pick_images(fruits_dir, split="Test", per_class=1) + pick_images(fruits_dir, per_class=1)
+    man = write_manifest(tmp_path / "m", files, rows_per_shard=3)
+    feat = tmp_path / "feat"
+    args = ["--manifest", str(man), "--out", str(feat), *BASE]
+    assert featurize_main([*args, "--split", "test"]) == 0
+    ids, _ = feature_store.read_features(str(feat))
+    table = read_manifest(str(man)).to_pylist()
+    assert sorted(ids.tolist()) == sorted(r["image_id"] for r in table if r["split"] == "test")
+    assert json.loads((feat / shards.RUN_FILE).read_text())["fields"]["split"] == "test"
+    v = verify_run(str(man), str(feat))
+    assert v.ok, v.problems
+    assert (v.feature_rows, v.other_splits) == (len(ids), len(table) - len(ids)) and v.other_splits > 0
+    assert featurize_main([*args, "--split", "training"]) == 2  # another split: another folder
+    assert featurize_main(args) == 2  # nor every split into it
+
+
 def test_rejects_reconcile(tmp_path, fruits_dir, torch_home) -> None:
     src = pick_images(fruits_dir, per_class=2, offset=10)
     files = []

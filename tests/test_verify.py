@@ -59,3 +59,18 @@ def test_lost_row_is_named(run):
     write_feature_shard(str(root / "features"), 0, ids, np.ones((len(ids), 4), np.float32), [], "npy", "fp")
     v = verify_run(str(root), str(root / "features"))
     assert not v.ok and "part-00000" in v.problems[0]
+
+
+def test_tile_features_need_tiles(run, capsys):
+    """A folder of tile features checked as image features (or the reverse) is told in one line, not as a
+    list of mismatches."""
+    import json
+
+    root, _ = run
+    run_file = root / "features" / "_run.json"
+    run_file.write_text(json.dumps({"fingerprint": "x", "fields": {"rows": "tiles"}}))
+    with pytest.raises(ValueError, match="holds tile features .*add --tiles"):
+        verify_run(str(root), str(root / "features"))
+    run_file.write_text(json.dumps({"fingerprint": "x", "fields": {"model": "m"}}))
+    with pytest.raises(ValueError, match="holds image features, not tile features"):
+        verify_run(str(root), str(root / "features"), tiles=True)
