@@ -77,8 +77,37 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+PR_SET_PDEATHSIG = 1
+"""prctl(2) option: the signal this process gets when the thread that started it exits."""
+
+
+def stop_with_launcher() -> bool:
+    """Under torchrun (on Linux): ask the kernel to send this rank SIGTERM when its launcher dies.
+
+    torchrun starts each rank in a session of its own, so a SIGKILL of torchrun (a scheduler's or the OOM
+    killer's) reaches no rank: they would run on, holding their GPUs, and race a rerun over the same
+    shards. torchrun's agent starts ranks from its main thread, which lives as long as the agent.
+    Returns whether the request was made."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not os.uname().sysname == "Linux":
+        return False
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    # A launcher that died before this request goes unnoticed; its pid cannot be told from a subreaper's
+    # or from torchrun's as PID 1 of a container, so the parent is not checked.
+    return True
+
+
 def init_distributed(timeout_s: float | None = None) -> DistContext:
-    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE; join a gloo group when world > 1."""
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE; join a gloo group when world > 1.
+    Under torchrun, the rank also stops when torchrun dies (``stop_with_launcher``)."""
+    stop_with_launcher()
     ctx = DistContext(
         rank=_env_int("RANK", 0),
         world_size=_env_int("WORLD_SIZE", 1),
