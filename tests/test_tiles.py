@@ -170,6 +170,8 @@ def test_manifest_tiles_featurize_and_verify_a_folder_of_large_images_among_phot
         assert rows[f"broken/{name}"]["status"] == status, rows[f"broken/{name}"]
     assert all(rows[f"small/{i}.jpg"]["shard"] is not None and rows[f"small/{i}.jpg"]["tiles"] is None for i in range(6))
     assert summary["tiles"] == {"images": 2, "tiles": n_scene + n_photo, "shards": -(-(n_scene + n_photo) // 5)}
+    assert summary["by_label"] == {"large": 2, "small": 6}  # tiled images are counted by label and split too
+    assert sum(summary["by_split"].values()) == summary["by_status"]["ok"] == 8
     from imgfeat.metadata.manifest.cli import format_summary
 
     assert f"tiles: 2 tiled image(s) (ok, no image shard), {n_scene + n_photo} tiles" in format_summary(summary)

@@ -226,8 +226,10 @@ def organize(parts: list[pa.Table], ratios: dict[str, float], seed: str, rows_pe
     counts = np.diff(np.append(first_pos, len(order)))
     multi = counts > 1
     last_paths = okt["path"].take(order[first_pos[multi] + counts[multi] - 1]) if multi.any() else None
-    kept = originals.take(dealt)
-    summary = _summary(t, kept, splits[dealt], shards[dealt], int(is_dup.sum()), last_paths, previous_rows)
+    counted = np.flatnonzero(~dropped)  # by label and split: every original that stays, tiled images too
+    pairs = Counter(zip((str(x) for x in originals["label"].take(pa.array(counted, pa.int64())).to_pylist()),
+                        (str(v) for v in splits[counted])))
+    summary = _summary(t, originals.take(dealt), pairs, shards[dealt], int(is_dup.sum()), last_paths, previous_rows)
     if dropped.any():
         by_status, examples = summary["by_status"], summary["example_by_status"]
         count_as(by_status, examples, "near_duplicate", int(dropped.sum()),
@@ -265,8 +267,10 @@ def _is_none(values: np.ndarray) -> np.ndarray:
     return np.fromiter((v is None for v in values), bool, len(values))
 
 
-def _summary(t: pa.Table, originals: pa.Table, splits: np.ndarray, shards: np.ndarray, dups: int,
+def _summary(t: pa.Table, dealt: pa.Table, pairs: Mapping[tuple[str, str], int], shards: np.ndarray, dups: int,
              dup_last_paths: pa.Array | None, previous_rows: int) -> dict[str, Any]:
+    """The counts of the summary: ``dealt`` are the sharded originals (``shards`` theirs), ``pairs`` the
+    originals that stay (tiled images too) counted per (label, split)."""
     by_status: dict[str, int] = {}
     examples: dict[str, str] = {}
     for r in t.group_by("status").aggregate([("path", "min"), ("path", "count")]).to_pylist():
@@ -277,12 +281,11 @@ def _summary(t: pa.Table, originals: pa.Table, splits: np.ndarray, shards: np.nd
         count_as(by_status, examples, "duplicate", dups, pc.min(dup_last_paths).as_py())
     labelled = pc.and_(pc.is_valid(t["label"]), pc.not_equal(t["status"], "bad_label"))
     names = sorted(pc.unique(t["label"].filter(labelled)).to_pylist())
-    pairs = Counter(zip((str(x) for x in originals["label"].to_pylist()), (str(s) for s in splits)))
     shard_rows = shard_bytes = None
     if len(shards):
         uniq, inv = np.unique(shards, return_inverse=True)
         rows = np.bincount(inv)
-        nbytes = np.bincount(inv, weights=_np(originals["size_bytes"], 0).astype(np.float64))
+        nbytes = np.bincount(inv, weights=_np(dealt["size_bytes"], 0).astype(np.float64))
         shard_rows = (int(rows.min()), int(rows.max()))
         shard_bytes = (int(nbytes.min()), int(nbytes.max()))
     kept = int(pc.sum(t["_kept"]).as_py() or 0)
