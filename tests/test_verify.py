@@ -51,6 +51,7 @@ def test_corrupted_shard_is_named(run):
     path.write_bytes(bytes(data))
     v = verify_run(str(root), str(root / "features"))
     assert not v.ok and "part-00000.features.npy" in v.problems[0]
+    assert "delete part-00000.done.json and rerun" in v.problems[0]  # the fix: a rerun skips committed shards
 
 
 def test_lost_row_is_named(run):

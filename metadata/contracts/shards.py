@@ -90,9 +90,15 @@ class ShardVerificationError(ValueError):
     """A committed shard does not match its marker."""
 
 
+def _redo(name: str) -> str:
+    """The fix for a damaged file of a committed shard (a rerun skips committed shards without re-hashing)."""
+    return f"; to recompute the shard, delete {name.split('.', 1)[0] + MARKER_SUFFIX} and rerun the command that wrote it"
+
+
 def _mismatch(folder: str, name: str, size: int, expect: dict[str, Any]) -> ShardVerificationError:
     return ShardVerificationError(
-        f"{join(folder, name)}: does not match its marker (bytes {size} vs {expect['bytes']}, sha256 differs)")
+        f"{join(folder, name)}: does not match its marker (bytes {size} vs {expect['bytes']}, sha256 differs)"
+        + _redo(name))
 
 
 def verify_file(folder: str, name: str, expect: dict[str, Any], checksums: bool = True) -> None:
@@ -100,13 +106,14 @@ def verify_file(folder: str, name: str, expect: dict[str, Any], checksums: bool 
     fs, _ = fsspec.core.url_to_fs(folder)
     path = fsspec.core.url_to_fs(join(folder, name))[1]
     if not fs.exists(path):
-        raise ShardVerificationError(f"{join(folder, name)}: missing, but its marker lists it")
+        raise ShardVerificationError(f"{join(folder, name)}: missing, but its marker lists it" + _redo(name))
     if checksums:
         size, digest = file_digest(fs, path)
         if size != expect["bytes"] or digest != expect["sha256"]:
             raise _mismatch(folder, name, size, expect)
     elif fs.size(path) != expect["bytes"]:
-        raise ShardVerificationError(f"{join(folder, name)}: size {fs.size(path)} differs from its marker {expect['bytes']}")
+        raise ShardVerificationError(f"{join(folder, name)}: size {fs.size(path)} differs from its marker {expect['bytes']}"
+                                     + _redo(name))
 
 
 def read_verified(folder: str, name: str, expect: dict[str, Any] | None) -> bytes:
@@ -116,7 +123,7 @@ def read_verified(folder: str, name: str, expect: dict[str, Any] | None) -> byte
     try:
         data = fs.cat_file(fsspec.core.url_to_fs(join(folder, name))[1])
     except FileNotFoundError:
-        raise ShardVerificationError(f"{join(folder, name)}: missing, but its marker lists it") from None
+        raise ShardVerificationError(f"{join(folder, name)}: missing, but its marker lists it" + _redo(name)) from None
     if expect is not None and (len(data) != expect["bytes"] or hashlib.sha256(data).hexdigest() != expect["sha256"]):
         raise _mismatch(folder, name, len(data), expect)
     return bytes(data)
@@ -150,7 +157,7 @@ def check_sizes(folder: str, stem: str, marker: Mapping[str, Any], sizes: Mappin
     records: what a restart checks (O(1) per shard, no file read). Raises ``ShardVerificationError``."""
     for name, expect in marker.get("files", {}).items():
         if name not in sizes:
-            raise ShardVerificationError(f"{join(folder, name)}: missing, but its marker lists it")
+            raise ShardVerificationError(f"{join(folder, name)}: missing, but its marker lists it" + _redo(name))
         if sizes[name] != expect["bytes"]:
             raise ShardVerificationError(f"{join(folder, name)}: size {sizes[name]} differs from its marker {expect['bytes']}")
 
