@@ -243,10 +243,12 @@ def run_neighbors(cfg: Config, manifest: str, features: str, out: str, params: N
         from imgfeat.metadata.spark.session import get_spark
 
         spark = get_spark(cfg.spark, master)
+    timings["spark_start"] = time.perf_counter() - t0
     parallel = cfg.spark.partitions or spark.sparkContext.defaultParallelism
     _drop_staging(out)
     cached: list[DataFrame] = []
     centroids_bc = None
+    t = time.perf_counter()
     try:
         vectors, ids = read_vectors(spark, source, parallel)
         cached += [ids] if ids is not None else []
@@ -265,7 +267,7 @@ def run_neighbors(cfg: Config, manifest: str, features: str, out: str, params: N
             log.warning("neighbors: %d feature row(s) with NaN, inf or zero norm left out", bad)
         if n < 2:
             raise ValueError(f"--features {features}: {n} usable feature row(s); neighbours need at least 2")
-        timings["read"] = time.perf_counter() - t0
+        timings["read"] = time.perf_counter() - t
 
         t = time.perf_counter()
         good = vectors.filter(F.col("vec").isNotNull())

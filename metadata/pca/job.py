@@ -87,13 +87,15 @@ def run_pca(cfg: Config, manifest: str, features: str, out: str, master: str | N
         from imgfeat.metadata.spark.session import get_spark
 
         spark = get_spark(cfg.spark, master)
+    timings["spark_start"] = time.perf_counter() - t0
+    t_read = time.perf_counter()
     parts = _partitions(spark, cfg, len(markers))
     drop_scratch(out)  # left by a killed run
     cached: list[DataFrame] = []
     try:
         ids, rejects = ids_pass(spark, features, markers, parts)
         cached.append(ids)
-        timings["read_verify_ids"] = time.perf_counter() - t0
+        timings["read_verify_ids"] = time.perf_counter() - t_read
         t = time.perf_counter()
         man = read_manifest_df(spark, manifest)
         matched, acc, joined = join_manifest(ids, man, cfg.pca.allow_extra, rejects)
