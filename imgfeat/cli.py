@@ -25,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="imgfeat",
         description="Image collections to model features: manifest (Spark) -> prep/featurize (PyTorch) -> pca (Spark).",
     )
+    # Also before the subcommand (`imgfeat -q manifest ...`), as after it.
+    parser.add_argument("-v", "--verbose", dest="top_verbose", action="count", default=0,
+                        help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", dest="top_quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for stage in _STAGES:
         stage.register(sub)
@@ -34,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse, configure logging once, run the subcommand; config mistakes exit 2 with one line."""
     args = build_parser().parse_args(argv)
+    args.verbose += args.top_verbose
+    args.quiet = args.quiet or args.top_quiet
     setup_logging(args.verbose, args.quiet)
     return report_errors(args.func, args)
 

@@ -159,6 +159,7 @@ def verify_command(args: argparse.Namespace) -> int:
     features = args.features or (run_paths(args.run)["features"] if args.run else None)
     if not manifest or not features:
         raise ValueError("give RUN, or both --manifest and --features")
+    read_summary(manifest)  # the manifest first: without one, nothing else matters
     fs, root = fsspec.core.url_to_fs(features)
     if not fs.isdir(root):
         raise ValueError(f"--features {features}: no such folder (the output of imgfeat featurize)")

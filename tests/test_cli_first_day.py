@@ -149,6 +149,14 @@ def test_pca_k_wider_than_the_features_is_found_before_spark(tmp_path: Path) -> 
     assert time.perf_counter() - t < 30
 
 
+def test_quiet_and_verbose_go_before_or_after_the_subcommand() -> None:
+    for args in (["-q", "verify", "/nope"], ["verify", "/nope", "-q"]):
+        proc = imgfeat(*args)
+        assert proc.returncode == 2 and proc.stderr.strip().startswith("imgfeat: error: --manifest /nope"), proc.stderr
+    proc = imgfeat("-v", "verify", "/nope")
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
 def test_verbose_shows_the_traceback(tmp_path: Path) -> None:
     proc = imgfeat("run", str(tmp_path), "--out", str(tmp_path / "r"), "--set", "pca.kk=1", "-v")
     assert proc.returncode == 2 and "Traceback" in proc.stderr and "imgfeat: error: " in proc.stderr
