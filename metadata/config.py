@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import tomllib
 import types
 import typing
@@ -169,8 +170,13 @@ class ManifestConfig:
             raise ValueError("manifest.near_duplicate_distance must be between 0 and 16")
         if self.near_duplicate_max_pairs < 0:
             raise ValueError("manifest.near_duplicate_max_pairs must be >= 0")
-        if self.label_from == "regex" and "(?P<label>" not in self.label_regex:
-            raise ValueError("manifest.label_regex needs a named group (?P<label>...)")
+        if self.label_from == "regex":
+            try:
+                groups = re.compile(self.label_regex).groupindex
+            except re.error as exc:
+                raise ValueError(f"manifest.label_regex {self.label_regex!r} is not a valid regular expression: {exc}") from None
+            if "label" not in groups:
+                raise ValueError("manifest.label_regex needs a named group (?P<label>...)")
         if self.label_from == "csv" and not self.labels_csv:
             raise ValueError("manifest.labels_csv is required when manifest.label_from = 'csv'")
         if not self.split_ratios or any(v < 0 for v in self.split_ratios.values()):
@@ -551,6 +557,9 @@ def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config
     data = _move_legacy_keys(data)
     sections = {f.name for f in dataclasses.fields(cfg)}
     for section, values in data.items():
+        if section not in sections and not isinstance(values, dict):
+            raise ValueError(f"{section} = {values!r} is outside any section: every key belongs to one, such as "
+                             f"[pca] for k; known sections: {', '.join(sorted(sections))}")
         if section not in sections:
             raise ValueError(f"unknown config section [{section}]; known sections: {', '.join(sorted(sections))}")
         if not isinstance(values, dict):

@@ -51,6 +51,17 @@ def test_set_mistakes_name_the_key(item: str, message: str) -> None:
         load_config(None, settings=[item])
 
 
+def test_config_file_and_regex_mistakes_say_what_is_wrong(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text("k = 3\n")
+    with pytest.raises(ValueError, match=r"k = 3 is outside any section"):
+        load_config(str(conf))
+    with pytest.raises(ValueError, match=r"manifest.label_regex .* is not a valid regular expression"):
+        load_config(None, settings=["manifest.label_from=regex", "manifest.label_regex=(?P<label>[a-z]+"])
+    with pytest.raises(ValueError, match=r"manifest.label_regex needs a named group"):
+        load_config(None, settings=["manifest.label_from=regex", "manifest.label_regex=([a-z]+)"])
+
+
 def test_parse_setting_takes_plain_strings() -> None:
     assert parse_setting("featurize.layer=layer4.2.relu", Config()) == ("featurize", "layer", "layer4.2.relu")
 
