@@ -144,20 +144,25 @@ def test_output_folder_mistakes_are_found_before_heavy_work(tmp_path: Path, args
     assert seconds < 30, seconds  # no Spark session and no model: a Spark start alone takes longer here
 
 
-def test_pca_k_wider_than_the_features_is_found_before_spark(tmp_path: Path) -> None:
-    """`pca --k` above the width written in the shards' markers: one line naming pca.k, before Spark starts."""
+def test_pca_k_and_fit_split_mistakes_are_found_before_spark(tmp_path: Path) -> None:
+    """`pca --k` above the width written in the shards' markers, a fit split the manifest lacks: one line
+    naming the key, before Spark starts."""
     from imgfeat.metadata.contracts import feature_store
 
     ids = [f"id{i}" for i in range(6)]
     feature_store.write_feature_shard(str(tmp_path / "f"), 0, ids, np.ones((6, 4), np.float32), [], "npy", "test")
     (tmp_path / "m").mkdir()
-    t = time.perf_counter()
-    proc = imgfeat("pca", "--manifest", str(tmp_path / "m"), "--features", str(tmp_path / "f"), "--out",
-                   str(tmp_path / "p"), "--k", "8")
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert lines[0].startswith("imgfeat: error: pca.k = 8 exceeds the feature width 4"), lines[0]
-    assert time.perf_counter() - t < 30
+    (tmp_path / "m" / "manifest_summary.json").write_text('{"by_split": {"train": 4, "val": 2}}')
+    for args, message in ((["--k", "8"], "pca.k = 8 exceeds the feature width 4"),
+                          (["--k", "2", "--set", "pca.fit_split=training"],
+                           "pca.fit_split = 'training': the manifest has no such split; its splits: train, val")):
+        t = time.perf_counter()
+        proc = imgfeat("pca", "--manifest", str(tmp_path / "m"), "--features", str(tmp_path / "f"), "--out",
+                       str(tmp_path / "p"), *args)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert lines[0].startswith(f"imgfeat: error: {message}"), lines[0]
+        assert time.perf_counter() - t < 30
 
 
 def test_quiet_and_verbose_go_before_or_after_the_subcommand() -> None:

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from imgfeat.metadata import storage
 from imgfeat.metadata.config import Config, dump_toml
 from imgfeat.metadata.contracts.pca_files import APPLY_SUMMARY, MODEL_FILE, PCA_SUMMARY
-from imgfeat.metadata.contracts.schema import CONFIG_FILE
+from imgfeat.metadata.contracts.schema import CONFIG_FILE, read_summary
 from imgfeat.metadata.pca.accounting import join_manifest, read_manifest_df
 from imgfeat.metadata.pca.fit import PcaModel
 from imgfeat.metadata.pca.plots import write_plots
@@ -83,6 +83,10 @@ def run_pca(cfg: Config, manifest: str, features: str, out: str, master: str | N
     dim = int(next(iter(markers.values()))["dim"])
     if cfg.pca.variance <= 0 and cfg.pca.k > dim:
         raise ValueError(f"pca.k = {cfg.pca.k} exceeds the feature width {dim} of --features {features}")
+    splits = read_summary(manifest).get("by_split") or {}
+    if cfg.pca.fit_split and splits and cfg.pca.fit_split not in splits:
+        raise ValueError(f"pca.fit_split = {cfg.pca.fit_split!r}: the manifest has no such split; its splits: "
+                         f"{', '.join(sorted(splits))} (or \"\" to fit on every row)")
     if spark is None:
         from imgfeat.metadata.spark.session import get_spark
 
