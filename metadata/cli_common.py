@@ -52,8 +52,8 @@ class StageFailed(RuntimeError):
 def report_errors(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a command; an expected error prints one ``imgfeat: error: ...`` line without a traceback.
 
-    Exit 2 for a bad option or a missing/forbidden path, 1 for a stage that failed (``StageFailed``).
-    ``-v`` prints the traceback too, for bug reports.
+    Exit 2 for a bad option or a missing/forbidden path, 1 for a stage that failed (``StageFailed``), 130 for
+    Ctrl-C. ``-v`` prints the traceback too, for bug reports.
     """
     try:
         return func(args)
@@ -65,6 +65,13 @@ def report_errors(func: Callable[[argparse.Namespace], int], args: argparse.Name
         kind = "" if isinstance(exc, (ValueError, StageFailed)) else f"{type(exc).__name__}: "
         print(f"imgfeat: error: {kind}{exc}", file=sys.stderr)
         return 1 if isinstance(exc, StageFailed) else 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback per process (every stage resumes on a rerun)
+        if getattr(args, "verbose", 0):
+            import traceback
+
+            traceback.print_exc()
+        print("imgfeat: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
 
 
 def run_command(prog: str, add_arguments: Callable[[argparse.ArgumentParser], None],

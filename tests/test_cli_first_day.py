@@ -173,6 +173,18 @@ def test_quiet_and_verbose_go_before_or_after_the_subcommand() -> None:
     assert proc.returncode == 2 and "Traceback" in proc.stderr
 
 
+def test_ctrl_c_is_one_line_and_exit_130(capsys: pytest.CaptureFixture) -> None:
+    import argparse
+
+    from imgfeat.metadata.cli_common import report_errors
+
+    def interrupted(args: argparse.Namespace) -> int:
+        raise KeyboardInterrupt
+
+    assert report_errors(interrupted, argparse.Namespace(verbose=0)) == 130
+    assert capsys.readouterr().err == "imgfeat: interrupted; rerun the same command to resume\n"
+
+
 def test_verbose_shows_the_traceback(tmp_path: Path) -> None:
     proc = imgfeat("run", str(tmp_path), "--out", str(tmp_path / "r"), "--set", "pca.kk=1", "-v")
     assert proc.returncode == 2 and "Traceback" in proc.stderr and "imgfeat: error: " in proc.stderr
