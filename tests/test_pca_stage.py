@@ -284,3 +284,19 @@ def test_rows_with_nan_or_inf_features_are_left_out_and_counted(spark, tmp_path)
     centred = clean["x"][keep] - clean["x"][keep].mean(axis=0)
     _, _, vt = np.linalg.svd(centred.astype(np.float64), full_matrices=False)
     assert np.max(principal_angles(model.components, vt[:3])) < 1e-3
+
+
+def test_plot_labels_in_a_script_the_font_lacks_warn_nothing(tmp_path) -> None:
+    """Labels in CJK (folder names) draw as boxes with the bundled font; no warning per glyph."""
+    import warnings
+
+    from imgfeat.metadata.pca import plots
+
+    plt = plots._figure()
+    fig, ax = plt.subplots()
+    ax.set_title("樱桃 cherry")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plots._save(fig, str(tmp_path / "p.png"))
+    plt.close(fig)
+    assert (tmp_path / "p.png").stat().st_size > 0

@@ -7,6 +7,7 @@ plots are skipped with a warning.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -38,7 +39,9 @@ def _save(fig: Figure, url: str) -> None:
     """Save ``fig`` as PNG to ``url`` (local path or fsspec URL), atomically."""
     from imgfeat.metadata.storage import staged_file
 
-    with staged_file(url) as tmp:
+    with staged_file(url) as tmp, warnings.catch_warnings():
+        # A label in a script the bundled font lacks (CJK, ...) draws as boxes; a warning per glyph adds nothing.
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from", category=UserWarning)
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
