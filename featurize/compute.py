@@ -33,6 +33,7 @@ from imgfeat.featurize.stats import RankStats
 from imgfeat.metadata.config import Config
 from imgfeat.metadata.contracts import feature_store, hooks, shards
 from imgfeat.preprocess.dataset import Batch, ManifestDataset
+from imgfeat.preprocess.decode import split_reason
 from imgfeat.preprocess.loader import iter_batches_contained
 from imgfeat.preprocess.tile_dataset import TileDataset
 from imgfeat.preprocess.transforms import BatchNormalizer
@@ -47,11 +48,6 @@ class Progress(Protocol):
     def update(self, n: int = 1) -> object: ...
 
     def close(self) -> None: ...
-
-
-def _split_reason(reason: str) -> tuple[str, str]:
-    code, _, detail = reason.partition(": ")
-    return code or "undecodable", detail
 
 
 def _batches(dataset: ManifestDataset, cfg: Config, num_workers: int) -> Iterator[Any]:
@@ -385,7 +381,7 @@ class ShardComputer:
         ids = np.asarray(dataset.image_ids)
         rejects = []
         for i in np.flatnonzero(~ok):
-            code, detail = _split_reason(reasons[i])
+            code, detail = split_reason(reasons[i])
             rejects.append({"image_id": dataset.image_ids[i], "path": dataset.paths[i], "reason": code, "detail": detail})
         kept = feats[ok] if feats.shape[0] else np.zeros((0, feats.shape[1] if feats.ndim == 2 else 0), self.out_dtype)
         t = time.perf_counter()

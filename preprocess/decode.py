@@ -24,6 +24,13 @@ least this many times the resize target (chosen from measurements: bench/RESULTS
 real-size photos")."""
 
 
+def split_reason(reason: str) -> tuple[str, str]:
+    """A reject's ``"code: detail"`` text (``str(DecodeError)``, what crosses the loader) as ``(code, detail)``:
+    how featurize and prep both record a reject."""
+    code, _, detail = reason.partition(": ")
+    return code or "undecodable", detail
+
+
 class DecodeError(Exception):
     """A file that cannot become an image; ``reason`` is a manifest status code, ``detail`` says why."""
 

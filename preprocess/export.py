@@ -34,6 +34,7 @@ from imgfeat.metadata.contracts.shards import (
 )
 from imgfeat.metadata.storage import canonical_digest, join, write_bytes_atomic, write_json_atomic
 from imgfeat.preprocess.dataset import ManifestDataset, read_ok_rows
+from imgfeat.preprocess.decode import split_reason
 from imgfeat.preprocess.loader import iter_batches_contained, resolve_workers
 from imgfeat.preprocess.prep_io import write_shard
 from imgfeat.preprocess.tile_dataset import TileDataset, read_tile_rows
@@ -203,7 +204,8 @@ class _ShardBuffer:
         self.ids.extend(image_ids)
 
     def reject(self, image_id: str, path: str, reason: str) -> None:
-        self.rejects.append({"image_id": image_id, "path": path, "reason": reason})
+        code, detail = split_reason(reason)  # the record featurize writes: code and detail apart
+        self.rejects.append({"image_id": image_id, "path": path, "reason": code, "detail": detail})
 
     def commit(self, out: str, fmt: str, compression: str, attrs: dict[str, Any], fingerprint: str,
                all_ids: list[str]) -> None:

@@ -112,7 +112,8 @@ def test_split_and_rejects_reconcile(tmp_path, manifest):
     assert summary["written"] + summary["rejected"] == summary["selected"]
     rejects = [r for m in list_markers(str(tmp_path / "prep")).values() for r in m["rejects"]]
     assert sorted(r["path"].rsplit("/", 1)[-1] for r in rejects) == ["3.jpg", "4.jpg"]
-    assert {r["reason"].split(":")[0] for r in rejects} <= {"unreadable", "truncated", "undecodable"}
+    assert {r["reason"] for r in rejects} <= {"unreadable", "truncated", "undecodable"}
+    assert all(r["detail"] for r in rejects)  # the record featurize writes: code and detail apart
     assert len(PrepDataset(str(tmp_path / "prep"))) == 7
     with pytest.raises(ValueError, match="prep.split"):
         run_prep(cfg_for("npy", split="nope"), str(manifest), str(tmp_path / "prep2"))
