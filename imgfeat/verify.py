@@ -36,6 +36,8 @@ class Verification:
     tiled: int = 0
     other_splits: int = 0
     """ok rows of other splits, when the features were made with ``featurize --split``."""
+    unchecked: int = 0
+    """ok rows of manifest shards whose feature shard is missing or fails its check (each one a problem)."""
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -108,6 +110,7 @@ def verify_run(manifest: str, features: str, checksums: bool = True, tiles: bool
         marker = markers.get(stem)
         if marker is None:
             v.problems.append(f"{storage.join(features, stem)}: manifest shard {shard} has no committed feature shard")
+            v.unchecked += len(ids)
             continue
         try:
             if not checksums:
@@ -116,6 +119,7 @@ def verify_run(manifest: str, features: str, checksums: bool = True, tiles: bool
             got, _ = feature_store.read_feature_shard(features, stem, marker, verify=checksums)
         except (shards.ShardVerificationError, OSError, ValueError) as exc:
             v.problems.append(str(exc))
+            v.unchecked += len(ids)
             continue
         rejects = [r["image_id"] for r in feature_store.read_rejects(features, stem)]
         written = [str(i) for i in got]
@@ -166,6 +170,7 @@ def verify_command(args: argparse.Namespace) -> int:
     v = verify_run(manifest, features, checksums=not args.no_checksums, tiles=args.tiles)
     tiled = f" + tiled {v.tiled}" if v.tiled else ""
     tiled += f" + other splits {v.other_splits}" if v.other_splits else ""
+    tiled += f" + in missing or damaged shards {v.unchecked}" if v.unchecked else ""
     print(f"{'tile' if args.tiles else 'manifest'} rows {v.manifest_rows} = feature rows {v.feature_rows} + rejected "
           f"{v.rejected} + flagged {v.flagged}{tiled}  ({v.shards_checked} shards checked)")
     if v.ok:
