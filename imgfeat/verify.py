@@ -164,9 +164,7 @@ def verify_command(args: argparse.Namespace) -> int:
     if not manifest or not features:
         raise ValueError("give RUN, or both --manifest and --features")
     read_summary(manifest)  # the manifest first: without one, nothing else matters
-    fs, root = fsspec.core.url_to_fs(features)
-    if not fs.isdir(root):
-        raise ValueError(f"--features {features}: no such folder (the output of imgfeat featurize)")
+    storage.check_folder(features, "--features", "the output of imgfeat featurize")
     v = verify_run(manifest, features, checksums=not args.no_checksums, tiles=args.tiles)
     tiled = f" + tiled {v.tiled}" if v.tiled else ""
     tiled += f" + other splits {v.other_splits}" if v.other_splits else ""

@@ -39,6 +39,14 @@ def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
+def check_folder(url: str, option: str, hint: str = "") -> None:
+    """Raise ``ValueError`` naming ``option`` unless ``url`` is an existing folder (``hint``: what belongs
+    there, e.g. ``"the output of imgfeat featurize"``). Meant for a command's input before heavy work starts."""
+    fs, root = fsspec.core.url_to_fs(url)
+    if not fs.isdir(root):
+        raise ValueError(f"{option} {url}: no such folder" + (f" ({hint})" if hint else ""))
+
+
 def check_writable(url: str, option: str) -> None:
     """Create ``url`` as a folder if needed and prove it takes a file (written and removed again); else raise
     ``ValueError`` naming ``option`` (an existing file there, a file on the way, no permission, ...). Meant

@@ -134,9 +134,7 @@ class Source:
 
 def detect_source(features: str) -> Source:
     """Decide by content what ``features`` is; ValueError naming the folder when it is neither kind."""
-    fs, root = fsspec.core.url_to_fs(features)
-    if not fs.isdir(root):
-        raise ValueError(f"--features {features}: no such folder")
+    storage.check_folder(features, "--features")
     if committed_shards(features, verify=False):
         markers = read_markers(features)
         return Source("shards", features, int(next(iter(markers.values()))["dim"]), markers=markers)

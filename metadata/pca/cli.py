@@ -43,16 +43,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(args, config_overrides(args))
     if given(args, "pca.k") is not None:
         cfg.pca.variance = 0.0  # an explicit --k wins over a variance from --config
-    import fsspec
-
     from imgfeat.metadata.spark.session import get_spark
-    from imgfeat.metadata.storage import check_writable
+    from imgfeat.metadata.storage import check_folder, check_writable
 
     if not args.apply and not args.manifest:
         raise ValueError("--manifest is required (unless --apply MODEL is given)")
-    fs, root = fsspec.core.url_to_fs(args.features)
-    if not fs.isdir(root):  # found before Spark starts
-        raise ValueError(f"--features {args.features}: no such folder (the output of imgfeat featurize)")
+    check_folder(args.features, "--features", "the output of imgfeat featurize")  # before Spark starts
     check_writable(args.out, "--out")
     if args.apply:
         from imgfeat.metadata.pca.job import apply_pca
